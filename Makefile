@@ -1,0 +1,49 @@
+# One command sets up and runs each job on a fresh machine:
+#   make demo   - virtual environment + torch + build, then the main job
+#   make test   - the same set-up, then the whole test suite and the CPU-only build check
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# CPU-only torch for the build check (a local wheel here; elsewhere point pip at PyTorch's CPU index).
+TORCH_CPU_SPEC ?= torch==2.13.0+cpu
+CPU_VENV ?= .venv-cpu
+# CUDA architectures the kernels are compiled for (CMake syntax: 90, "80;90", native).
+export PYSSL_CUDA_ARCH ?= 90
+PYTEST_ARGS ?=
+
+.PHONY: setup build test pytest check-cpu-build demo bench clean
+
+$(VENV)/.deps-stamp: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.deps-stamp
+
+build: setup
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+
+pytest: build
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+test: pytest check-cpu-build
+
+# The same sources must build and import against a CPU-only torch (no CUDA sources compiled).
+check-cpu-build:
+	test -x $(CPU_VENV)/bin/python || $(PYTHON) -m venv $(CPU_VENV)
+	$(CPU_VENV)/bin/python -m pip install -q --disable-pip-version-check $(TORCH_CPU_SPEC) numpy \
+	    "scikit-build-core>=0.10" cmake==4.4.5 ninja==1.13.2
+	PYSSL_CUDA=AUTO $(CPU_VENV)/bin/python -m pip install -q --disable-pip-version-check \
+	    --no-build-isolation --no-deps . -Cbuild-dir=build/cpu-only
+	cd /tmp && $(abspath $(CPU_VENV))/bin/python $(abspath tests/cpu_build_smoke.py)
+
+demo: build
+	$(PY) -m pyssl.demo
+
+bench: build
+	$(PY) benchmarks/bench_infonce.py
+
+clean:
+	rm -rf build dist $(CPU_VENV)

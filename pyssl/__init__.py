@@ -1,0 +1,19 @@
+"""pyssl: fast self-supervised learning for PyTorch.
+
+Fused C++/CUDA kernels (registered as ``torch.ops.pyssl.*``) behind drop-in loss modules.
+"""
+import torch  # noqa: F401  (must be loaded before the extension)
+
+from pyssl._loader import load_extension as _load_extension
+
+_C = _load_extension()
+
+from pyssl import ops  # noqa: E402  (registers autograd and fake kernels)
+from pyssl import losses  # noqa: E402
+
+__version__ = "0.1.0"
+
+#: True when the CUDA kernels were compiled into this build.
+cuda_kernels_built: bool = bool(_C.with_cuda)
+
+__all__ = ["ops", "losses", "cuda_kernels_built", "__version__"]

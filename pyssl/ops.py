@@ -1,0 +1,194 @@
+"""Python face of the compiled operators (``torch.ops.pyssl``).
+
+Each op gets three things here: argument checks that raise clear Python errors naming the
+argument, a fake (meta) kernel so ``torch.compile`` can trace it, and its autograd formula.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.pyssl
+
+
+# ---- argument checks shared by the op families -------------------------------------------------
+
+
+def check_embeddings(name: str, t, *, op: str) -> None:
+    """Checks that ``t`` is a non-empty 2-D floating tensor (batch, dim)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating tensor, got dtype {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{op}: {name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{op}: {name} is an empty batch (shape {tuple(t.shape)})")
+    if t.shape[1] == 0:
+        raise ValueError(f"{op}: {name} has no features (shape {tuple(t.shape)})")
+
+
+def check_same_device(op: str, **tensors: Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"{op}: all inputs must be on one device, got {listed}")
+
+
+def check_finite(op: str, **tensors: Tensor) -> None:
+    """Optional (it synchronises with the device): raises if any input holds NaN or inf."""
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{op}: {name} contains NaN or inf")
+
+
+def check_positive(op: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{op}: {name} must be a finite number > 0, got {value}")
+    return value
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (gradcheck); everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- fused NT-Xent -------------------------------------------------------------------------------
+
+
+def ntxent(z0: Tensor, z1: Tensor, temperature: float = 0.5, *, check_inputs_finite: bool = False) -> Tensor:
+    """Fused NT-Xent (SimCLR) loss of two views; see :class:`pyssl.losses.NTXentLoss`."""
+    op = "pyssl.ntxent"
+    check_embeddings("z0", z0, op=op)
+    check_embeddings("z1", z1, op=op)
+    if z0.shape != z1.shape:
+        raise ValueError(f"{op}: z0 and z1 must have the same shape, got {tuple(z0.shape)} and {tuple(z1.shape)}")
+    check_same_device(op, z0=z0, z1=z1)
+    temperature = check_positive(op, "temperature", temperature)
+    if check_inputs_finite:
+        check_finite(op, z0=z0, z1=z1)
+    dtype = torch.promote_types(z0.dtype, z1.dtype)
+    z = torch.cat([z0.to(dtype), z1.to(dtype)])
+    loss, _ = _ops.ntxent_forward(z, temperature)
+    return loss
+
+
+@torch.library.register_fake("pyssl::ntxent_forward")
+def _ntxent_forward_fake(z, temperature):
+    return z.new_empty(()), z.new_empty((z.shape[0],), dtype=accumulate_dtype(z.dtype))
+
+
+@torch.library.register_fake("pyssl::ntxent_backward")
+def _ntxent_backward_fake(grad_loss, z, lse, temperature):
+    return torch.empty_like(z)
+
+
+def _ntxent_setup_context(ctx, inputs, output):
+    z, temperature = inputs
+    _, lse = output
+    ctx.save_for_backward(z, lse)
+    ctx.temperature = temperature
+
+
+def _ntxent_backward(ctx, grad_loss, grad_lse):
+    z, lse = ctx.saved_tensors
+    return _ops.ntxent_backward(grad_loss, z, lse, ctx.temperature), None
+
+
+torch.library.register_autograd("pyssl::ntxent_forward", _ntxent_backward, setup_context=_ntxent_setup_context)
+
+
+# ---- fused InfoNCE / CLIP ---------------------------------------------------------------------
+
+
+def _as_logit_scale(op: str, logit_scale, like: Tensor) -> Tensor:
+    """A 0-dim tensor on `like`'s device; keeps the autograd link of a learnable scale."""
+    dtype = accumulate_dtype(like.dtype)
+    if isinstance(logit_scale, Tensor):
+        if logit_scale.numel() != 1:
+            raise ValueError(f"{op}: logit_scale must hold a single value, got shape {tuple(logit_scale.shape)}")
+        if not logit_scale.is_floating_point():
+            raise TypeError(f"{op}: logit_scale must be a floating tensor, got dtype {logit_scale.dtype}")
+        return logit_scale.reshape(()).to(device=like.device, dtype=dtype)
+    value = check_positive(op, "logit_scale", logit_scale)
+    return torch.tensor(value, device=like.device, dtype=dtype)
+
+
+def infonce(
+    query: Tensor,
+    key: Tensor,
+    logit_scale,
+    *,
+    symmetric: bool = False,
+    check_inputs_finite: bool = False,
+) -> Tensor:
+    """Fused InfoNCE (``symmetric=False``) or CLIP (``symmetric=True``) loss.
+
+    Logits are ``logit_scale * cos(query_i, key_j)``; the positive of query ``i`` is key ``i``.
+    See :class:`pyssl.losses.InfoNCELoss` and :class:`pyssl.losses.ClipLoss`.
+    """
+    op = "pyssl.clip_loss" if symmetric else "pyssl.infonce"
+    qname, kname = ("image_features", "text_features") if symmetric else ("query", "key")
+    check_embeddings(qname, query, op=op)
+    check_embeddings(kname, key, op=op)
+    if query.shape[1] != key.shape[1]:
+        raise ValueError(
+            f"{op}: {qname} and {kname} must have the same feature dim, got {tuple(query.shape)} and {tuple(key.shape)}"
+        )
+    if symmetric and query.shape[0] != key.shape[0]:
+        raise ValueError(
+            f"{op}: {qname} and {kname} must have the same batch size, got {query.shape[0]} and {key.shape[0]}"
+        )
+    if not symmetric and key.shape[0] < query.shape[0]:
+        raise ValueError(
+            f"{op}: {kname} needs at least one row per {qname} row (key i is the positive of query i), "
+            f"got {key.shape[0]} keys for {query.shape[0]} queries"
+        )
+    check_same_device(op, **{qname: query, kname: key})
+    if isinstance(logit_scale, Tensor) and logit_scale.device != query.device and logit_scale.dim() > 0:
+        raise ValueError(f"{op}: logit_scale is on {logit_scale.device} but {qname} on {query.device}")
+    if check_inputs_finite:
+        check_finite(op, **{qname: query, kname: key})
+    dtype = torch.promote_types(query.dtype, key.dtype)
+    query, key = query.to(dtype), key.to(dtype)
+    scale = _as_logit_scale(op, logit_scale, query)
+    loss, _, _ = _ops.infonce_forward(query, key, scale, symmetric)
+    return loss
+
+
+@torch.library.register_fake("pyssl::infonce_forward")
+def _infonce_forward_fake(query, key, logit_scale, symmetric):
+    acc = accumulate_dtype(query.dtype)
+    lse_col = query.new_empty((key.shape[0] if symmetric else 0,), dtype=acc)
+    return query.new_empty(()), query.new_empty((query.shape[0],), dtype=acc), lse_col
+
+
+@torch.library.register_fake("pyssl::infonce_backward")
+def _infonce_backward_fake(grad_loss, query, key, logit_scale, lse_row, lse_col, symmetric):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(logit_scale)
+
+
+def _infonce_setup_context(ctx, inputs, output):
+    query, key, logit_scale, symmetric = inputs
+    _, lse_row, lse_col = output
+    ctx.save_for_backward(query, key, logit_scale, lse_row, lse_col)
+    ctx.symmetric = symmetric
+
+
+def _infonce_backward(ctx, grad_loss, grad_lse_row, grad_lse_col):
+    query, key, logit_scale, lse_row, lse_col = ctx.saved_tensors
+    grad_query, grad_key, grad_scale = _ops.infonce_backward(
+        grad_loss, query, key, logit_scale, lse_row, lse_col, ctx.symmetric
+    )
+    return grad_query, grad_key, grad_scale, None
+
+
+torch.library.register_autograd(
+    "pyssl::infonce_forward", _infonce_backward, setup_context=_infonce_setup_context
+)

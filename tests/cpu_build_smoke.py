@@ -1,0 +1,21 @@
+"""Run by `make check-cpu-build` with a CPU-only torch: the extension built, loads and computes."""
+import torch
+import torch.nn.functional as F
+
+import pyssl
+
+assert torch.version.cuda is None, f"expected a CPU-only torch, got CUDA {torch.version.cuda}"
+assert not pyssl.cuda_kernels_built, "a CPU-only torch must not get CUDA kernels"
+
+z0 = torch.randn(33, 16, dtype=torch.float64, requires_grad=True)
+z1 = torch.randn(33, 16, dtype=torch.float64, requires_grad=True)
+loss = pyssl.losses.NTXentLoss(temperature=0.3)(z0, z1)
+loss.backward()
+
+z = F.normalize(torch.cat([z0, z1]).detach(), dim=1)
+logits = (z @ z.T / 0.3).fill_diagonal_(float("-inf"))
+target = torch.cat([torch.arange(33, 66), torch.arange(0, 33)])
+reference = F.cross_entropy(logits, target)
+assert torch.allclose(loss.detach(), reference, rtol=1e-10, atol=1e-12), (loss, reference)
+assert torch.isfinite(z0.grad).all()
+print(f"CPU-only build OK: torch {torch.__version__}, NT-Xent {loss.item():.6f} == reference")
