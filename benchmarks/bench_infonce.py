@@ -1,0 +1,70 @@
+"""NT-Xent (SimCLR) loss, forward + backward: pyssl's fused kernel vs eager PyTorch vs lightly.
+
+    python benchmarks/bench_infonce.py [--device cuda] [--quick]
+
+Eager is what a user writes by hand: normalize, one (2N x 2N) matmul, masked cross-entropy.
+"""
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import run_benchmark  # noqa: E402
+
+
+def _views(config, device):
+    dtype = getattr(torch, config.get("dtype", "float32"))
+    n, d = config["n"], config["d"]
+    z0 = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
+    z1 = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
+    return z0, z1
+
+
+def _step(loss_fn, z0, z1):
+    def step():
+        z0.grad = z1.grad = None
+        loss_fn(z0, z1).backward()
+
+    return step
+
+
+def pyssl_candidate(config, device):
+    import pyssl
+
+    return _step(pyssl.losses.NTXentLoss(config["temperature"]), *_views(config, device))
+
+
+def eager_candidate(config, device):
+    temperature = config["temperature"]
+
+    def ntxent(z0, z1):
+        z = F.normalize(torch.cat([z0, z1]), dim=1)
+        logits = z @ z.T / temperature
+        logits.fill_diagonal_(float("-inf"))
+        n = z0.shape[0]
+        target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+        return F.cross_entropy(logits, target)
+
+    return _step(ntxent, *_views(config, device))
+
+
+def lightly_candidate(config, device):
+    from lightly.loss import NTXentLoss
+
+    return _step(NTXentLoss(temperature=config["temperature"]), *_views(config, device))
+
+
+CANDIDATES = {"pyssl": pyssl_candidate, "eager": eager_candidate, "lightly": lightly_candidate}
+
+if __name__ == "__main__":
+    on_cuda = "--device" in sys.argv and "cuda" in sys.argv[sys.argv.index("--device") + 1]
+    configs = (
+        [{"n": 8192, "d": 128, "temperature": 0.5, "dtype": "bfloat16"},
+         {"n": 4096, "d": 128, "temperature": 0.5, "dtype": "float32"}]
+        if on_cuda
+        else [{"n": 4096, "d": 128, "temperature": 0.5, "dtype": "float32"},
+              {"n": 1024, "d": 128, "temperature": 0.5, "dtype": "float32"}]
+    )
+    run_benchmark(__file__, CANDIDATES, configs)
