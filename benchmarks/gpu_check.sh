@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU check, for a bare lent GPU machine (see DEVELOPERS.md): builds the extension against
+# the torch installed there, runs the CUDA tests and every benchmark on the GPU, and writes logs
+# and JSON under $OUT. Budget: under 8 minutes in all.
+#   device run:  bash benchmarks/gpu_check.sh
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$REPO/benchmarks/results/gpu}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYSSL_CUDA=ON PYSSL_CUDA_ARCH=${PYSSL_CUDA_ARCH:-90} CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
+export PYTHONUNBUFFERED=1
+
+{ nvidia-smi; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } >"$OUT/env.txt" 2>&1
+
+start=$(date +%s)
+if ! "$PY" -m pip install --no-build-isolation --no-deps -q "$REPO" -Cbuild-dir=/tmp/pyssl-build >"$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"
+  echo "BUILD FAILED"
+  exit 1
+fi
+echo "build: $(($(date +%s) - start)) s"
+
+# Run from outside the source tree so the installed package is the one imported.
+cd /tmp
+timeout 240 "$PY" -m pytest -q -x -m cuda "$REPO/tests" -p no:cacheprovider >"$OUT/cuda_tests.log" 2>&1
+echo "cuda tests: exit $? after $(($(date +%s) - start)) s"; tail -5 "$OUT/cuda_tests.log"
+
+for bench in "$REPO"/benchmarks/bench_*.py; do
+  name=$(basename "$bench" .py)
+  # At most 8 files come back from a device run: JSON per benchmark, one shared log.
+  timeout 90 "$PY" "$bench" --device cuda --min-time 1 --out "$OUT/${name}_cuda.json" >/tmp/bench.log 2>&1
+  rc=$?
+  cat /tmp/bench.log >>"$OUT/benchmarks.log"
+  echo "$name: exit $rc"; grep -vE "^(wrote|\s*$)" /tmp/bench.log | tail -12
+done
+echo "total: $(($(date +%s) - start)) s"
