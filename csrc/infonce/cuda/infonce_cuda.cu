@@ -9,6 +9,10 @@
 //   grad_partial      grid (row tiles, 128-feature chunks, column splits), 33 KiB (fp32) /
 //                     65 KiB (fp64) dynamic shared memory; summed by grad_finalize (1 block/row)
 //   positive_dot      one warp per row; loss / scale_grad: one block.
+// fp16/bf16 input takes the *_mma variants (same grids): the tiles S = U V^T and G V run on the
+// tensor cores (WMMA 16x16x16, fp16 operands, float32 accumulators), 8 warps per block, each
+// owning 16 x 32 of the S tile and 16 x 64 of the block's dX chunk; 17 KiB (forward) and
+// 26 KiB (backward) of static shared memory.
 // Column splits are chosen so a sweep launches a few blocks per SM even for small batches.
 //
 // grad_loss and logit_scale are read on the device (no host synchronisation). A logit_scale
@@ -23,6 +27,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <utility>
 
@@ -76,10 +82,21 @@ Tensor device_scalar(const Tensor& t, const char* op, const char* name, at::Devi
   return t.to(device, acc).reshape({});
 }
 
+// Tensor cores serve fp16/bf16 input unless PYSSL_INFONCE_TENSOR_CORES=0 (read on every call,
+// so a test or a user can compare the two paths): the logits then come from fp16-rounded unit
+// rows (errors ~1e-4 of a cosine), as in any fp16/bf16 matmul.
+bool use_tensor_cores(const Tensor& a, const Tensor& b) {
+  auto half_like = [](at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; };
+  const char* env = std::getenv("PYSSL_INFONCE_TENSOR_CORES");
+  const bool allowed = env == nullptr || std::string(env) != "0";
+  return allowed && half_like(a.scalar_type()) && half_like(b.scalar_type());
+}
+
 // Rows normalised in the accumulation dtype, zero-padded to (kTile, kDepth) multiples.
 struct Normalized {
-  Tensor unit;  // (rows_pad, dim_pad)
-  Tensor norm;  // (rows,) = ||z||
+  Tensor unit;       // (rows_pad, dim_pad)
+  Tensor unit_half;  // the same rounded to fp16 for the tensor cores, or undefined
+  Tensor norm;       // (rows,) = ||z||
   int64_t rows, rows_pad, dim, dim_pad;
   at::ScalarType dtype;  // the input's dtype, that of its gradient
 };
@@ -89,11 +106,12 @@ void launch_normalize(const Tensor& z, Normalized& n, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(ceil_div(n.rows_pad, kWarps));
   normalize_rows_kernel<in_t, acc_t><<<blocks, kThreads, 0, stream>>>(
       z.const_data_ptr<in_t>(), z.stride(0), z.stride(1), n.rows, n.rows_pad, n.dim, n.dim_pad,
-      n.unit.mutable_data_ptr<acc_t>(), n.norm.mutable_data_ptr<acc_t>());
+      n.unit.mutable_data_ptr<acc_t>(), n.norm.mutable_data_ptr<acc_t>(),
+      n.unit_half.defined() ? reinterpret_cast<__half*>(n.unit_half.mutable_data_ptr<at::Half>()) : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-Normalized normalize_rows(const Tensor& z_in, at::ScalarType acc, cudaStream_t stream) {
+Normalized normalize_rows(const Tensor& z_in, at::ScalarType acc, bool tensor_cores, cudaStream_t stream) {
   const Tensor z = kernel_dtype(z_in.scalar_type()) ? z_in : z_in.to(at::kFloat);
   Normalized n;
   n.rows = z.size(0);
@@ -104,6 +122,7 @@ Normalized normalize_rows(const Tensor& z_in, at::ScalarType acc, cudaStream_t s
   const auto opts = z.options().dtype(acc);
   n.unit = at::empty({n.rows_pad, n.dim_pad}, opts);
   n.norm = at::empty({n.rows}, opts);
+  if (tensor_cores) n.unit_half = at::empty({n.rows_pad, n.dim_pad}, z.options().dtype(at::kHalf));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "pyssl_normalize_rows_cuda", [&] {
     if (acc == at::kDouble) {
       launch_normalize<scalar_t, double>(z, n, stream);
@@ -114,6 +133,10 @@ Normalized normalize_rows(const Tensor& z_in, at::ScalarType acc, cudaStream_t s
   return n;
 }
 
+const __half* half_ptr(const Tensor& t) {
+  return reinterpret_cast<const __half*>(t.const_data_ptr<at::Half>());
+}
+
 // lse_out[i] = log sum_j exp(scale x_i . y_j) over the allowed columns j of y.
 void row_lse(const Normalized& x, const Normalized& y, bool mask_diagonal, const Tensor& scale,
              Tensor& lse_out, cudaStream_t stream) {
@@ -122,12 +145,19 @@ void row_lse(const Normalized& x, const Normalized& y, bool mask_diagonal, const
   const int64_t splits = split.first, per_split = split.second;
   Tensor part_max = at::empty({splits, x.rows}, x.unit.options());
   Tensor part_sum = at::empty({splits, x.rows}, x.unit.options());
+  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(splits));
   AT_DISPATCH_FLOATING_TYPES(x.unit.scalar_type(), "pyssl_row_lse_cuda", [&] {
-    const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(splits));
-    lse_partial_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-        x.unit.const_data_ptr<scalar_t>(), y.unit.const_data_ptr<scalar_t>(), x.rows, y.rows,
-        x.dim_pad, scale.const_data_ptr<scalar_t>(), mask_diagonal, per_split,
-        part_max.mutable_data_ptr<scalar_t>(), part_sum.mutable_data_ptr<scalar_t>());
+    if (x.unit_half.defined() && y.unit_half.defined()) {
+      lse_partial_mma_kernel<<<grid, kThreads, 0, stream>>>(
+          half_ptr(x.unit_half), half_ptr(y.unit_half), x.rows, y.rows, x.dim_pad,
+          scale.const_data_ptr<float>(), mask_diagonal, per_split,
+          part_max.mutable_data_ptr<float>(), part_sum.mutable_data_ptr<float>());
+    } else {
+      lse_partial_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+          x.unit.const_data_ptr<scalar_t>(), y.unit.const_data_ptr<scalar_t>(), x.rows, y.rows,
+          x.dim_pad, scale.const_data_ptr<scalar_t>(), mask_diagonal, per_split,
+          part_max.mutable_data_ptr<scalar_t>(), part_sum.mutable_data_ptr<scalar_t>());
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     lse_merge_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(x.rows, kThreads)), kThreads, 0, stream>>>(
         part_max.const_data_ptr<scalar_t>(), part_sum.const_data_ptr<scalar_t>(), splits, x.rows,
@@ -169,10 +199,12 @@ struct GradSums {
   Tensor prob_cos;  // per-block sum_ij G_ij cos_ij, or undefined
 };
 
-// Sums G Y over the columns of y for every row of x (see grad_partial_kernel).
+// Sums G Y over the columns of y for every row of x (see grad_partial_kernel). lse_x / lse_y
+// are the row- and column-side lse (null: term absent); the positive of row i is column i, or
+// its NT-Xent partner when pairs > 0, and enters G with -n_pos.
 GradSums grad_sweep(const Normalized& x, const Normalized& y, const Tensor& scale,
-                    const Tensor* lse_x, const Tensor* lse_y, bool mask_diagonal,
-                    bool want_prob_cos, cudaStream_t stream) {
+                    const Tensor* lse_x, const Tensor* lse_y, bool mask_diagonal, int64_t pairs,
+                    double n_pos, bool want_prob_cos, cudaStream_t stream) {
   const int64_t row_tiles = x.rows_pad / kTile, col_tiles = ceil_div(y.rows, kTile);
   const int64_t chunks = ceil_div(x.dim_pad, kGradCols);
   const std::pair<int64_t, int64_t> split =
@@ -182,18 +214,37 @@ GradSums grad_sweep(const Normalized& x, const Normalized& y, const Tensor& scal
   out.splits = splits;
   out.part = at::empty({splits, x.rows_pad, x.dim_pad}, x.unit.options());
   if (want_prob_cos) out.prob_cos = at::empty({splits * row_tiles}, x.unit.options());
+  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(chunks),
+                  static_cast<unsigned>(splits));
+  auto make_terms = [&](auto zero) {
+    using acc_t = decltype(zero);
+    GradTerms<acc_t> terms;
+    terms.lse_x = lse_x != nullptr ? lse_x->const_data_ptr<acc_t>() : nullptr;
+    terms.lse_y = lse_y != nullptr ? lse_y->const_data_ptr<acc_t>() : nullptr;
+    terms.n_x = x.rows;
+    terms.n_y = y.rows;
+    terms.mask_diagonal = mask_diagonal;
+    terms.pairs = pairs;
+    terms.n_pos = static_cast<acc_t>(n_pos);
+    return terms;
+  };
+  if (x.unit_half.defined() && y.unit_half.defined()) {  // fp16/bf16 input: float32 statistics
+    grad_partial_mma_kernel<<<grid, kThreads, 0, stream>>>(
+        half_ptr(x.unit_half), half_ptr(y.unit_half), x.rows_pad, x.dim_pad,
+        scale.const_data_ptr<float>(), make_terms(0.0f), per_split,
+        out.part.mutable_data_ptr<float>(),
+        want_prob_cos ? out.prob_cos.mutable_data_ptr<float>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES(x.unit.scalar_type(), "pyssl_grad_sweep_cuda", [&] {
     const int smem = kGradSmemElems * static_cast<int>(sizeof(scalar_t));
     // Above 48 KiB (float64) dynamic shared memory needs an explicit opt-in.
     C10_CUDA_CHECK(cudaFuncSetAttribute(grad_partial_kernel<scalar_t>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(chunks),
-                    static_cast<unsigned>(splits));
     grad_partial_kernel<scalar_t><<<grid, kThreads, smem, stream>>>(
-        x.unit.const_data_ptr<scalar_t>(), y.unit.const_data_ptr<scalar_t>(), x.rows, x.rows_pad,
-        y.rows, x.dim_pad, scale.const_data_ptr<scalar_t>(),
-        lse_x != nullptr ? lse_x->const_data_ptr<scalar_t>() : nullptr,
-        lse_y != nullptr ? lse_y->const_data_ptr<scalar_t>() : nullptr, mask_diagonal, per_split,
+        x.unit.const_data_ptr<scalar_t>(), y.unit.const_data_ptr<scalar_t>(), x.rows_pad,
+        x.dim_pad, scale.const_data_ptr<scalar_t>(), make_terms(scalar_t(0)), per_split,
         out.part.mutable_data_ptr<scalar_t>(),
         want_prob_cos ? out.prob_cos.mutable_data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -202,32 +253,27 @@ GradSums grad_sweep(const Normalized& x, const Normalized& y, const Tensor& scal
 }
 
 template <typename acc_t, typename out_t>
-void launch_grad_finalize(const GradSums& sums, const Normalized& x, const Normalized& partner,
-                          int64_t n_pos_rows, int64_t pairs, double n_pos, const Tensor& grad_loss,
+void launch_grad_finalize(const GradSums& sums, const Normalized& x, const Tensor& grad_loss,
                           const Tensor& scale, double mean_factor, Tensor& out, cudaStream_t stream) {
   grad_finalize_kernel<acc_t, out_t><<<static_cast<unsigned>(x.rows), 128, 0, stream>>>(
       sums.part.const_data_ptr<acc_t>(), sums.splits, x.rows_pad, x.rows, x.dim, x.dim_pad,
       x.unit.const_data_ptr<acc_t>(), x.norm.const_data_ptr<acc_t>(),
-      partner.unit.const_data_ptr<acc_t>(), n_pos_rows, pairs, static_cast<acc_t>(n_pos),
       grad_loss.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(),
       static_cast<acc_t>(mean_factor), out.mutable_data_ptr<out_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// dL/dz of the rows of x: (sums - n_pos * partner) * grad * scale * mean_factor, through the
-// normalisation, in x's input dtype.
-Tensor grad_finalize(const GradSums& sums, const Normalized& x, const Normalized& partner,
-                     int64_t n_pos_rows, int64_t pairs, double n_pos, const Tensor& grad_loss,
+// dL/dz of the rows of x: sums * grad * scale * mean_factor through the normalisation, in
+// x's input dtype.
+Tensor grad_finalize(const GradSums& sums, const Normalized& x, const Tensor& grad_loss,
                      const Tensor& scale, double mean_factor, cudaStream_t stream) {
   const at::ScalarType out_dtype = kernel_dtype(x.dtype) ? x.dtype : at::kFloat;
   Tensor out = at::empty({x.rows, x.dim}, x.unit.options().dtype(out_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "pyssl_grad_finalize_cuda", [&] {
     if (x.unit.scalar_type() == at::kDouble) {
-      launch_grad_finalize<double, scalar_t>(sums, x, partner, n_pos_rows, pairs, n_pos, grad_loss,
-                                             scale, mean_factor, out, stream);
+      launch_grad_finalize<double, scalar_t>(sums, x, grad_loss, scale, mean_factor, out, stream);
     } else {
-      launch_grad_finalize<float, scalar_t>(sums, x, partner, n_pos_rows, pairs, n_pos, grad_loss,
-                                            scale, mean_factor, out, stream);
+      launch_grad_finalize<float, scalar_t>(sums, x, grad_loss, scale, mean_factor, out, stream);
     }
   });
   return out_dtype == x.dtype ? out : out.to(x.dtype);
@@ -248,7 +294,7 @@ std::tuple<Tensor, Tensor> ntxent_forward_cuda(const Tensor& z, double temperatu
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::ScalarType acc = accumulate_type(z);
   const int64_t rows = z.size(0), pairs = rows / 2;
-  Normalized n = normalize_rows(z, acc, stream);
+  Normalized n = normalize_rows(z, acc, use_tensor_cores(z, z), stream);
   Tensor scale = at::empty({}, n.unit.options()).fill_(1.0 / temperature);
 
   Tensor lse = at::empty({rows}, n.unit.options());
@@ -267,17 +313,16 @@ Tensor ntxent_backward_cuda(const Tensor& grad_loss, const Tensor& z, const Tens
   c10::cuda::CUDAGuard guard(z.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::ScalarType acc = accumulate_type(z);
-  Normalized n = normalize_rows(z, acc, stream);
+  Normalized n = normalize_rows(z, acc, use_tensor_cores(z, z), stream);
   Tensor scale = at::empty({}, n.unit.options()).fill_(1.0 / temperature);
   Tensor grad = device_scalar(grad_loss, "pyssl.ntxent_backward", "grad_loss", z.device(), acc);
   Tensor lse_acc = lse.to(z.device(), acc).contiguous();
 
-  // dU_k = sum_j (P_kj + P_jk) u_j: S is symmetric, so one sweep with both lse terms.
-  GradSums sums = grad_sweep(n, n, scale, &lse_acc, &lse_acc, /*mask_diagonal=*/true,
-                             /*want_prob_cos=*/false, stream);
-  // The positive logit S_{k,p(k)} appears in row k and (as S_{p(k),k}) in row p(k).
-  return grad_finalize(sums, n, n, rows, pairs, 2.0, grad, scale, 1.0 / static_cast<double>(rows),
-                       stream);
+  // dU_k = sum_j (P_kj + P_jk - 2 [j = p(k)]) u_j: S is symmetric, so one sweep with both lse
+  // terms; the positive logit S_{k,p(k)} appears in row k and (as S_{p(k),k}) in row p(k).
+  GradSums sums = grad_sweep(n, n, scale, &lse_acc, &lse_acc, /*mask_diagonal=*/true, pairs,
+                             /*n_pos=*/2.0, /*want_prob_cos=*/false, stream);
+  return grad_finalize(sums, n, grad, scale, 1.0 / static_cast<double>(rows), stream);
 }
 
 // ---- InfoNCE / CLIP ---------------------------------------------------------------------------
@@ -312,7 +357,9 @@ std::tuple<Tensor, Tensor, Tensor> infonce_forward_cuda(const Tensor& query, con
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::ScalarType acc = accumulate_type(query);
   const int64_t rows = query.size(0), keys = key.size(0);
-  Normalized nq = normalize_rows(query, acc, stream), nk = normalize_rows(key, acc, stream);
+  const bool tensor_cores = use_tensor_cores(query, key);
+  Normalized nq = normalize_rows(query, acc, tensor_cores, stream);
+  Normalized nk = normalize_rows(key, acc, tensor_cores, stream);
   Tensor scale = device_scalar(logit_scale, "pyssl.infonce", "logit_scale", query.device(), acc);
 
   Tensor lse_row = at::empty({rows}, nq.unit.options());
@@ -339,31 +386,31 @@ std::tuple<Tensor, Tensor, Tensor> infonce_backward_cuda(const Tensor& grad_loss
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::ScalarType acc = accumulate_type(query);
   const at::Device device = query.device();
-  Normalized nq = normalize_rows(query, acc, stream), nk = normalize_rows(key, acc, stream);
+  const bool tensor_cores = use_tensor_cores(query, key);
+  Normalized nq = normalize_rows(query, acc, tensor_cores, stream);
+  Normalized nk = normalize_rows(key, acc, tensor_cores, stream);
   Tensor scale = device_scalar(logit_scale, "pyssl.infonce_backward", "logit_scale", device, acc);
   Tensor grad = device_scalar(grad_loss, "pyssl.infonce_backward", "grad_loss", device, acc);
   Tensor lse_r = lse_row.to(device, acc).contiguous();
   Tensor lse_c = symmetric ? lse_col.to(device, acc).contiguous() : Tensor();
   const Tensor* lse_c_ptr = symmetric ? &lse_c : nullptr;
 
-  // Row side: dU_i = sum_j G_ij v_j, G = P_row (+ P_col for CLIP). Column side: the same
-  // sweep with query and key swapped, dV_j = sum_i G_ij u_i; no atomics.
-  GradSums row_sums = grad_sweep(nq, nk, scale, &lse_r, lse_c_ptr, false, /*want_prob_cos=*/true, stream);
-  GradSums col_sums = grad_sweep(nk, nq, scale, lse_c_ptr, &lse_r, false, /*want_prob_cos=*/false, stream);
-
+  // Row side: dU_i = sum_j G_ij v_j, G = P_row (+ P_col for CLIP) - n_pos [j = i]. Column
+  // side: the same sweep with query and key swapped, dV_j = sum_i G_ij u_i; no atomics.
   const double positives_per_row = symmetric ? 2.0 : 1.0;
-  const double mean_factor = 1.0 / (positives_per_row * static_cast<double>(rows));
-  Tensor grad_query = grad_finalize(row_sums, nq, nk, rows, 0, positives_per_row, grad, scale,
-                                    mean_factor, stream);
-  Tensor grad_key = grad_finalize(col_sums, nk, nq, rows, 0, positives_per_row, grad, scale,
-                                  mean_factor, stream);
+  GradSums row_sums = grad_sweep(nq, nk, scale, &lse_r, lse_c_ptr, false, /*pairs=*/0,
+                                 positives_per_row, /*want_prob_cos=*/true, stream);
+  GradSums col_sums = grad_sweep(nk, nq, scale, lse_c_ptr, &lse_r, false, /*pairs=*/0,
+                                 positives_per_row, /*want_prob_cos=*/false, stream);
 
-  Tensor pos = positive_dots(nq, nk, rows, /*pairs=*/0, stream);
+  const double mean_factor = 1.0 / (positives_per_row * static_cast<double>(rows));
+  Tensor grad_query = grad_finalize(row_sums, nq, grad, scale, mean_factor, stream);
+  Tensor grad_key = grad_finalize(col_sums, nk, grad, scale, mean_factor, stream);
+
   Tensor grad_scale = at::empty({}, nq.unit.options());
   AT_DISPATCH_FLOATING_TYPES(nq.unit.scalar_type(), "pyssl_scale_grad_cuda", [&] {
     scale_grad_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
         row_sums.prob_cos.const_data_ptr<scalar_t>(), row_sums.prob_cos.numel(),
-        pos.const_data_ptr<scalar_t>(), rows, static_cast<scalar_t>(positives_per_row),
         grad.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
         static_cast<scalar_t>(mean_factor), grad_scale.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
