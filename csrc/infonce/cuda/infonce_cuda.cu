@@ -13,7 +13,9 @@
 // tensor cores (WMMA 16x16x16, fp16 operands, float32 accumulators), 8 warps per block, each
 // owning 16 x 32 of the S tile and 16 x 64 of the block's dX chunk; 17 KiB (forward) and
 // 26 KiB (backward) of static shared memory.
-// Column splits are chosen so a sweep launches a few blocks per SM even for small batches.
+// Column splits keep the SMs busy for any batch: the forward asks for >= 4 blocks per SM
+// (their partial (max, sum) pairs are merged per row), the backward for one full wave of
+// 2 blocks per SM (its partial dX sums, splits x rows x d floats, are added in grad_finalize).
 //
 // grad_loss and logit_scale are read on the device (no host synchronisation). A logit_scale
 // tensor that lives on the CPU is range-checked on the host like the CPU kernel does; one on
@@ -59,9 +61,14 @@ int sm_count() {
 }
 
 // Column splits of a sweep over col_tiles tiles so that about `target` blocks run, given
-// `other` blocks per split. Returns (splits, tiles_per_split) with no empty split.
-std::pair<int64_t, int64_t> column_splits(int64_t col_tiles, int64_t other, int64_t target) {
-  int64_t splits = std::clamp<int64_t>(ceil_div(target, std::max<int64_t>(other, 1)), 1, col_tiles);
+// `other` blocks per split: at least `target` (round_up) or at most `target` when that is the
+// number of blocks resident at once (no half-empty second wave). Returns
+// (splits, tiles_per_split) with no empty split.
+std::pair<int64_t, int64_t> column_splits(int64_t col_tiles, int64_t other, int64_t target,
+                                          bool round_up) {
+  other = std::max<int64_t>(other, 1);
+  const int64_t wanted = round_up ? ceil_div(target, other) : target / other;
+  const int64_t splits = std::clamp<int64_t>(wanted, 1, col_tiles);
   const int64_t per_split = ceil_div(col_tiles, splits);
   return {ceil_div(col_tiles, per_split), per_split};
 }
@@ -141,7 +148,7 @@ const __half* half_ptr(const Tensor& t) {
 void row_lse(const Normalized& x, const Normalized& y, bool mask_diagonal, const Tensor& scale,
              Tensor& lse_out, cudaStream_t stream) {
   const int64_t row_tiles = x.rows_pad / kTile, col_tiles = ceil_div(y.rows, kTile);
-  const std::pair<int64_t, int64_t> split = column_splits(col_tiles, row_tiles, 4 * int64_t{sm_count()});
+  const std::pair<int64_t, int64_t> split = column_splits(col_tiles, row_tiles, 4 * int64_t{sm_count()}, /*round_up=*/true);
   const int64_t splits = split.first, per_split = split.second;
   Tensor part_max = at::empty({splits, x.rows}, x.unit.options());
   Tensor part_sum = at::empty({splits, x.rows}, x.unit.options());
@@ -207,8 +214,9 @@ GradSums grad_sweep(const Normalized& x, const Normalized& y, const Tensor& scal
                     double n_pos, bool want_prob_cos, cudaStream_t stream) {
   const int64_t row_tiles = x.rows_pad / kTile, col_tiles = ceil_div(y.rows, kTile);
   const int64_t chunks = ceil_div(x.dim_pad, kGradCols);
+  // Two backward blocks fit an SM (128 registers x 256 threads): fill one wave of them.
   const std::pair<int64_t, int64_t> split =
-      column_splits(col_tiles, row_tiles * chunks, 2 * int64_t{sm_count()});
+      column_splits(col_tiles, row_tiles * chunks, 2 * int64_t{sm_count()}, /*round_up=*/false);
   const int64_t splits = split.first, per_split = split.second;
   GradSums out;
   out.splits = splits;
