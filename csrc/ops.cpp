@@ -21,8 +21,22 @@ TORCH_LIBRARY(pyssl, m) {
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_logit_scale)");
 
   // ---- MoCo queue logits + cross-entropy (csrc/moco) --------------------------------------
+  // Row i of query (N, d) has logits [S_i0, S_i1..S_iK]: S_i0 = cos(query_i, key_i) / T, then
+  // S_ij = u_i . queue_j / T (queue rows used as stored, MoCo keeps them normalised);
+  // loss = mean_i cross-entropy with class 0. One sweep over the queue; expected_queue holds
+  // A_i = sum_j P_ij queue_j (float32/64), so the backward needs no queue and the caller may
+  // enqueue into it right after the forward.
+  m.def(
+      "moco_forward(Tensor query, Tensor key, Tensor queue, float temperature) "
+      "-> (Tensor loss, Tensor lse, Tensor expected_queue)");
+  m.def(
+      "moco_backward(Tensor grad_loss, Tensor query, Tensor key, Tensor lse, Tensor expected_queue, "
+      "float temperature) -> (Tensor grad_query, Tensor grad_key)");
 
   // ---- momentum EMA over a parameter list (csrc/ema) --------------------------------------
+  // ema[i] <- momentum * ema[i] + (1 - momentum) * online[i] for every pair, in place, one
+  // pass (one kernel launch on CUDA) over all tensors; dtypes may differ between the lists.
+  m.def("ema_update_(Tensor(a!)[] ema, Tensor[] online, float momentum) -> ()");
 
   // ---- batched image augmentations (csrc/augment) -----------------------------------------
 }
