@@ -38,4 +38,11 @@ TORCH_LIBRARY(pyssl, m) {
       "Tensor jitter_factors, Tensor jitter_order, Tensor gray, Tensor blur_sigma, "
       "Tensor blur_kernel_size, Tensor solarize_threshold, Tensor mean, Tensor std, "
       "int out_h, int out_w, ScalarType? out_dtype=None, bool channels_last=False) -> Tensor");
+  // torchvision's RandomResizedCrop.get_params for N images of height x width from uniforms
+  // (N, 4 * attempts) in [0, 1): columns [area | log aspect ratio | top | left] per attempt; the
+  // first box that fits wins, else the central crop of clamped aspect ratio. Returns (N, 4) int64
+  // boxes (top, left, height, width).
+  m.def(
+      "augment_draw_crops(Tensor uniforms, int height, int width, float scale_min, float scale_max, "
+      "float ratio_min, float ratio_max) -> Tensor");
 }

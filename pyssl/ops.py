@@ -235,3 +235,16 @@ def _augment_fused_fake(
         (source_index.shape[0], images.shape[1], out_h, out_w), dtype=out_dtype or torch.float32
     )
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def augment_draw_crops(uniforms: Tensor, height: int, width: int, scale, ratio) -> Tensor:
+    """RandomResizedCrop boxes (N, 4) = (top, left, height, width) from (N, 4 * attempts)
+    uniforms; see csrc/ops.cpp."""
+    return _ops.augment_draw_crops(
+        uniforms, height, width, float(scale[0]), float(scale[1]), float(ratio[0]), float(ratio[1])
+    )
+
+
+@torch.library.register_fake("pyssl::augment_draw_crops")
+def _augment_draw_crops_fake(uniforms, height, width, scale_min, scale_max, ratio_min, ratio_max):
+    return uniforms.new_empty((uniforms.shape[0], 4), dtype=torch.long)

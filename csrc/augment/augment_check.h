@@ -71,4 +71,23 @@ inline int64_t check_fused_args(const at::Tensor& images, const at::Tensor& sour
   return n;
 }
 
+// Returns the number of attempts per image.
+inline int64_t check_draw_crops_args(const at::Tensor& uniforms, int64_t height, int64_t width,
+                                     double scale_min, double scale_max, double ratio_min,
+                                     double ratio_max) {
+  constexpr const char* op = "pyssl.augment_draw_crops";
+  TORCH_CHECK(uniforms.dim() == 2 && uniforms.size(1) > 0 && uniforms.size(1) % 4 == 0, op,
+              ": uniforms must be (N, 4 * attempts), got shape ", uniforms.sizes());
+  TORCH_CHECK(uniforms.scalar_type() == at::kFloat, op, ": uniforms must be float32, got ",
+              uniforms.scalar_type());
+  TORCH_CHECK(height > 0 && width > 0, op, ": image size must be positive, got ", height, "x",
+              width);
+  TORCH_CHECK(0 <= scale_min && scale_min <= scale_max && scale_max > 0, op,
+              ": need 0 <= scale_min <= scale_max, scale_max > 0, got (", scale_min, ", ",
+              scale_max, ")");
+  TORCH_CHECK(0 < ratio_min && ratio_min <= ratio_max, op,
+              ": need 0 < ratio_min <= ratio_max, got (", ratio_min, ", ", ratio_max, ")");
+  return uniforms.size(1) / 4;
+}
+
 }  // namespace pyssl::augment

@@ -309,7 +309,12 @@ def rgb_to_grayscale(images: Tensor, num_output_channels: int = 1) -> Tensor:
 
 def kernel_size_for(sigma: Tensor) -> Tensor:
     """Odd kernel size covering +-3 sigma: ``2 * ceil(3 * sigma) + 1`` (capped)."""
-    return (2 * torch.ceil(3 * sigma.double()).long() + 1).clamp(max=MAX_KERNEL_SIZE)
+    # ceil through an integer cast: sigma >= 0, and elementwise ceil/floor on small CPU tensors
+    # can cost milliseconds of thread start-up on a busy machine.
+    x = 3 * sigma.double()
+    ceil = x.long()
+    ceil = ceil + (x > ceil).long()
+    return (2 * ceil + 1).clamp(max=MAX_KERNEL_SIZE)
 
 
 def _reflect(index: Tensor, n: int) -> Tensor:

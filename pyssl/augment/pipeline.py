@@ -243,7 +243,7 @@ class SimCLRAugment(nn.Module):
         device = torch.device(device) if device is not None else torch.device("cpu")
         u = torch.rand((batch, _UNIFORM_COLUMNS), generator=generator, device=device)
         a = _CROP_ATTEMPTS
-        crop_boxes = _draw_crops(u[:, :a], u[:, a : 2 * a], u[:, 2 * a : 3 * a], u[:, 3 * a : 4 * a], height, width, self.scale, self.ratio)
+        crop_boxes = ops.augment_draw_crops(u[:, : 4 * a], height, width, self.scale, self.ratio)
         flip = u[:, _FLIP] < self.p_flip
 
         b, c, s, h = self.jitter
@@ -366,35 +366,3 @@ def byol_pair(size, **overrides) -> MultiViewAugment:
     first = SimCLRAugment(size, **{**common, "p_blur": 1.0, "p_solarize": 0.0})
     second = SimCLRAugment(size, **{**common, "p_blur": 0.1, "p_solarize": 0.2})
     return MultiViewAugment([first, second])
-
-
-def _draw_crops(u_area: Tensor, u_ratio: Tensor, u_top: Tensor, u_left: Tensor, height: int, width: int, scale, ratio) -> Tensor:
-    """torchvision's RandomResizedCrop.get_params for a batch: up to 10 tries of (area, log
-    aspect ratio), the first that fits wins, else the central crop of clamped aspect ratio."""
-    f64 = torch.float64
-    area = float(height * width)
-    target = area * (scale[0] + (scale[1] - scale[0]) * u_area.to(f64))
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * u_ratio.to(f64))
-    w = torch.sqrt(target * aspect).round().long()
-    h = torch.sqrt(target / aspect).round().long()
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.to(torch.int8).argmax(dim=1, keepdim=True)
-    found = fits.any(dim=1)
-    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
-    top = (u_top.to(f64).gather(1, first).squeeze(1) * (height - h + 1)).floor().long()
-    left = (u_left.to(f64).gather(1, first).squeeze(1) * (width - w + 1)).floor().long()
-    top = torch.minimum(top, height - h)
-    left = torch.minimum(left, width - w)
-
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        fh, fw = height, int(round(height * ratio[1]))
-    else:
-        fw, fh = width, height
-    fw, fh = min(max(fw, 1), width), min(max(fh, 1), height)
-    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], device=u_area.device)
-    boxes = torch.stack([top, left, h, w], dim=1)
-    return torch.where(found.unsqueeze(1), boxes, fallback)

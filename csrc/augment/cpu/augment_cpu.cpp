@@ -3,6 +3,12 @@
 // stays in cache: crop + flip (bilinear) -> jitter ops in the image's order -> grayscale, then
 // one separable-blur + solarize + normalise sweep that writes the output once. The inner
 // loops run over contiguous rows so the compiler can vectorise them.
+#if defined(__GNUC__) && !defined(__clang__)
+// Floating-point compares may raise exceptions under GCC's default -ftrapping-math, which
+// stops it from if-converting (and so vectorising) the select-only per-pixel math; nothing
+// here reads the exception flags, and values are unchanged (this is not fast-math).
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -142,7 +148,12 @@ void blur(const Geometry& g, const ImageParams& p, Scratch& s) {
   for (int64_t c = 0; c < g.channels; ++c) {
     for (int64_t y = 0; y < oh; ++y) {
       const float* src = s.planes.data() + c * plane + y * ow;
-      for (int64_t i = 0; i < ow + 2 * radius; ++i) padded[i] = src[reflect_index(i - radius, ow)];
+      // Reflect only the borders: the index fold costs integer divisions.
+      for (int64_t i = 0; i < radius; ++i) {
+        padded[i] = src[reflect_index(i - radius, ow)];
+        padded[ow + radius + i] = src[reflect_index(ow + i, ow)];
+      }
+      std::copy(src, src + ow, padded + radius);
       float* dst = tmp.data() + c * plane + y * ow;
       std::fill(dst, dst + ow, 0.f);
       for (int64_t k = 0; k < p.ksize; ++k) {
@@ -179,11 +190,18 @@ void write_output(out_t* out, const Geometry& g, const ImageParams& p, const flo
       const float* src = s.planes.data() + c * plane + y * ow;
       out_t* dst = dst_plane + y * g.out_stride[2];
       const int64_t sx = g.out_stride[3];
-      for (int64_t x = 0; x < ow; ++x) {
-        float v = src[x];
-        v = v >= thr ? 1.f - v : v;
-        v = (v - m) / sd;
-        dst[x * sx] = static_cast<out_t>(v);
+      if (sx == 1) {  // NCHW: a contiguous row the compiler vectorises
+        for (int64_t x = 0; x < ow; ++x) {
+          float v = src[x];
+          v = v >= thr ? 1.f - v : v;
+          dst[x] = static_cast<out_t>((v - m) / sd);
+        }
+      } else {
+        for (int64_t x = 0; x < ow; ++x) {
+          float v = src[x];
+          v = v >= thr ? 1.f - v : v;
+          dst[x * sx] = static_cast<out_t>((v - m) / sd);
+        }
       }
     }
   }
@@ -300,8 +318,29 @@ Tensor augment_fused_cpu(const Tensor& images, const Tensor& source_index,
   return out;
 }
 
+Tensor augment_draw_crops_cpu(const Tensor& uniforms, int64_t height, int64_t width,
+                              double scale_min, double scale_max, double ratio_min,
+                              double ratio_max) {
+  const int64_t attempts = check_draw_crops_args(uniforms, height, width, scale_min, scale_max,
+                                                 ratio_min, ratio_max);
+  const int64_t n = uniforms.size(0);
+  Tensor u = uniforms.contiguous();
+  Tensor boxes = at::empty({n, 4}, uniforms.options().dtype(at::kLong));
+  const float* up = u.const_data_ptr<float>();
+  int64_t* bp = boxes.mutable_data_ptr<int64_t>();
+  // A few microseconds per image: serial (a parallel region costs more than the work).
+  for (int64_t i = 0; i < n; ++i) {
+    draw_crop(up + i * 4 * attempts, attempts, 1, height, width, scale_min, scale_max, ratio_min,
+              ratio_max, bp + 4 * i);
+  }
+  return boxes;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyssl, CPU, m) { m.impl("augment_fused", &augment_fused_cpu); }
+TORCH_LIBRARY_IMPL(pyssl, CPU, m) {
+  m.impl("augment_fused", &augment_fused_cpu);
+  m.impl("augment_draw_crops", &augment_draw_crops_cpu);
+}
 
 }  // namespace pyssl::augment
