@@ -39,4 +39,24 @@ TORCH_LIBRARY(pyssl, m) {
   m.def("ema_update_(Tensor(a!)[] ema, Tensor[] online, float momentum) -> ()");
 
   // ---- batched image augmentations (csrc/augment) -----------------------------------------
+  // The whole SimCLR-style pipeline in one op: N output images (N = len(source_index)), output
+  // n reads images[source_index[n]] (several views of one image in one call). Per output image:
+  // crop_boxes (top, left, height, width) resized bilinearly to (out_h, out_w), flip, colour
+  // jitter with jitter_factors (brightness, contrast, saturation, hue; identity 1, 1, 1, 0)
+  // applied in the order jitter_order (a permutation of 0..3), gray, Gaussian blur
+  // (blur_sigma > 0, odd blur_kernel_size, reflect padding), solarize where value >=
+  // solarize_threshold (+inf: never), then (x - mean) / std (empty mean/std: none). uint8 input
+  // is scaled to [0, 1]; everything is computed in float32. No gradient (data augmentation).
+  m.def(
+      "augment_fused(Tensor images, Tensor source_index, Tensor crop_boxes, Tensor flip, "
+      "Tensor jitter_factors, Tensor jitter_order, Tensor gray, Tensor blur_sigma, "
+      "Tensor blur_kernel_size, Tensor solarize_threshold, Tensor mean, Tensor std, "
+      "int out_h, int out_w, ScalarType? out_dtype=None, bool channels_last=False) -> Tensor");
+  // torchvision's RandomResizedCrop.get_params for N images of height x width from uniforms
+  // (N, 4 * attempts) in [0, 1): columns [area | log aspect ratio | top | left] per attempt; the
+  // first box that fits wins, else the central crop of clamped aspect ratio. Returns (N, 4) int64
+  // boxes (top, left, height, width).
+  m.def(
+      "augment_draw_crops(Tensor uniforms, int height, int width, float scale_min, float scale_max, "
+      "float ratio_min, float ratio_max) -> Tensor");
 }

@@ -298,3 +298,59 @@ def ema_update_(ema: list[Tensor], online: list[Tensor], momentum: float) -> Non
 @torch.library.register_fake("pyssl::ema_update_")
 def _ema_update_fake(ema, online, momentum):
     return None
+
+
+# ---- batched image augmentations ------------------------------------------------------------------
+# augment_fused has no autograd formula on purpose: it is data augmentation, applied to inputs
+# that never require grad. Argument checks with clear messages live in pyssl.augment, which
+# builds the parameter tensors; the C++ kernels repeat the shape/dtype checks.
+
+
+def augment_fused(
+    images: Tensor,
+    source_index: Tensor,
+    crop_boxes: Tensor,
+    flip: Tensor,
+    jitter_factors: Tensor,
+    jitter_order: Tensor,
+    gray: Tensor,
+    blur_sigma: Tensor,
+    blur_kernel_size: Tensor,
+    solarize_threshold: Tensor,
+    mean: Tensor,
+    std: Tensor,
+    out_h: int,
+    out_w: int,
+    out_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> Tensor:
+    """The fused augmentation op (schema and parameter layout in csrc/ops.cpp)."""
+    return _ops.augment_fused(
+        images, source_index, crop_boxes, flip, jitter_factors, jitter_order, gray, blur_sigma,
+        blur_kernel_size, solarize_threshold, mean, std, out_h, out_w, out_dtype, channels_last,
+    )
+
+
+@torch.library.register_fake("pyssl::augment_fused")
+def _augment_fused_fake(
+    images, source_index, crop_boxes, flip, jitter_factors, jitter_order, gray, blur_sigma,
+    blur_kernel_size, solarize_threshold, mean, std, out_h, out_w, out_dtype=None, channels_last=False,
+):
+    torch._check(images.dim() == 4, lambda: "pyssl.augment_fused: images must be (B, C, H, W)")
+    out = images.new_empty(
+        (source_index.shape[0], images.shape[1], out_h, out_w), dtype=out_dtype or torch.float32
+    )
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def augment_draw_crops(uniforms: Tensor, height: int, width: int, scale, ratio) -> Tensor:
+    """RandomResizedCrop boxes (N, 4) = (top, left, height, width) from (N, 4 * attempts)
+    uniforms; see csrc/ops.cpp."""
+    return _ops.augment_draw_crops(
+        uniforms, height, width, float(scale[0]), float(scale[1]), float(ratio[0]), float(ratio[1])
+    )
+
+
+@torch.library.register_fake("pyssl::augment_draw_crops")
+def _augment_draw_crops_fake(uniforms, height, width, scale_min, scale_max, ratio_min, ratio_max):
+    return uniforms.new_empty((uniforms.shape[0], 4), dtype=torch.long)
