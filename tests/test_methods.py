@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyssl.methods import MethodError, MoCo, SimCLR, available_methods, build_method, method_preset, register
-from pyssl.methods.base import Method, _import_moco_loss, _import_momentum
+from pyssl.losses import MoCoLoss
+from pyssl.methods.base import Method
+from pyssl.momentum import cosine_schedule, update_momentum
 
 
 def tiny(name, **kw):
@@ -95,8 +97,8 @@ def test_moco_step_updates_ema_and_queue_and_grads_only_query():
 
 
 def test_moco_loss_matches_reference():
-    """The MoCo loss used (fused or fallback) against a float64 InfoNCE over [key, queue]."""
-    MoCoLoss = _import_moco_loss()
+    """The MoCo loss the method uses against a float64 InfoNCE over [key, queue]."""
+    assert isinstance(tiny("moco").criterion, MoCoLoss)
     loss_fn = MoCoLoss(temperature=0.2, queue_size=16, dim=8)
     queue = F.normalize(torch.randn(16, 8, dtype=torch.float64), dim=1)
     q, k = torch.randn(4, 8), torch.randn(4, 8)
@@ -113,7 +115,6 @@ def test_moco_loss_matches_reference():
 
 
 def test_momentum_schedule_and_update():
-    update_momentum, cosine_schedule = _import_momentum()
     assert cosine_schedule(0, 100, 0.99, 1.0) == pytest.approx(0.99)
     assert cosine_schedule(99, 100, 0.99, 1.0) == pytest.approx(1.0)
     a, b = nn.Linear(3, 3), nn.Linear(3, 3)

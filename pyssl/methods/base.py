@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from pyssl.augment import SimCLRAugment
 from pyssl.models import build_backbone
 
 
@@ -11,33 +12,9 @@ class MethodError(ValueError):
     """Bad method configuration (unknown name or option, impossible sizes)."""
 
 
-def _import_augment():
-    try:
-        from pyssl.augment import SimCLRAugment
-    except ImportError:  # this build lacks the fused augmentation: plain-PyTorch stand-in
-        from pyssl.methods._fallback import SimCLRAugment
-    return SimCLRAugment
-
-
-def _import_momentum():
-    try:
-        from pyssl.momentum import cosine_schedule, update_momentum
-    except ImportError:
-        from pyssl.methods._fallback import cosine_schedule, update_momentum
-    return update_momentum, cosine_schedule
-
-
-def _import_moco_loss():
-    try:
-        from pyssl.losses import MoCoLoss
-    except ImportError:
-        from pyssl.methods._fallback import MoCoLoss
-    return MoCoLoss
-
-
 def make_augment(image_size: int, mean, std, **kwargs):
     """The batched augmentation (``pyssl.augment.SimCLRAugment``) with the given settings."""
-    return _import_augment()(image_size, mean=tuple(mean), std=tuple(std), **kwargs)
+    return SimCLRAugment(image_size, mean=tuple(mean), std=tuple(std), **kwargs)
 
 
 def images_of(batch) -> Tensor:

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import Tensor, nn
 
-import torch
 from pyssl.methods import register
-from pyssl.methods.base import Method, MethodError, _import_moco_loss, _import_momentum, images_of, two_views
+from pyssl.losses import MoCoLoss
+from pyssl.methods.base import Method, MethodError, images_of, two_views
+from pyssl.momentum import cosine_schedule, update_momentum
 from pyssl.models import ProjectionHead
 
 
@@ -58,9 +60,8 @@ class MoCo(Method):
             p.requires_grad_(False)
         if temperature is None:
             temperature = 0.07 if version == 1 else 0.2
-        self.criterion = _import_moco_loss()(temperature=temperature, queue_size=queue_size, dim=out_dim)
+        self.criterion = MoCoLoss(temperature=temperature, queue_size=queue_size, dim=out_dim)
         self.momentum, self.momentum_end = momentum, momentum_end
-        self._update_momentum, self._cosine_schedule = _import_momentum()
 
     def augment_defaults(self, image_size: int) -> dict:
         if self.version == 1:
@@ -72,7 +73,7 @@ class MoCo(Method):
     def current_momentum(self) -> float:
         if self.momentum_end is None:
             return self.momentum
-        return self._cosine_schedule(self.step, self.max_steps, self.momentum, self.momentum_end)
+        return cosine_schedule(self.step, self.max_steps, self.momentum, self.momentum_end)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.projection_head(self.backbone(x))
@@ -80,8 +81,8 @@ class MoCo(Method):
     @torch.no_grad()
     def _keys(self, x: Tensor) -> Tensor:
         m = self.current_momentum()
-        self._update_momentum(self.backbone_momentum, self.backbone, m)
-        self._update_momentum(self.projection_head_momentum, self.projection_head, m)
+        update_momentum(self.backbone_momentum, self.backbone, m)
+        update_momentum(self.projection_head_momentum, self.projection_head, m)
         return self.projection_head_momentum(self.backbone_momentum(x))
 
     def training_step(self, batch) -> Tensor:
