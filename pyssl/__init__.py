@@ -10,10 +10,12 @@ _C = _load_extension()
 
 from pyssl import ops  # noqa: E402  (registers autograd and fake kernels)
 from pyssl import losses  # noqa: E402
+from pyssl import momentum  # noqa: E402
+from pyssl import augment  # noqa: E402
 
 __version__ = "0.1.0"
 
 #: True when the CUDA kernels were compiled into this build.
 cuda_kernels_built: bool = bool(_C.with_cuda)
 
-__all__ = ["ops", "losses", "cuda_kernels_built", "__version__"]
+__all__ = ["ops", "losses", "momentum", "augment", "cuda_kernels_built", "__version__"]

@@ -192,3 +192,165 @@ def _infonce_backward(ctx, grad_loss, grad_lse_row, grad_lse_col):
 torch.library.register_autograd(
     "pyssl::infonce_forward", _infonce_backward, setup_context=_infonce_setup_context
 )
+
+
+# ---- MoCo queue loss -----------------------------------------------------------------------------
+
+
+def check_queue(op: str, queue, dim: int) -> None:
+    if not isinstance(queue, Tensor):
+        raise TypeError(f"{op}: queue must be a torch.Tensor, got {type(queue).__name__}")
+    if not queue.is_floating_point():
+        raise TypeError(f"{op}: queue must be a floating tensor, got dtype {queue.dtype}")
+    if queue.dim() != 2 or queue.shape[1] != dim:
+        raise ValueError(f"{op}: queue must have shape (K, {dim}) (K may be 0), got {tuple(queue.shape)}")
+
+
+def moco(
+    query: Tensor, key: Tensor, queue: Tensor, temperature: float = 0.2, *, check_inputs_finite: bool = False
+) -> Tensor:
+    """Fused MoCo loss of ``query`` against its ``key`` (positive) and the ``queue`` (negatives).
+
+    ``queue`` rows are used as stored (MoCo stores normalised keys) and get no gradient; it is
+    not modified. See :class:`pyssl.losses.MoCoLoss`, which also owns and updates the queue.
+    """
+    op = "pyssl.moco"
+    check_embeddings("query", query, op=op)
+    check_embeddings("key", key, op=op)
+    if query.shape != key.shape:
+        raise ValueError(f"{op}: query and key must have the same shape, got {tuple(query.shape)} and {tuple(key.shape)}")
+    check_queue(op, queue, query.shape[1])
+    check_same_device(op, query=query, key=key, queue=queue)
+    temperature = check_positive(op, "temperature", temperature)
+    if check_inputs_finite:
+        check_finite(op, query=query, key=key, queue=queue)
+    dtype = torch.promote_types(query.dtype, key.dtype)
+    loss, _, _ = _ops.moco_forward(query.to(dtype), key.to(dtype), queue.detach(), temperature)
+    return loss
+
+
+@torch.library.register_fake("pyssl::moco_forward")
+def _moco_forward_fake(query, key, queue, temperature):
+    acc = accumulate_dtype(query.dtype)
+    return query.new_empty(()), query.new_empty((query.shape[0],), dtype=acc), query.new_empty(query.shape, dtype=acc)
+
+
+@torch.library.register_fake("pyssl::moco_backward")
+def _moco_backward_fake(grad_loss, query, key, lse, expected_queue, temperature):
+    return torch.empty_like(query), torch.empty_like(key)
+
+
+def _moco_setup_context(ctx, inputs, output):
+    query, key, queue, temperature = inputs
+    _, lse, expected_queue = output
+    # The queue is not saved: expected_queue carries all the backward needs from it, so the
+    # caller may overwrite (enqueue into) the queue before backward runs.
+    ctx.save_for_backward(query, key, lse, expected_queue)
+    ctx.temperature = temperature
+
+
+def _moco_backward(ctx, grad_loss, grad_lse, grad_expected_queue):
+    query, key, lse, expected_queue = ctx.saved_tensors
+    grad_query, grad_key = _ops.moco_backward(grad_loss, query, key, lse, expected_queue, ctx.temperature)
+    return grad_query, grad_key, None, None
+
+
+torch.library.register_autograd("pyssl::moco_forward", _moco_backward, setup_context=_moco_setup_context)
+
+
+# ---- momentum EMA --------------------------------------------------------------------------------
+
+
+def ema_update_(ema: list[Tensor], online: list[Tensor], momentum: float) -> None:
+    """In place, for every pair: ``ema[i] = momentum * ema[i] + (1 - momentum) * online[i]``.
+
+    One pass over all tensors (a single kernel launch on CUDA); the lists may differ in dtype
+    (e.g. float32 EMA of a bfloat16 model). See :func:`pyssl.momentum.update_momentum`.
+    """
+    op = "pyssl.ema_update_"
+    ema, online = list(ema), list(online)
+    if len(ema) != len(online):
+        raise ValueError(f"{op}: ema and online must have the same length, got {len(ema)} and {len(online)}")
+    if isinstance(momentum, bool) or not isinstance(momentum, Real):
+        raise TypeError(f"{op}: momentum must be a real number, got {type(momentum).__name__}")
+    momentum = float(momentum)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{op}: momentum must be in [0, 1], got {momentum}")
+    for i, (e, o) in enumerate(zip(ema, online)):
+        for name, t in (("ema", e), ("online", o)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{op}: {name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"{op}: {name}[{i}] must be a floating tensor, got dtype {t.dtype}")
+        if e.shape != o.shape:
+            raise ValueError(f"{op}: ema[{i}] has shape {tuple(e.shape)} but online[{i}] has shape {tuple(o.shape)}")
+        if e.device != o.device:
+            raise ValueError(f"{op}: ema[{i}] is on {e.device} but online[{i}] on {o.device}")
+    if not ema:
+        return
+    devices = {e.device for e in ema}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    with torch.no_grad():
+        _ops.ema_update_(ema, online, momentum)
+
+
+@torch.library.register_fake("pyssl::ema_update_")
+def _ema_update_fake(ema, online, momentum):
+    return None
+
+
+# ---- batched image augmentations ------------------------------------------------------------------
+# augment_fused has no autograd formula on purpose: it is data augmentation, applied to inputs
+# that never require grad. Argument checks with clear messages live in pyssl.augment, which
+# builds the parameter tensors; the C++ kernels repeat the shape/dtype checks.
+
+
+def augment_fused(
+    images: Tensor,
+    source_index: Tensor,
+    crop_boxes: Tensor,
+    flip: Tensor,
+    jitter_factors: Tensor,
+    jitter_order: Tensor,
+    gray: Tensor,
+    blur_sigma: Tensor,
+    blur_kernel_size: Tensor,
+    solarize_threshold: Tensor,
+    mean: Tensor,
+    std: Tensor,
+    out_h: int,
+    out_w: int,
+    out_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> Tensor:
+    """The fused augmentation op (schema and parameter layout in csrc/ops.cpp)."""
+    return _ops.augment_fused(
+        images, source_index, crop_boxes, flip, jitter_factors, jitter_order, gray, blur_sigma,
+        blur_kernel_size, solarize_threshold, mean, std, out_h, out_w, out_dtype, channels_last,
+    )
+
+
+@torch.library.register_fake("pyssl::augment_fused")
+def _augment_fused_fake(
+    images, source_index, crop_boxes, flip, jitter_factors, jitter_order, gray, blur_sigma,
+    blur_kernel_size, solarize_threshold, mean, std, out_h, out_w, out_dtype=None, channels_last=False,
+):
+    torch._check(images.dim() == 4, lambda: "pyssl.augment_fused: images must be (B, C, H, W)")
+    out = images.new_empty(
+        (source_index.shape[0], images.shape[1], out_h, out_w), dtype=out_dtype or torch.float32
+    )
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def augment_draw_crops(uniforms: Tensor, height: int, width: int, scale, ratio) -> Tensor:
+    """RandomResizedCrop boxes (N, 4) = (top, left, height, width) from (N, 4 * attempts)
+    uniforms; see csrc/ops.cpp."""
+    return _ops.augment_draw_crops(
+        uniforms, height, width, float(scale[0]), float(scale[1]), float(ratio[0]), float(ratio[1])
+    )
+
+
+@torch.library.register_fake("pyssl::augment_draw_crops")
+def _augment_draw_crops_fake(uniforms, height, width, scale_min, scale_max, ratio_min, ratio_max):
+    return uniforms.new_empty((uniforms.shape[0], 4), dtype=torch.long)

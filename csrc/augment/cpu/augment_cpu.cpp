@@ -1,0 +1,346 @@
+// CPU kernel of the fused augmentation pipeline (see pyssl/augment/pipeline.py for the
+// parameter layout). Each image is processed by one thread in a private float32 scratch that
+// stays in cache: crop + flip (bilinear) -> jitter ops in the image's order -> grayscale, then
+// one separable-blur + solarize + normalise sweep that writes the output once. The inner
+// loops run over contiguous rows so the compiler can vectorise them.
+#if defined(__GNUC__) && !defined(__clang__)
+// Floating-point compares may raise exceptions under GCC's default -ftrapping-math, which
+// stops it from if-converting (and so vectorising) the select-only per-pixel math; nothing
+// here reads the exception flags, and values are unchanged (this is not fast-math).
+#pragma GCC optimize("no-trapping-math")
+#endif
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "augment/augment_check.h"
+#include "augment/augment_math.h"
+
+namespace pyssl::augment {
+namespace {
+
+using at::Tensor;
+
+template <typename in_t>
+inline float to_unit(in_t v) {
+  if constexpr (std::is_same_v<in_t, uint8_t>) {
+    return static_cast<float>(v) * (1.f / 255.f);
+  } else {
+    return static_cast<float>(v);
+  }
+}
+
+struct ImageParams {
+  int64_t src, top, left, height, width;
+  bool flip, gray;
+  float factors[4];
+  int64_t order[4];
+  float sigma;
+  int64_t ksize;
+  float threshold;
+};
+
+struct Geometry {
+  int64_t channels, in_h, in_w, out_h, out_w;
+  int64_t in_stride[4];   // B, C, H, W of the input
+  int64_t out_stride[4];  // B, C, H, W of the output
+};
+
+// Per-thread scratch, reused across the images of a chunk.
+struct Scratch {
+  std::vector<float> planes;  // C x out_h x out_w: the pass-1 result
+  std::vector<float> blur_h;  // C x out_h x out_w: rows blurred horizontally
+  std::vector<float> row;     // one padded row, one accumulator row
+  std::vector<int64_t> x0, x1;
+  std::vector<float> wx0, wx1;
+};
+
+template <typename in_t>
+void crop_flip(const in_t* in, const Geometry& g, const ImageParams& p, Scratch& s) {
+  const int64_t ow = g.out_w, oh = g.out_h, plane = oh * ow;
+  s.x0.resize(ow);
+  s.x1.resize(ow);
+  s.wx0.resize(ow);
+  s.wx1.resize(ow);
+  for (int64_t x = 0; x < ow; ++x) {
+    const Taps t = bilinear_taps(p.flip ? ow - 1 - x : x, p.width, ow);
+    s.x0[x] = (p.left + t.i0) * g.in_stride[3];
+    s.x1[x] = (p.left + t.i1) * g.in_stride[3];
+    s.wx0[x] = t.w0;
+    s.wx1[x] = t.w1;
+  }
+  const in_t* image = in + p.src * g.in_stride[0];
+  for (int64_t y = 0; y < oh; ++y) {
+    const Taps ty = bilinear_taps(y, p.height, oh);
+    for (int64_t c = 0; c < g.channels; ++c) {
+      const in_t* r0 = image + c * g.in_stride[1] + (p.top + ty.i0) * g.in_stride[2];
+      const in_t* r1 = image + c * g.in_stride[1] + (p.top + ty.i1) * g.in_stride[2];
+      float* dst = s.planes.data() + c * plane + y * ow;
+      for (int64_t x = 0; x < ow; ++x) {
+        const float top = to_unit(r0[s.x0[x]]) * s.wx0[x] + to_unit(r0[s.x1[x]]) * s.wx1[x];
+        const float bottom = to_unit(r1[s.x0[x]]) * s.wx0[x] + to_unit(r1[s.x1[x]]) * s.wx1[x];
+        dst[x] = top * ty.w0 + bottom * ty.w1;
+      }
+    }
+  }
+}
+
+void jitter_and_gray(const Geometry& g, const ImageParams& p, Scratch& s) {
+  const int64_t n = g.out_h * g.out_w;
+  float* r = s.planes.data();
+  float* gr = g.channels == 3 ? r + n : r;
+  float* b = g.channels == 3 ? r + 2 * n : r;
+  const bool rgb = g.channels == 3;
+  for (int k = 0; k < 4; ++k) {
+    const int64_t op = p.order[k];
+    const float f = p.factors[op];
+    if (op == kBrightness && f != 1.f) {
+      for (int64_t i = 0; i < n * g.channels; ++i) r[i] = clamp01(r[i] * f);
+    } else if (op == kContrast && f != 1.f) {
+      double sum = 0;
+      if (rgb) {
+        for (int64_t i = 0; i < n; ++i) sum += luma(r[i], gr[i], b[i]);
+      } else {
+        for (int64_t i = 0; i < n; ++i) sum += r[i];
+      }
+      const float mean = static_cast<float>(sum / static_cast<double>(n));
+      for (int64_t i = 0; i < n * g.channels; ++i) r[i] = blend(r[i], mean, f);
+    } else if (op == kSaturation && f != 1.f && rgb) {
+      for (int64_t i = 0; i < n; ++i) {
+        const float l = luma(r[i], gr[i], b[i]);
+        r[i] = blend(r[i], l, f);
+        gr[i] = blend(gr[i], l, f);
+        b[i] = blend(b[i], l, f);
+      }
+    } else if (op == kHue && f != 0.f && rgb) {
+      for (int64_t i = 0; i < n; ++i) shift_hue(r[i], gr[i], b[i], f);
+    }
+  }
+  if (p.gray && rgb) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float l = luma(r[i], gr[i], b[i]);
+      r[i] = l;
+      gr[i] = l;
+      b[i] = l;
+    }
+  }
+}
+
+// Separable Gaussian blur of every plane of s.planes into s.blur_h (reflect padding).
+void blur(const Geometry& g, const ImageParams& p, Scratch& s) {
+  const int64_t oh = g.out_h, ow = g.out_w, plane = oh * ow, radius = p.ksize / 2;
+  float weights[kMaxKernelSize];
+  double total = 0;
+  for (int64_t k = 0; k < p.ksize; ++k) total += gaussian_tap(k, radius, p.sigma);
+  for (int64_t k = 0; k < p.ksize; ++k)
+    weights[k] = static_cast<float>(gaussian_tap(k, radius, p.sigma) / total);
+
+  s.row.resize(std::max(ow + 2 * radius, ow) + ow);
+  float* padded = s.row.data();
+  float* acc = padded + ow + 2 * radius;
+  std::vector<float>& tmp = s.blur_h;
+  // Horizontal: tmp = rows of planes convolved along x.
+  for (int64_t c = 0; c < g.channels; ++c) {
+    for (int64_t y = 0; y < oh; ++y) {
+      const float* src = s.planes.data() + c * plane + y * ow;
+      // Reflect only the borders: the index fold costs integer divisions.
+      for (int64_t i = 0; i < radius; ++i) {
+        padded[i] = src[reflect_index(i - radius, ow)];
+        padded[ow + radius + i] = src[reflect_index(ow + i, ow)];
+      }
+      std::copy(src, src + ow, padded + radius);
+      float* dst = tmp.data() + c * plane + y * ow;
+      std::fill(dst, dst + ow, 0.f);
+      for (int64_t k = 0; k < p.ksize; ++k) {
+        const float w = weights[k];
+        const float* in = padded + k;
+        for (int64_t x = 0; x < ow; ++x) dst[x] += w * in[x];
+      }
+    }
+  }
+  // Vertical: planes = tmp convolved along y (rows are whole vectors).
+  for (int64_t c = 0; c < g.channels; ++c) {
+    for (int64_t y = 0; y < oh; ++y) {
+      std::fill(acc, acc + ow, 0.f);
+      for (int64_t k = 0; k < p.ksize; ++k) {
+        const float w = weights[k];
+        const float* in = tmp.data() + c * plane + reflect_index(y - radius + k, oh) * ow;
+        for (int64_t x = 0; x < ow; ++x) acc[x] += w * in[x];
+      }
+      std::copy(acc, acc + ow, s.planes.data() + c * plane + y * ow);
+    }
+  }
+}
+
+template <typename out_t>
+void write_output(out_t* out, const Geometry& g, const ImageParams& p, const float* mean,
+                  const float* stdev, int64_t index, Scratch& s) {
+  const int64_t oh = g.out_h, ow = g.out_w, plane = oh * ow;
+  const float thr = p.threshold;
+  for (int64_t c = 0; c < g.channels; ++c) {
+    const float m = mean ? mean[c] : 0.f;
+    const float sd = stdev ? stdev[c] : 1.f;
+    out_t* dst_plane = out + index * g.out_stride[0] + c * g.out_stride[1];
+    for (int64_t y = 0; y < oh; ++y) {
+      const float* src = s.planes.data() + c * plane + y * ow;
+      out_t* dst = dst_plane + y * g.out_stride[2];
+      const int64_t sx = g.out_stride[3];
+      if (sx == 1) {  // NCHW: a contiguous row the compiler vectorises
+        for (int64_t x = 0; x < ow; ++x) {
+          float v = src[x];
+          v = v >= thr ? 1.f - v : v;
+          dst[x] = static_cast<out_t>((v - m) / sd);
+        }
+      } else {
+        for (int64_t x = 0; x < ow; ++x) {
+          float v = src[x];
+          v = v >= thr ? 1.f - v : v;
+          dst[x * sx] = static_cast<out_t>((v - m) / sd);
+        }
+      }
+    }
+  }
+}
+
+std::vector<ImageParams> gather_params(const Tensor& images, const Tensor& source_index,
+                                       const Tensor& crop_boxes, const Tensor& flip,
+                                       const Tensor& jitter_factors, const Tensor& jitter_order,
+                                       const Tensor& gray, const Tensor& blur_sigma,
+                                       const Tensor& blur_kernel_size,
+                                       const Tensor& solarize_threshold) {
+  constexpr const char* op = "pyssl.augment_fused";
+  const int64_t n = source_index.size(0), batch = images.size(0);
+  const int64_t in_h = images.size(2), in_w = images.size(3);
+  auto src = source_index.contiguous(), boxes = crop_boxes.contiguous(), fl = flip.contiguous(),
+       fac = jitter_factors.contiguous(), ord = jitter_order.contiguous(), gr = gray.contiguous(),
+       sig = blur_sigma.contiguous(), ks = blur_kernel_size.contiguous(),
+       thr = solarize_threshold.contiguous();
+  std::vector<ImageParams> params(n);
+  for (int64_t i = 0; i < n; ++i) {
+    ImageParams& p = params[i];
+    p.src = src.const_data_ptr<int64_t>()[i];
+    TORCH_CHECK(p.src >= 0 && p.src < batch, op, ": source_index[", i, "] = ", p.src,
+                " is not an image of the batch of ", batch);
+    const int64_t* box = boxes.const_data_ptr<int64_t>() + 4 * i;
+    p.top = box[0];
+    p.left = box[1];
+    p.height = box[2];
+    p.width = box[3];
+    TORCH_CHECK(p.height > 0 && p.width > 0 && p.top >= 0 && p.left >= 0 &&
+                    p.top + p.height <= in_h && p.left + p.width <= in_w,
+                op, ": crop_boxes[", i, "] = (top ", p.top, ", left ", p.left, ", height ",
+                p.height, ", width ", p.width, ") is not inside the ", in_h, "x", in_w, " image");
+    p.flip = fl.const_data_ptr<bool>()[i];
+    p.gray = gr.const_data_ptr<bool>()[i];
+    bool seen[4] = {false, false, false, false};
+    for (int k = 0; k < 4; ++k) {
+      p.factors[k] = fac.const_data_ptr<float>()[4 * i + k];
+      p.order[k] = ord.const_data_ptr<int64_t>()[4 * i + k];
+      TORCH_CHECK(p.order[k] >= 0 && p.order[k] < 4 && !seen[p.order[k]], op,
+                  ": jitter_order[", i, "] must be a permutation of 0..3");
+      seen[p.order[k]] = true;
+    }
+    TORCH_CHECK(p.factors[0] >= 0 && p.factors[1] >= 0 && p.factors[2] >= 0, op,
+                ": jitter_factors[", i, "] brightness/contrast/saturation must be >= 0");
+    TORCH_CHECK(p.factors[3] >= -0.5f && p.factors[3] <= 0.5f, op, ": jitter_factors[", i,
+                "] hue must be in [-0.5, 0.5], got ", p.factors[3]);
+    p.sigma = sig.const_data_ptr<float>()[i];
+    p.ksize = ks.const_data_ptr<int64_t>()[i];
+    TORCH_CHECK(p.sigma >= 0 && std::isfinite(p.sigma), op, ": blur_sigma[", i,
+                "] must be finite and >= 0 (0: no blur), got ", p.sigma);
+    TORCH_CHECK(p.sigma == 0 || (p.ksize > 0 && p.ksize % 2 == 1 && p.ksize <= kMaxKernelSize),
+                op, ": blur_kernel_size[", i, "] must be odd and in [1, ", kMaxKernelSize,
+                "], got ", p.ksize);
+    p.threshold = thr.const_data_ptr<float>()[i];
+    TORCH_CHECK(!std::isnan(p.threshold), op, ": solarize_threshold[", i, "] is NaN");
+  }
+  return params;
+}
+
+Tensor augment_fused_cpu(const Tensor& images, const Tensor& source_index,
+                         const Tensor& crop_boxes, const Tensor& flip,
+                         const Tensor& jitter_factors, const Tensor& jitter_order,
+                         const Tensor& gray, const Tensor& blur_sigma,
+                         const Tensor& blur_kernel_size, const Tensor& solarize_threshold,
+                         const Tensor& mean, const Tensor& std, int64_t out_h, int64_t out_w,
+                         std::optional<at::ScalarType> out_dtype, bool channels_last) {
+  const int64_t n = check_fused_args(images, source_index, crop_boxes, flip, jitter_factors,
+                                     jitter_order, gray, blur_sigma, blur_kernel_size,
+                                     solarize_threshold, mean, std, out_h, out_w, out_dtype);
+  const auto params = gather_params(images, source_index, crop_boxes, flip, jitter_factors,
+                                    jitter_order, gray, blur_sigma, blur_kernel_size,
+                                    solarize_threshold);
+  const int64_t channels = images.size(1);
+  Tensor out = at::empty({n, channels, out_h, out_w},
+                         images.options()
+                             .dtype(out_dtype.value_or(at::kFloat))
+                             .memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                          : at::MemoryFormat::Contiguous));
+  Geometry g{channels, images.size(2), images.size(3), out_h, out_w, {}, {}};
+  for (int d = 0; d < 4; ++d) {
+    g.in_stride[d] = images.stride(d);
+    g.out_stride[d] = out.stride(d);
+  }
+  Tensor mean_c = mean.contiguous(), std_c = std.contiguous();
+  const float* mean_p = mean.numel() ? mean_c.const_data_ptr<float>() : nullptr;
+  const float* std_p = std.numel() ? std_c.const_data_ptr<float>() : nullptr;
+  const int64_t plane = out_h * out_w;
+
+  AT_DISPATCH_FLOATING_TYPES_AND3(
+      at::kByte, at::kHalf, at::kBFloat16, images.scalar_type(), "pyssl_augment_fused", [&] {
+        using in_t = scalar_t;
+        const in_t* in = images.const_data_ptr<in_t>();
+        AT_DISPATCH_FLOATING_TYPES_AND2(
+            at::kHalf, at::kBFloat16, out.scalar_type(), "pyssl_augment_fused_out", [&] {
+              using out_t = scalar_t;
+              out_t* o = out.mutable_data_ptr<out_t>();
+              at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+                Scratch s;
+                s.planes.resize(channels * plane);
+                for (int64_t i = begin; i < end; ++i) {
+                  const ImageParams& p = params[i];
+                  crop_flip(in, g, p, s);
+                  jitter_and_gray(g, p, s);
+                  if (p.sigma > 0) {
+                    s.blur_h.resize(channels * plane);
+                    blur(g, p, s);
+                  }
+                  write_output(o, g, p, mean_p, std_p, i, s);
+                }
+              });
+            });
+      });
+  return out;
+}
+
+Tensor augment_draw_crops_cpu(const Tensor& uniforms, int64_t height, int64_t width,
+                              double scale_min, double scale_max, double ratio_min,
+                              double ratio_max) {
+  const int64_t attempts = check_draw_crops_args(uniforms, height, width, scale_min, scale_max,
+                                                 ratio_min, ratio_max);
+  const int64_t n = uniforms.size(0);
+  Tensor u = uniforms.contiguous();
+  Tensor boxes = at::empty({n, 4}, uniforms.options().dtype(at::kLong));
+  const float* up = u.const_data_ptr<float>();
+  int64_t* bp = boxes.mutable_data_ptr<int64_t>();
+  // A few microseconds per image: serial (a parallel region costs more than the work).
+  for (int64_t i = 0; i < n; ++i) {
+    draw_crop(up + i * 4 * attempts, attempts, 1, height, width, scale_min, scale_max, ratio_min,
+              ratio_max, bp + 4 * i);
+  }
+  return boxes;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyssl, CPU, m) {
+  m.impl("augment_fused", &augment_fused_cpu);
+  m.impl("augment_draw_crops", &augment_draw_crops_cpu);
+}
+
+}  // namespace pyssl::augment

@@ -1,0 +1,191 @@
+// CPU kernels of the MoCo queue loss: one sweep over the queue in column tiles (one BLAS GEMM
+// per tile for the logits, one for the probability-weighted queue sum), the (N x K) logit
+// matrix is never allocated. The forward also returns A_i = sum_j P_ij q_j, so the backward
+// needs neither the queue nor a second sweep (and the queue may be overwritten right after).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <tuple>
+
+#include "moco/moco_math.h"
+
+namespace pyssl::moco {
+namespace {
+
+using at::Tensor;
+
+// Aim for tiles of about 2^18 logits (1 MiB in float32): they stay in a core's L2 cache
+// between the logit GEMM, the exp and the accumulating GEMM.
+constexpr int64_t kTileElems = int64_t(1) << 18;
+constexpr int64_t kMaxRowBlock = 256;
+
+at::ScalarType accumulate_type(const Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_moco(const Tensor& query, const Tensor& key, const Tensor& queue, double temperature) {
+  const char* op = "pyssl.moco";
+  for (auto [t, name] : {std::pair{&query, "query"}, std::pair{&key, "key"}}) {
+    TORCH_CHECK(t->dim() == 2, op, ": ", name, " must be 2-D (batch, dim), got shape ", t->sizes());
+    TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": ", name, " must be a floating tensor, got ",
+                t->scalar_type());
+    TORCH_CHECK(t->size(0) > 0 && t->size(1) > 0, op, ": ", name, " must be non-empty, got shape ",
+                t->sizes());
+  }
+  TORCH_CHECK(query.sizes() == key.sizes(), op, ": query and key must have the same shape, got ",
+              query.sizes(), " and ", key.sizes());
+  TORCH_CHECK(queue.dim() == 2 && queue.size(1) == query.size(1), op,
+              ": queue must have shape (K, ", query.size(1), "), got ", queue.sizes());
+  TORCH_CHECK(at::isFloatingType(queue.scalar_type()), op, ": queue must be a floating tensor, got ",
+              queue.scalar_type());
+  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
+}
+
+struct Normalized {
+  Tensor unit;  // z / max(||z||, eps) in the accumulation dtype, contiguous
+  Tensor norm;  // ||z|| per row
+};
+
+Normalized normalize_rows(const Tensor& z, at::ScalarType acc) {
+  Tensor z_acc = z.to(acc).contiguous();
+  Tensor norm = at::linalg_vector_norm(z_acc, 2, {1});
+  return {z_acc / norm.clamp_min(kNormEps).unsqueeze(1), norm};
+}
+
+// grad_z from grad_u through u = z / max(||z||, eps): (g - (g.u) u) / ||z||, or g / eps for a
+// row whose norm was clamped (the clamp passes no gradient to the norm).
+Tensor normalize_rows_backward(const Tensor& grad_unit, const Normalized& n) {
+  Tensor g_dot_u = (grad_unit * n.unit).sum(1, /*keepdim=*/true);
+  Tensor norm = n.norm.unsqueeze(1);
+  Tensor projected = (grad_unit - g_dot_u * n.unit) / norm.clamp_min(kNormEps);
+  return at::where(norm > kNormEps, projected, grad_unit / kNormEps);
+}
+
+// Largest queue row norm (the logit bound is 1/T times it; q_j are used as stored).
+double max_row_norm(const Tensor& queue, at::ScalarType acc) {
+  if (queue.size(0) == 0) return 0.0;
+  const at::ScalarType norm_type = at::promote_types(queue.scalar_type(), acc);
+  return at::linalg_vector_norm(queue, 2, {1}, /*keepdim=*/false, norm_type).max().item<double>();
+}
+
+// (loss, lse, A): loss = mean_i (lse_i - S_i0), lse_i over the positive and the queue,
+// A_i = sum_j P_ij q_j over the queue only.
+std::tuple<Tensor, Tensor, Tensor> moco_forward_cpu(const Tensor& query, const Tensor& key,
+                                                    const Tensor& queue, double temperature) {
+  check_moco(query, key, queue, temperature);
+  const at::ScalarType acc = accumulate_type(query);
+  const int64_t rows = query.size(0), dim = query.size(1), keys = queue.size(0);
+  const double scale = 1.0 / temperature;
+  Normalized nq = normalize_rows(query, acc), nk = normalize_rows(key, acc);
+  Tensor positive = (nq.unit * nk.unit).sum(1) * scale;
+  Tensor scaled_u = nq.unit * scale;  // folds 1/T into the logit GEMM
+  const at::TensorOptions opts = scaled_u.options();
+
+  const double bound = scale * max_row_norm(queue, acc);
+  const double limit = acc == at::kDouble ? unshifted_logit_limit<double>() : unshifted_logit_limit<float>();
+  // Unshifted: every partial keeps max = 0 and plain sums. Otherwise an online running max.
+  const bool unshifted = bound <= limit;
+
+  // Work items: (row block, column group). Few row blocks (MoCo's 256 queries) are split
+  // along the queue so every thread sweeps its own slice; the slices' (max, sum, A) triples
+  // are merged afterwards, as flash-decoding does.
+  const int64_t row_block = std::min(rows, kMaxRowBlock);
+  const int64_t tile_cols = std::max<int64_t>(256, kTileElems / row_block);
+  const int64_t row_blocks = (rows + row_block - 1) / row_block;
+  const int64_t col_tiles = (keys + tile_cols - 1) / tile_cols;
+  const int64_t threads = at::get_num_threads();
+  const int64_t groups = row_blocks >= threads ? 1 : std::max<int64_t>(1, std::min(threads, col_tiles));
+  const int64_t tiles_per_group = col_tiles == 0 ? 0 : (col_tiles + groups - 1) / groups;
+
+  const double init_max = unshifted ? 0.0 : -std::numeric_limits<double>::infinity();
+  Tensor part_max = at::full({groups, rows}, init_max, opts);
+  Tensor part_sum = at::zeros({groups, rows}, opts);
+  Tensor part_acc = at::zeros({groups, rows, dim}, opts);
+  const bool convert_queue = queue.scalar_type() != acc;
+
+  at::parallel_for(0, row_blocks * groups, 1, [&](int64_t begin, int64_t end) {
+    Tensor tile_buf = at::empty({row_block, tile_cols}, opts);
+    Tensor queue_buf = convert_queue ? at::empty({tile_cols, dim}, opts) : Tensor();
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t rb = item / groups, g = item % groups;
+      const int64_t r0 = rb * row_block, br = std::min(row_block, rows - r0);
+      Tensor u_r = scaled_u.narrow(0, r0, br);
+      Tensor m_r = part_max[g].narrow(0, r0, br);
+      Tensor l_r = part_sum[g].narrow(0, r0, br);
+      Tensor a_r = part_acc[g].narrow(0, r0, br);
+      const int64_t t_end = std::min(col_tiles, (g + 1) * tiles_per_group);
+      for (int64_t t = g * tiles_per_group; t < t_end; ++t) {
+        const int64_t c0 = t * tile_cols, bc = std::min(tile_cols, keys - c0);
+        Tensor q_t = queue.narrow(0, c0, bc);
+        if (convert_queue) q_t = queue_buf.narrow(0, 0, bc).copy_(q_t);
+        Tensor logits = tile_buf.narrow(0, 0, br).narrow(1, 0, bc);
+        at::mm_out(logits, u_r, q_t.t());
+        if (unshifted) {
+          logits.exp_();
+        } else {
+          // New running max M = max(m, tile max); rescale the old sum and A by exp(m - M)
+          // (m = -inf on the first tile gives 0; M is finite for finite inputs).
+          Tensor new_max = at::maximum(m_r, std::get<0>(logits.max(1)));
+          Tensor rescale = (m_r - new_max).exp_();
+          logits.sub_(new_max.unsqueeze(1)).exp_();
+          l_r.mul_(rescale);
+          a_r.mul_(rescale.unsqueeze(1));
+          m_r.copy_(new_max);
+        }
+        l_r.add_(logits.sum(1));
+        a_r.addmm_(logits, q_t);
+      }
+    }
+  });
+
+  // Merge the groups and the positive logit (max S_i0, sum 1, no contribution to A).
+  Tensor max_all = at::maximum(std::get<0>(part_max.max(0)), positive);
+  Tensor weight = (part_max - max_all.unsqueeze(0)).exp_();  // (groups, rows); -inf -> 0
+  Tensor sum = (part_sum * weight).sum(0) + (positive - max_all).exp();
+  Tensor expected_queue = (part_acc * weight.unsqueeze(2)).sum(0) / sum.unsqueeze(1);
+  Tensor lse = max_all + sum.log();
+  Tensor loss = (lse - positive).mean().to(query.scalar_type());
+  return {loss, lse, expected_queue};
+}
+
+// grad_u_i = (g / (T N)) [ (P_i0 - 1) v_i + A_i ],  grad_v_i = (g / (T N)) (P_i0 - 1) u_i.
+// Only O(N d) work in at:: ops, so the same function serves CPU and CUDA tensors.
+std::tuple<Tensor, Tensor> moco_backward(const Tensor& grad_loss, const Tensor& query, const Tensor& key,
+                                         const Tensor& lse, const Tensor& expected_queue,
+                                         double temperature) {
+  TORCH_CHECK(temperature > 0, "pyssl.moco_backward: temperature must be > 0, got ", temperature);
+  TORCH_CHECK(query.dim() == 2 && query.sizes() == key.sizes(),
+              "pyssl.moco_backward: query and key must be 2-D of one shape, got ", query.sizes(), " and ",
+              key.sizes());
+  const int64_t rows = query.size(0);
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == rows, "pyssl.moco_backward: lse must have shape (", rows,
+              "), got ", lse.sizes());
+  TORCH_CHECK(expected_queue.sizes() == query.sizes(),
+              "pyssl.moco_backward: expected_queue must have the shape of query, got ", expected_queue.sizes());
+  const at::ScalarType acc = accumulate_type(query);
+  const double scale = 1.0 / temperature;
+  Normalized nq = normalize_rows(query, acc), nk = normalize_rows(key, acc);
+  Tensor positive = (nq.unit * nk.unit).sum(1) * scale;
+  Tensor coef = grad_loss.to(acc) * (scale / static_cast<double>(rows));
+  Tensor p0_minus_1 = ((positive - lse.to(acc)).exp() - 1.0).unsqueeze(1);
+  Tensor grad_u = (p0_minus_1 * nk.unit + expected_queue.to(acc)) * coef;
+  Tensor grad_v = p0_minus_1 * nq.unit * coef;
+  return {normalize_rows_backward(grad_u, nq).to(query.scalar_type()),
+          normalize_rows_backward(grad_v, nk).to(key.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyssl, CPU, m) {
+  m.impl("moco_forward", &moco_forward_cpu);
+  m.impl("moco_backward", &moco_backward);
+}
+
+// The backward is a handful of O(N d) elementwise ops (the forward did the sweep), so the
+// device-generic at:: version above is registered for CUDA tensors too.
+TORCH_LIBRARY_IMPL(pyssl, CUDA, m) { m.impl("moco_backward", &moco_backward); }
+
+}  // namespace pyssl::moco

@@ -1,0 +1,374 @@
+"""Command line: ``pyssl train``, ``pyssl eval``, ``pyssl plot`` (also ``python -m pyssl``).
+
+Configuration errors (unknown method, batch larger than the data set, missing or corrupt data
+files, bad checkpoints) are reported as one line, ``pyssl: error: ...``, before training starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+DEFAULT_RUN_DIR = "runs"
+
+# Per-data-set defaults: the embedded digits are sized for a CPU; real data sets get the standard
+# CIFAR protocol (ResNet-18 with the CIFAR stem, batch 512, 200 epochs, kNN k=200 every 5 epochs).
+DATA_DEFAULTS = {
+    "digits": {"backbone": "convnet-small", "image_size": 16, "batch_size": 128, "epochs": 40, "knn_every": 5,
+               "hidden_dim": 512, "lr": 0.5, "warmup_epochs": 2, "knn_k": 20,
+               # digits are not mirror-symmetric, and 8x8 originals leave little to crop
+               "augment_kwargs": {"scale": [0.3, 1.0], "p_flip": 0.0}, "temperature": {"simclr": 0.2}},
+    "cifar10": {"backbone": "resnet18", "image_size": 32, "batch_size": 512, "epochs": 200, "knn_every": 5,
+                "hidden_dim": 2048},
+    "cifar100": {"backbone": "resnet18", "image_size": 32, "batch_size": 512, "epochs": 200, "knn_every": 5,
+                 "hidden_dim": 2048},
+    "stl10": {"backbone": "resnet18", "image_size": 96, "batch_size": 256, "epochs": 200, "knn_every": 5,
+              "hidden_dim": 2048},
+    "folder": {"backbone": "resnet18", "image_size": 64, "batch_size": 256, "epochs": 200, "knn_every": 5,
+               "hidden_dim": 2048},
+}
+
+
+class CLIError(Exception):
+    """Reported as one line without a traceback."""
+
+
+def _expected_errors():
+    from pyssl.data import DataError
+    from pyssl.methods import MethodError
+    from pyssl.models import ModelError
+    from pyssl.train import CheckpointError, ConfigError
+
+    return (CLIError, DataError, MethodError, ModelError, ConfigError, CheckpointError)
+
+
+def _fractions(text: str) -> list[float]:
+    """"0.01,0.1,1" or "1%,10%,100%"."""
+    try:
+        values = [float(v.strip()[:-1]) / 100 if v.strip().endswith("%") else float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"fractions must be numbers like 0.01,0.1,1, got {text!r}") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"fractions must lie in (0, 1], got {text!r}")
+    return values
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyssl", description="Self-supervised learning with pyssl's fused kernels.")
+    sub = p.add_subparsers(dest="command", metavar="{train,eval,plot}")
+    sub.required = True
+
+    t = sub.add_parser("train", help="pre-train an encoder", description=(
+        "Pre-train an encoder with a self-supervised method. Defaults depend on the data: digits "
+        "(embedded, no download) trains a small ConvNet on the CPU in minutes; cifar10:PATH runs the "
+        "standard protocol (ResNet-18 CIFAR variant, batch 512, 200 epochs, kNN k=200)."))
+    t.add_argument("--method", default="simclr", help="simclr, moco (v1), mocov2, ... (default simclr)")
+    t.add_argument("--data", default="digits",
+                   help="digits | cifar10:PATH | cifar100:PATH | stl10:PATH | folder:PATH (default digits)")
+    t.add_argument("--backbone", help="convnet, convnet-small, resnet-tiny, resnet10-small, resnet18, resnet34, "
+                                      "tv:NAME, timm:NAME (default per data set)")
+    t.add_argument("--image-size", type=int, help="images are resized to this (default per data set)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--optimizer", choices=("sgd", "lars", "adamw"), default=None, help="default: the method's")
+    t.add_argument("--lr", type=float, help="peak learning rate (default: the method's base rate x batch/128)")
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up before the cosine decay")
+    t.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")
+    t.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
+    t.add_argument("--temperature", type=float, help="loss temperature (default: the method's)")
+    t.add_argument("--queue-size", type=int, help="MoCo: negatives in the queue (default min(4096, data/2))")
+    t.add_argument("--key-momentum", type=float, help="MoCo: key-encoder momentum (default 0.99)")
+    t.add_argument("--hidden-dim", type=int, help="projection head width")
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cuda when available)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default=None, help="run directory (default runs/METHOD-DATA)")
+    t.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: every epoch)")
+    t.add_argument("--knn-every", type=int, help="epochs between kNN evaluations on the test split (0: never)")
+    t.add_argument("--knn-k", type=int, default=None, help="kNN neighbours (default 200; 20 on digits)")
+    t.add_argument("--knn-t", type=float, default=0.1)
+    t.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
+
+    e = sub.add_parser("eval", help="evaluate a pre-trained encoder", description=(
+        "Linear probe, kNN and fine-tuning with fractions of the labels (class-balanced), for the "
+        "pre-trained encoder beside a random-init encoder and raw pixels."))
+    e.add_argument("run", help="run directory (or checkpoint file) written by pyssl train")
+    e.add_argument("--data", help="evaluation data (default: the data the run trained on)")
+    e.add_argument("--fractions", type=_fractions, default=[0.01, 0.1, 1.0], help="label fractions (default 0.01,0.1,1)")
+    e.add_argument("--protocols", default="linear,knn,finetune", help="any of linear,knn,finetune")
+    e.add_argument("--k", type=int, default=200, help="kNN neighbours (default 200)")
+    e.add_argument("--t", type=float, default=0.1, help="kNN temperature (default 0.1)")
+    e.add_argument("--finetune-steps", type=int, default=300)
+    e.add_argument("--no-baselines", action="store_true", help="skip the random-init encoder and raw pixels")
+    e.add_argument("--device", default=None)
+    e.add_argument("--seed", type=int, default=0)
+
+    pl = sub.add_parser("plot", help="plot a run", description=(
+        "Writes loss.png (training loss), knn.png (kNN accuracy over epochs) and embedding.png "
+        "(a 2-D map of the test features coloured by class) into the run directory."))
+    pl.add_argument("run", help="run directory written by pyssl train")
+    pl.add_argument("--out", help="where to write the PNGs (default: the run directory)")
+    pl.add_argument("--embedding", choices=("pca", "tsne"), default="pca")
+    pl.add_argument("--device", default=None)
+    return p
+
+
+# ---- train ---------------------------------------------------------------------------------------
+
+
+def prepare_training(args):
+    """Everything that can fail (method, data, sizes, checkpoint) is checked here, before training."""
+    import torch
+
+    from pyssl.data import load_data
+    from pyssl.methods import available_methods, build_method, method_class, method_preset
+    from pyssl.train import CHECKPOINT_NAME, CheckpointError, ConfigError, TrainConfig, Trainer
+
+    if args.method not in available_methods():
+        raise CLIError(f"unknown method {args.method!r} (choose from {', '.join(available_methods())})")
+    kind = args.data.partition(":")[0].lower()
+    d = DATA_DEFAULTS.get(kind, DATA_DEFAULTS["folder"])
+    image_size = args.image_size or d["image_size"]
+    train, test = load_data(args.data, image_size)
+    batch_size = args.batch_size or min(d["batch_size"], len(train))
+    if batch_size > len(train):
+        raise ConfigError(f"batch size {batch_size} is larger than the data set ({len(train)} images)")
+    cls = method_class(args.method)
+    tdef = dict(cls.train_defaults)
+    device = args.device or _default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device} requested but CUDA is not available")
+    out = args.out or os.path.join(DEFAULT_RUN_DIR, f"{args.method}-{kind}")
+    if args.resume and not os.path.exists(os.path.join(out, CHECKPOINT_NAME)):
+        raise CheckpointError(f"--resume: no checkpoint in {out}")
+    mean, std = train.mean_std()
+    mcfg = {"backbone": args.backbone or d["backbone"], "image_size": image_size, "in_channels": train.channels,
+            "mean": list(mean), "std": list(std), "hidden_dim": args.hidden_dim or d["hidden_dim"]}
+    if args.temperature is not None:
+        mcfg["temperature"] = args.temperature
+    elif args.method in d.get("temperature", {}):
+        mcfg["temperature"] = d["temperature"][args.method]
+    if "augment_kwargs" in d:
+        mcfg["augment_kwargs"] = dict(d["augment_kwargs"])
+    if cls.__name__ == "MoCo":
+        queue = args.queue_size
+        if queue is None:  # a queue much larger than the data set would hold stale copies of each image
+            queue = batch_size
+            while queue * 2 <= min(4096, len(train) // 2):
+                queue *= 2
+        mcfg["queue_size"] = queue
+        if args.key_momentum is not None:
+            mcfg["momentum"] = args.key_momentum
+    elif args.queue_size is not None or args.key_momentum is not None:
+        raise ConfigError(f"--queue-size/--key-momentum apply to MoCo only, not {args.method}")
+    torch.manual_seed(args.seed)
+    method = build_method(args.method, **mcfg)
+    if args.lr is not None:
+        lr = args.lr
+    elif "lr" in d:  # tuned for the data set's default batch size; linear scaling otherwise
+        lr = d["lr"] * batch_size / d["batch_size"]
+    else:
+        lr = tdef["lr"] * batch_size / 128
+    cfg = TrainConfig(
+        epochs=args.epochs or d["epochs"], batch_size=batch_size, optimizer=args.optimizer or tdef["optimizer"],
+        lr=lr, weight_decay=args.weight_decay if args.weight_decay is not None else tdef["weight_decay"],
+        momentum=tdef.get("momentum", 0.9),
+        warmup_epochs=args.warmup_epochs if args.warmup_epochs is not None else d.get("warmup_epochs", 0.0),
+        clip_grad=args.clip_grad, amp=args.amp, device=device, seed=args.seed, out_dir=out,
+        checkpoint_every=args.checkpoint_every,
+        knn_every=args.knn_every if args.knn_every is not None else d["knn_every"],
+        knn_k=args.knn_k or d.get("knn_k", 200), knn_t=args.knn_t, tensorboard=not args.no_tensorboard, progress=not args.no_progress)
+    callbacks = []
+    crash_at = os.environ.get("PYSSL_CRASH_AT_STEP")  # crash tests: SIGKILL ourselves mid-run
+    if crash_at:
+        def crash(trainer, step, loss, _at=int(crash_at)):
+            if step >= _at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        callbacks.append(crash)
+    trainer = Trainer(method, train, cfg, test, callbacks=callbacks,
+                      extra={"data": args.data, "method": args.method, "image_size": image_size})
+    if args.resume:
+        trainer.load()  # checked now, so a bad checkpoint fails before any step
+    return trainer
+
+
+def cmd_train(args) -> int:
+    trainer = prepare_training(args)
+    cfg = trainer.cfg
+    print(f"pyssl train: {trainer.extra['method']} on {trainer.extra['data']} ({len(trainer.train_data)} images, "
+          f"{trainer.train_data.image_size}px), {cfg.epochs} epochs x {trainer.steps_per_epoch} steps of "
+          f"{cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g}, device {cfg.device} -> {cfg.out_dir}", file=sys.stderr)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump({"args": vars(args), "train": trainer.state_dict()["config"], "method": trainer.method_spec}, f,
+                  indent=1, default=str)
+    result = trainer.fit(resume=args.resume)
+    last = result.losses[-1] if result.losses else float("nan")
+    knn = f", kNN accuracy {result.knn[-1][1] * 100:.2f}%" if result.knn else ""
+    print(f"done: {result.steps} steps, last loss {last:.4f}{knn}; checkpoint {trainer.ckpt_path}", file=sys.stderr)
+    return 0
+
+
+# ---- eval ----------------------------------------------------------------------------------------
+
+
+def load_run(path: str, device: str):
+    """(method with the trained weights, a fresh random-init copy, checkpoint dict)."""
+    import torch
+
+    from pyssl.methods import build_method
+    from pyssl.train import CHECKPOINT_NAME, load_checkpoint
+
+    ckpt_path = os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
+    ckpt = load_checkpoint(ckpt_path)
+    spec = ckpt.get("method") or {}
+    if "name" not in spec:
+        raise CLIError(f"{ckpt_path} does not record how to rebuild its method")
+    torch.manual_seed(12345)
+    method = build_method(spec["name"], **spec["cfg"])
+    random_init = build_method(spec["name"], **spec["cfg"])
+    method.load_state_dict(ckpt["model"])
+    return method.to(device).eval(), random_init.to(device).eval(), ckpt
+
+
+def cmd_eval(args) -> int:
+    from pyssl.data import load_data
+    from pyssl.eval import PROTOCOLS, evaluate_encoders, format_table
+
+    device = args.device or _default_device()
+    protocols = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if bad or not protocols:
+        raise CLIError(f"unknown protocol {bad[0] if bad else ''!r} (choose from {', '.join(PROTOCOLS)})")
+    method, random_init, ckpt = load_run(args.run, device)
+    extra = ckpt.get("extra", {})
+    spec = args.data or extra.get("data", "digits")
+    train, test = load_data(spec, extra.get("image_size"))
+    train, test = train.to(device), test.to(device)
+    encoders = {f"{extra.get('method', 'trained')} encoder": method.backbone}
+    if not args.no_baselines:
+        encoders.update({"random-init encoder": random_init.backbone, "raw pixels": None})
+    print(f"pyssl eval: {spec}, {len(train)} train / {len(test)} test images, label fractions "
+          f"{', '.join(f'{f:.0%}' for f in args.fractions)}", file=sys.stderr)
+    results = evaluate_encoders(encoders, method.normalize, train, test, fractions=args.fractions,
+                                protocols=protocols, k=args.k, t=args.t, finetune_steps=args.finetune_steps,
+                                seed=args.seed, log=lambda s: print("  " + s, file=sys.stderr))
+    print(format_table(results, k=args.k, t=args.t))
+    run_dir = args.run if os.path.isdir(args.run) else os.path.dirname(args.run)
+    with open(os.path.join(run_dir, "eval.json"), "w") as f:
+        json.dump({n: {p: {str(fr): a for fr, a in r.items()} for p, r in v.items()} for n, v in results.items()},
+                  f, indent=1)
+    return 0
+
+
+# ---- plot ----------------------------------------------------------------------------------------
+
+
+def _read_csv(path: str) -> list[dict]:
+    import csv
+
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def cmd_plot(args) -> int:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CLIError("pyssl plot needs matplotlib (pip install matplotlib)") from None
+    if not os.path.isdir(args.run):
+        raise CLIError(f"run directory {args.run} does not exist")
+    out = args.out or args.run
+    os.makedirs(out, exist_ok=True)
+    written = []
+    rows = _read_csv(os.path.join(args.run, "metrics.csv"))
+    if rows:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=1)
+        ax.set(xlabel="step", ylabel="training loss", title=f"training loss ({os.path.basename(os.path.abspath(args.run))})")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "loss.png"), dpi=120)
+        plt.close(fig)
+        written.append("loss.png")
+    rows = _read_csv(os.path.join(args.run, "knn.csv"))
+    if rows:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([int(r["epoch"]) for r in rows], [100 * float(r["knn_accuracy"]) for r in rows], marker="o")
+        ax.set(xlabel="epoch", ylabel="kNN accuracy (%)", title="kNN accuracy on the test split")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "knn.png"), dpi=120)
+        plt.close(fig)
+        written.append("knn.png")
+    from pyssl.train import CHECKPOINT_NAME
+
+    if os.path.exists(os.path.join(args.run, CHECKPOINT_NAME)):
+        import torch
+
+        from pyssl.data import load_data
+        from pyssl.eval import extract_features
+
+        device = args.device or _default_device()
+        method, _, ckpt = load_run(args.run, device)
+        extra = ckpt.get("extra", {})
+        _, test = load_data(extra.get("data", "digits"), extra.get("image_size"))
+        test = test.to(device)
+        feats = extract_features(method.backbone, test.images[:5000], method.normalize)
+        feats = torch.nn.functional.normalize(feats, dim=1).cpu().numpy()  # the cosine geometry kNN uses
+        labels = test.labels[:5000].cpu().numpy()
+        if args.embedding == "tsne":
+            from sklearn.manifold import TSNE
+
+            xy = TSNE(2, init="pca", random_state=0, perplexity=min(30, len(feats) - 1)).fit_transform(feats)
+        else:
+            from sklearn.decomposition import PCA
+
+            xy = PCA(2, random_state=0).fit_transform(feats)
+        fig, ax = plt.subplots(figsize=(6, 5.5))
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=6)
+        names = test.classes or [str(i) for i in range(int(labels.max()) + 1)]
+        if len(names) <= 20:
+            ax.legend(sc.legend_elements()[0], names, fontsize=7, markerscale=0.8, loc="best")
+        ax.set(title=f"test features, {args.embedding.upper()}", xticks=[], yticks=[])
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "embedding.png"), dpi=120)
+        plt.close(fig)
+        written.append("embedding.png")
+    if not written:
+        raise CLIError(f"nothing to plot in {args.run} (no metrics.csv, knn.csv or checkpoint)")
+    print(f"wrote {', '.join(os.path.join(out, w) for w in written)}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import pyssl  # noqa: F401  (the extension: fail here with its own message)
+
+        return {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot}[args.command](args)
+    except _expected_errors() as e:
+        print(f"pyssl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pyssl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Evaluation of a (frozen or fine-tuned) encoder with a fraction of the labels.
+
+- :func:`knn_predict`: weighted kNN on cosine similarity, votes ``exp(sim / t)`` (InstDisc;
+  k=200, t=0.1 as in lightly's CIFAR-10 benchmark).
+- :func:`linear_probe`: a linear classifier on frozen, standardised features (full-batch L-BFGS
+  with L2 regularisation: deterministic and quick).
+- :func:`fine_tune`: the encoder plus a linear layer trained end to end.
+- :func:`balanced_subset`: a class-balanced fraction of the labelled images (>= 1 per class).
+- :func:`evaluate_encoders`: all of it for several encoders (raw pixels and a random-init
+  encoder as baselines) and label fractions; :func:`format_table` prints it.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PROTOCOLS = ("linear", "knn", "finetune")
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module | None, images: Tensor, transform: Callable[[Tensor], Tensor],
+                     batch_size: int = 512) -> Tensor:
+    """Features (N, D) of uint8 images; ``encoder=None`` gives the (normalised) raw pixels."""
+    out = []
+    was = encoder.training if encoder is not None else False
+    if encoder is not None:
+        encoder.eval()
+    try:
+        for i in range(0, len(images), batch_size):
+            x = transform(images[i: i + batch_size])
+            out.append((encoder(x) if encoder is not None else x).flatten(1).float())
+    finally:
+        if encoder is not None:
+            encoder.train(was)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Tensor, k: int = 200,
+                t: float = 0.1, num_classes: int | None = None, chunk: int = 1024) -> Tensor:
+    """Predicted labels: the ``k`` most cosine-similar training features vote for their class
+    with weight ``exp(similarity / t)``.  ``k`` is clamped to the number of training samples."""
+    if k < 1 or t <= 0:
+        raise ValueError(f"knn: k must be >= 1 and t > 0, got k={k}, t={t}")
+    num_classes = num_classes or int(train_labels.max()) + 1
+    k = min(k, len(train_features))
+    tr = F.normalize(train_features.float(), dim=1)
+    labels = train_labels.to(tr.device)
+    preds = []
+    for i in range(0, len(test_features), chunk):
+        te = F.normalize(test_features[i: i + chunk].float().to(tr.device), dim=1)
+        sim, idx = (te @ tr.T).topk(k, dim=1)
+        votes = torch.zeros(len(te), num_classes, device=tr.device, dtype=sim.dtype)
+        votes.scatter_add_(1, labels[idx], (sim / t).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+def balanced_subset(labels: Tensor, fraction: float, seed: int = 0) -> Tensor:
+    """Indices of ``round(fraction * n_c)`` (at least 1) random images of every class ``c``."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    picked = []
+    for c in labels.unique():
+        if c < 0:
+            continue
+        idx = (labels == c).nonzero().flatten()
+        n = max(1, round(fraction * len(idx)))
+        picked.append(idx[torch.randperm(len(idx), generator=g)[:n]])
+    return torch.cat(picked).sort().values
+
+
+def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
+                 weight_decay: float = 1e-3, max_iter: int = 300, num_classes: int | None = None) -> float:
+    """Test accuracy of an L2-regularised multinomial logistic regression on frozen features."""
+    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    x = train_features.double()
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones_like(x[0])
+    x = (x - mean) / std
+    xt = (test_features.double().to(x.device) - mean) / std
+    y = train_labels.to(x.device)
+    with torch.enable_grad():
+        w = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+        b = torch.zeros(num_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(x @ w + b, y) + weight_decay * (w * w).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    with torch.no_grad():
+        return ((xt @ w + b).argmax(1) == test_labels.to(x.device)).double().mean().item()
+
+
+def _random_shift(x: Tensor, pad: int, g: torch.Generator) -> Tensor:
+    if pad == 0:
+        return x
+    dx, dy = torch.randint(-pad, pad + 1, (2,), generator=g).tolist()
+    flip = bool(torch.randint(0, 2, (1,), generator=g))
+    x = torch.roll(F.pad(x, (pad,) * 4, mode="replicate"), (dy, dx), (2, 3))[..., pad:-pad, pad:-pad]
+    return x.flip(3) if flip else x
+
+
+def fine_tune(encoder: nn.Module, transform: Callable[[Tensor], Tensor], train_images: Tensor, train_labels: Tensor,
+              test_images: Tensor, test_labels: Tensor, num_classes: int, steps: int = 300, batch_size: int = 128,
+              lr: float = 1e-3, weight_decay: float = 1e-4, shift: int = 2, flip: bool = False, seed: int = 0) -> float:
+    """Test accuracy after training a copy of ``encoder`` plus a linear layer end to end (AdamW,
+    cosine schedule, random shifts of up to ``shift`` pixels) on the given labelled images."""
+    g = torch.Generator().manual_seed(seed)
+    enc = copy.deepcopy(encoder).train()
+    device = train_images.device
+    with torch.no_grad():
+        enc.eval()
+        dim = enc(transform(train_images[:2])).flatten(1).shape[1]
+        enc.train()
+    head = nn.Linear(dim, num_classes).to(device)
+    params = list(enc.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    n = len(train_images)
+    bs = min(batch_size, n)
+    for _ in range(steps):
+        idx = torch.randint(0, n, (bs,), generator=g).to(device)
+        x = transform(train_images[idx])
+        x = _random_shift(x, shift, g)
+        if flip and bool(torch.randint(0, 2, (1,), generator=g)):
+            x = x.flip(3)
+        if bs == 1:  # BatchNorm needs two samples
+            x = torch.cat([x, x])
+            idx = torch.cat([idx, idx])
+        loss = F.cross_entropy(head(enc(x).flatten(1)), train_labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    enc.eval()
+    with torch.no_grad():
+        feats = extract_features(enc, test_images, transform)
+        return (head(feats).argmax(1) == test_labels.to(device)).float().mean().item()
+
+
+def evaluate_encoders(encoders: dict[str, nn.Module | None], transform: Callable[[Tensor], Tensor], train, test,
+                      fractions=(0.01, 0.1, 1.0), protocols=PROTOCOLS, k: int = 200, t: float = 0.1,
+                      finetune_steps: int = 300, seed: int = 0, log: Callable[[str], None] | None = None) -> dict:
+    """``{encoder_name: {protocol: {fraction: accuracy}}}``.  ``None`` as an encoder means raw
+    pixels (fine-tuning is then skipped: it would be the linear probe again).  ``train``/``test``
+    are :class:`pyssl.data.ImageDataset` on the evaluation device."""
+    for p in protocols:
+        if p not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {p!r} (choose from {', '.join(PROTOCOLS)})")
+    num_classes = train.num_classes
+    subsets = {f: balanced_subset(train.labels, f, seed).to(train.images.device) for f in fractions}
+    results: dict = {}
+    for name, enc in encoders.items():
+        res = results[name] = {p: {} for p in protocols}
+        if "linear" in protocols or "knn" in protocols:
+            tr = extract_features(enc, train.images, transform)
+            te = extract_features(enc, test.images, transform)
+        for f in fractions:
+            idx = subsets[f]
+            if "linear" in protocols:
+                res["linear"][f] = linear_probe(tr[idx], train.labels[idx], te, test.labels, num_classes=num_classes)
+            if "knn" in protocols:
+                pred = knn_predict(tr[idx], train.labels[idx], te, k=k, t=t, num_classes=num_classes)
+                res["knn"][f] = (pred == test.labels).float().mean().item()
+            if "finetune" in protocols:
+                res["finetune"][f] = float("nan") if enc is None else fine_tune(
+                    enc, transform, train.images[idx], train.labels[idx], test.images, test.labels, num_classes,
+                    steps=finetune_steps, seed=seed)
+            if log is not None:
+                log(f"{name}, {f:.0%} labels: " + ", ".join(f"{p} {res[p][f] * 100:.1f}%" for p in protocols))
+    return results
+
+
+def format_table(results: dict, k: int = 200, t: float = 0.1) -> str:
+    """A fixed-width table: one row per encoder, one column group per protocol and fraction."""
+    names = list(results)
+    protocols = [p for p in PROTOCOLS if p in next(iter(results.values()))]
+    fractions = list(next(iter(results.values()))[protocols[0]])
+    titles = {"linear": "linear probe", "knn": f"kNN (k={k}, t={t})", "finetune": "fine-tune"}
+    w0 = max(len("labels"), *(len(n) for n in names)) + 2
+    colw = 8
+    group = colw * len(fractions)
+    lines = [" " * w0 + "".join(f"{titles[p]:^{group}}|" for p in protocols),
+             f"{'labels':<{w0}}" + "".join("".join(f"{f'{f:.0%}':>{colw}}" for f in fractions) + "|" for _ in protocols)]
+    lines.append("-" * len(lines[1]))
+    for n in names:
+        cells = []
+        for p in protocols:
+            cells.append("".join(f"{'-':>{colw}}" if math.isnan(results[n][p][f]) else f"{results[n][p][f] * 100:>{colw - 1}.1f}%"
+                                 for f in fractions) + "|")
+        lines.append(f"{n:<{w0}}" + "".join(cells))
+    return "\n".join(lines)
+
+
+__all__ = ["extract_features", "knn_predict", "balanced_subset", "linear_probe", "fine_tune", "evaluate_encoders",
+           "format_table", "PROTOCOLS"]

@@ -1,0 +1,64 @@
+"""Self-supervised methods behind one registry.
+
+Each method is a small ``nn.Module`` with ``backbone`` (the encoder evaluated downstream) and
+``training_step(batch) -> loss``; the trainer and the CLI only use that.  A new method registers
+itself with ``@register("name")`` and is then built by ``build_method("name", **cfg)``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from pyssl.methods.base import Method, MethodError
+
+_REGISTRY: dict[str, Callable[..., Method]] = {}
+
+
+def register(name: str, **preset) -> Callable:
+    """Class decorator: ``build_method(name, **cfg)`` builds ``cls(**preset, **cfg)``.
+    The same class can be registered under several names with different presets."""
+
+    def deco(cls):
+        if name in _REGISTRY:
+            raise MethodError(f"method {name!r} is already registered")
+        def factory(**cfg):
+            return cls(**{**preset, **cfg})
+        factory.cls, factory.preset = cls, preset
+        _REGISTRY[name] = factory
+        return cls
+
+    return deco
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str):
+    if name not in _REGISTRY:
+        raise MethodError(f"unknown method {name!r} (choose from {', '.join(available_methods())})")
+    return _REGISTRY[name].cls
+
+
+def method_preset(name: str) -> dict:
+    method_class(name)
+    return dict(_REGISTRY[name].preset)
+
+
+def build_method(name: str, **cfg) -> Method:
+    """Builds the registered method ``name``; unknown names and options raise ``MethodError``."""
+    method_class(name)
+    try:
+        method = _REGISTRY[name](**cfg)
+    except TypeError as e:
+        raise MethodError(f"method {name!r}: {e}") from None
+    plain = (str, int, float, bool, type(None), tuple, list, dict)
+    if all(isinstance(v, plain) for v in cfg.values()):  # enough to rebuild it from a checkpoint
+        method.build_spec = {"name": name, "cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}}
+    return method
+
+
+from pyssl.methods.simclr import SimCLR  # noqa: E402  (registers itself)
+from pyssl.methods.moco import MoCo  # noqa: E402
+
+__all__ = ["Method", "MethodError", "register", "build_method", "available_methods", "method_class",
+           "method_preset", "SimCLR", "MoCo"]

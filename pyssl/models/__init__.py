@@ -1,0 +1,203 @@
+"""Backbones and heads.
+
+Backbones map images (B, C, H, W) to flat features (B, ``out_dim``).  The small ResNets and the
+ConvNet here are sized for 8x8 to 96x96 images: up to 64x64 they use the CIFAR stem (3x3 conv,
+stride 1, no max-pool); above it the ImageNet stem (7x7 stride 2 + max-pool).  Any torchvision
+(``tv:resnet50``) or timm (``timm:vit_tiny_patch16_224``) model also works when installed.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+class ModelError(ValueError):
+    """Unknown backbone name or impossible head configuration."""
+
+
+# ---- ResNet --------------------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet of basic blocks.  ``stem="cifar"``: 3x3 conv stride 1, no max-pool (the CIFAR
+    variant of SimCLR/MoCo papers); ``stem="imagenet"``: 7x7 conv stride 2 + 3x3 max-pool."""
+
+    def __init__(self, layers=(2, 2, 2, 2), widths=(64, 128, 256, 512), in_channels: int = 3,
+                 stem: str = "cifar"):
+        super().__init__()
+        if stem not in ("cifar", "imagenet"):
+            raise ModelError(f"ResNet: stem must be 'cifar' or 'imagenet', got {stem!r}")
+        w0 = widths[0]
+        if stem == "cifar":
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, w0, 3, 1, 1, bias=False), nn.BatchNorm2d(w0), nn.ReLU(inplace=True))
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, w0, 7, 2, 3, bias=False), nn.BatchNorm2d(w0),
+                                      nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+        blocks, cin = [], w0
+        for i, (n, w) in enumerate(zip(layers, widths)):
+            for j in range(n):
+                blocks.append(BasicBlock(cin, w, 2 if (j == 0 and i > 0) else 1))
+                cin = w
+        self.layers = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out_dim = cin
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(self.layers(self.stem(x))).flatten(1)
+
+
+class ConvNet(nn.Module):
+    """A small VGG-like encoder: ``len(widths)`` stages of conv-BN-ReLU, each halving the image
+    (the last stage pools globally).  Fast on a CPU; the demo's default."""
+
+    def __init__(self, widths=(32, 64, 128), in_channels: int = 3):
+        super().__init__()
+        stages, cin = [], in_channels
+        for i, w in enumerate(widths):
+            stages += [nn.Conv2d(cin, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            stages += [nn.Conv2d(w, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            if i < len(widths) - 1:
+                stages.append(nn.MaxPool2d(2))
+            cin = w
+        self.features = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out_dim = cin
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(self.features(x)).flatten(1)
+
+
+def _resnet(layers, widths):
+    def make(in_channels=3, image_size=32, stem=None):
+        return ResNet(layers, widths, in_channels, stem or ("cifar" if image_size <= 64 else "imagenet"))
+    return make
+
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": _resnet((2, 2, 2, 2), (64, 128, 256, 512)),
+    "resnet34": _resnet((3, 4, 6, 3), (64, 128, 256, 512)),
+    "resnet10-small": _resnet((1, 1, 1, 1), (32, 64, 128, 256)),
+    "resnet-tiny": _resnet((1, 1, 1), (16, 32, 64)),
+    "convnet": lambda in_channels=3, image_size=32, stem=None: ConvNet((32, 64, 128), in_channels),
+    "convnet-small": lambda in_channels=3, image_size=32, stem=None: ConvNet((16, 32, 64), in_channels),
+}
+
+
+class _ExternalBackbone(nn.Module):
+    """A torchvision/timm classifier with its classification layer removed."""
+
+    def __init__(self, model: nn.Module, out_dim: int):
+        super().__init__()
+        self.model, self.out_dim = model, out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x).flatten(1)
+
+
+def build_backbone(name: str, in_channels: int = 3, image_size: int = 32, stem: str | None = None) -> nn.Module:
+    """A backbone by name: one of :data:`BACKBONES`, ``tv:NAME`` (torchvision) or ``timm:NAME``.
+    The result has an ``out_dim`` attribute (feature width)."""
+    if name in BACKBONES:
+        return BACKBONES[name](in_channels=in_channels, image_size=image_size, stem=stem)
+    lib, _, model_name = name.partition(":")
+    if lib == "tv":
+        try:
+            import torchvision
+        except ImportError:
+            raise ModelError(f"backbone {name!r} needs torchvision (pip install torchvision)") from None
+        try:
+            model = torchvision.models.get_model(model_name, weights=None)
+        except Exception as e:
+            raise ModelError(f"torchvision has no model {model_name!r}: {e}") from None
+        for attr in ("fc", "classifier", "head", "heads"):
+            if hasattr(model, attr):
+                setattr(model, attr, nn.Identity())
+        with torch.no_grad():
+            model.eval()
+            out_dim = model(torch.zeros(1, 3, max(image_size, 32), max(image_size, 32))).flatten(1).shape[1]
+            model.train()
+        return _ExternalBackbone(model, out_dim)
+    if lib == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise ModelError(f"backbone {name!r} needs timm (pip install timm)") from None
+        try:
+            model = timm.create_model(model_name, pretrained=False, num_classes=0, in_chans=in_channels)
+        except Exception as e:
+            raise ModelError(f"timm has no model {model_name!r}: {e}") from None
+        return _ExternalBackbone(model, model.num_features)
+    raise ModelError(f"unknown backbone {name!r} (choose from {', '.join(BACKBONES)}, tv:NAME or timm:NAME)")
+
+
+# ---- heads ---------------------------------------------------------------------------------------
+
+
+class ProjectionHead(nn.Sequential):
+    """Linear layers with BN/ReLU between them, and optionally BN (no affine) after the last.
+
+    ``num_layers=1`` is MoCo v1's linear head; ``num_layers=2`` without BN is MoCo v2's MLP head;
+    with BN it is SimCLR's (v2) head."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, num_layers: int = 2,
+                 batch_norm: bool = True, last_bn: bool = False):
+        if num_layers < 1:
+            raise ModelError(f"ProjectionHead: num_layers must be >= 1, got {num_layers}")
+        layers, d = [], in_dim
+        for _ in range(num_layers - 1):
+            layers += [nn.Linear(d, hidden_dim, bias=not batch_norm)]
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(hidden_dim))
+            layers.append(nn.ReLU(inplace=True))
+            d = hidden_dim
+        layers.append(nn.Linear(d, out_dim))
+        if last_bn:
+            layers.append(nn.BatchNorm1d(out_dim, affine=False))
+        super().__init__(*layers)
+        self.out_dim = out_dim
+
+
+def linear_head(in_dim: int, out_dim: int = 128) -> ProjectionHead:
+    """MoCo v1: one linear layer."""
+    return ProjectionHead(in_dim, out_dim=out_dim, num_layers=1)
+
+
+def mlp_head(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, batch_norm: bool = False) -> ProjectionHead:
+    """MoCo v2 (``batch_norm=False``) / SimCLR (``batch_norm=True``): Linear-(BN)-ReLU-Linear."""
+    return ProjectionHead(in_dim, hidden_dim, out_dim, 2, batch_norm)
+
+
+class PredictionHead(ProjectionHead):
+    """BYOL/SimSiam predictor: Linear-BN-ReLU-Linear on the projection."""
+
+    def __init__(self, in_dim: int = 256, hidden_dim: int = 4096, out_dim: int = 256):
+        super().__init__(in_dim, hidden_dim, out_dim, num_layers=2, batch_norm=True)
+
+
+__all__ = ["ResNet", "ConvNet", "BasicBlock", "BACKBONES", "build_backbone", "ProjectionHead", "PredictionHead",
+           "linear_head", "mlp_head", "ModelError"]

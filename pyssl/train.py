@@ -1,0 +1,475 @@
+"""A thin trainer for the self-supervised methods.
+
+AMP, gradient clipping, SGD / LARS / AdamW, a per-step cosine schedule with linear warm-up,
+checkpoints every N steps written atomically (temporary file, fsync, ``os.replace``) and an
+exact resume: model (with the MoCo queue and the momentum encoder, which are buffers and
+sub-modules of the method), optimiser, scheduler, AMP scaler, RNG states and the position inside
+the epoch (the batch order of an epoch is fixed by the seed and the epoch number) are restored,
+so a resumed run's losses equal an uninterrupted run's step for step.
+
+Logs: ``metrics.csv`` (step, epoch, loss, lr, images/s), ``knn.csv`` (epoch, kNN accuracy),
+TensorBoard events when tensorboard is installed, a tqdm progress bar when tqdm is installed.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pyssl.data import ImageDataset, batches
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class ConfigError(ValueError):
+    """Training cannot start with this configuration (raised before any step runs)."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or from an incompatible run."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 256
+    optimizer: str = "sgd"  # sgd | lars | adamw
+    lr: float = 0.12
+    weight_decay: float = 5e-4
+    momentum: float = 0.9  # SGD/LARS momentum; AdamW's beta1
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    clip_grad: float | None = None  # max global gradient norm
+    amp: bool = False  # float16 autocast + loss scaling on CUDA, bfloat16 autocast on CPU
+    device: str = "cpu"
+    seed: int = 0
+    out_dir: str = "runs/pyssl"
+    checkpoint_every: int = 0  # steps; 0 = at the end of each epoch only
+    log_every: int = 10
+    knn_every: int = 0  # epochs; 0 = never (needs a test set)
+    knn_k: int = 200
+    knn_t: float = 0.1
+    tensorboard: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ConfigError(f"batch size must be >= 2, got {self.batch_size}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
+            raise ConfigError(f"warm-up epochs must lie in [0, epochs], got {self.warmup_epochs}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ConfigError(f"clip_grad must be > 0, got {self.clip_grad}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        try:
+            dev = torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"bad device {self.device!r}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device} requested but CUDA is not available")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ---- optimisers ----------------------------------------------------------------------------------
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al., 2017), as in SimCLR:
+    each weight's update is scaled by ``eta * ||w|| / ||g + wd * w||``.  Groups with
+    ``lars_exclude=True`` (biases, norm layers) get plain SGD without weight decay."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if not group["lars_exclude"]:
+                    g = g.add(p, alpha=group["weight_decay"])
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
+                                        torch.ones_like(w_norm))
+                    g = g.mul(trust)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = g.clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(g)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
+
+
+def _param_groups(model: nn.Module, weight_decay: float, lars: bool):
+    """Biases and normalisation parameters get no weight decay (and no LARS adaptation)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    extra = {"lars_exclude": True} if lars else {}
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0, **extra}]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(_param_groups(model, cfg.weight_decay, False), lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "lars":
+        return LARS(_param_groups(model, cfg.weight_decay, True), lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(_param_groups(model, cfg.weight_decay, False), lr=cfg.lr, betas=(cfg.momentum, 0.999))
+
+
+OPTIMIZERS = ("sgd", "lars", "adamw")
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
+    """Learning-rate factor: linear warm-up from ~0 to 1, then cosine decay to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+
+def save_atomic(obj, path: str) -> None:
+    """Writes ``obj`` to ``path`` so that ``path`` is always either the previous complete file
+    or the new complete file: write a temporary file beside it, fsync, then ``os.replace``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    try:  # make the rename itself durable
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path: str) -> dict:
+    """Loads a checkpoint written by :func:`save_atomic`; raises :class:`CheckpointError` with a
+    one-line reason if it is missing or unreadable (never returns a partial state)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"corrupt checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "pyssl-checkpoint-1":
+        raise CheckpointError(f"{path} is not a pyssl checkpoint")
+    return ckpt
+
+
+def _rng_state() -> dict:
+    st = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": list(random.getstate()[1]) + [random.getstate()[2] if random.getstate()[2] is not None else -1],
+        "numpy": [torch.from_numpy(st[1].astype(np.int64)), int(st[2]), int(st[3]), float(st[4])],
+    }
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    py = s["python"]
+    random.setstate((3, tuple(py[:-1]), None if py[-1] == -1 else py[-1]))
+    arr, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state(("MT19937", arr.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+# ---- the trainer ---------------------------------------------------------------------------------
+
+
+class StopTraining(Exception):
+    """Raised by a step callback to end training at once (no final checkpoint), like a kill."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)  # this session's losses, one per step
+    knn: list[tuple[int, float]] = field(default_factory=list)
+    stopped: bool = False
+
+
+class Trainer:
+    """Trains ``method`` on ``train`` (an :class:`ImageDataset`; labels unused) per ``config``.
+
+    ``callbacks``: functions ``f(trainer, step, loss)`` called after every optimiser step
+    (``step`` counts completed steps); raising :class:`StopTraining` ends the run abruptly.
+    ``method_spec``: ``{"name": ..., "cfg": {...}}`` stored in checkpoints so that ``pyssl eval``
+    can rebuild the method; ``extra``: any more JSON-like info to store (data spec ...).
+    """
+
+    def __init__(self, method: nn.Module, train: ImageDataset, config: TrainConfig, test: ImageDataset | None = None,
+                 callbacks: list[Callable] | None = None, method_spec: dict | None = None, extra: dict | None = None):
+        config.validate()
+        if config.batch_size > len(train):
+            raise ConfigError(f"batch size {config.batch_size} is larger than the data set ({len(train)} images)")
+        self.cfg, self.method, self.callbacks = config, method, list(callbacks or [])
+        self.method_spec = method_spec or getattr(method, "build_spec", None) or {}
+        self.extra = extra or {}
+        self.device = torch.device(config.device)
+        self.train_data = train.to(self.device)
+        self.test_data = test.to(self.device) if test is not None else None
+        self.steps_per_epoch = len(train) // config.batch_size
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.method.to(self.device)
+        self.optimizer = build_optimizer(self.method, config)
+        warmup = round(config.warmup_epochs * self.steps_per_epoch)
+        ratio = config.min_lr / config.lr
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, self.total_steps, warmup, ratio))
+        use_cuda_amp = config.amp and self.device.type == "cuda"
+        self.amp_dtype = torch.float16 if use_cuda_amp else torch.bfloat16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_cuda_amp)
+        self.step = 0
+        self.ckpt_path = os.path.join(config.out_dir, CHECKPOINT_NAME)
+
+    # -- state --
+
+    def state_dict(self) -> dict:
+        return {
+            "format": "pyssl-checkpoint-1",
+            "method": self.method_spec,
+            "model": self.method.state_dict(),
+            "backbone": self.method.backbone.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "rng": _rng_state(),
+            "config": asdict(self.cfg),
+            "extra": self.extra,
+        }
+
+    def save(self) -> str:
+        save_atomic(self.state_dict(), self.ckpt_path)
+        return self.ckpt_path
+
+    def load(self, path: str | None = None) -> None:
+        path = path or self.ckpt_path
+        ckpt = load_checkpoint(path)
+        old = ckpt["config"]
+        for key in ("batch_size", "seed", "epochs"):
+            if old.get(key) != getattr(self.cfg, key):
+                raise CheckpointError(f"cannot resume {path}: it was trained with {key}={old.get(key)}, "
+                                      f"now {key}={getattr(self.cfg, key)}")
+        try:
+            self.method.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"cannot resume {path}: it belongs to another model ({str(e).splitlines()[0][:200]})") from None
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = int(ckpt["step"])
+        _set_rng_state(ckpt["rng"])
+        self._truncate_logs(self.step)
+
+    # -- logs --
+
+    def _truncate_logs(self, step: int) -> None:
+        """Drops log rows written after the checkpoint a resumed run starts from."""
+        for name, key, limit in (("metrics.csv", "step", step), ("knn.csv", "step", step)):
+            path = os.path.join(self.cfg.out_dir, name)
+            if not os.path.exists(path):
+                continue
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            if not rows:
+                continue
+            keep = [r for r in rows if int(r[key]) <= limit]
+            tmp = path + ".tmp"
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+                w.writeheader()
+                w.writerows(keep)
+            os.replace(tmp, path)
+
+    def _csv(self, name: str, header: list[str]):
+        path = os.path.join(self.cfg.out_dir, name)
+        new = not os.path.exists(path)
+        f = open(path, "a", newline="")
+        w = csv.writer(f)
+        if new:
+            w.writerow(header)
+        return f, w
+
+    # -- training --
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        cfg = self.cfg
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if resume and os.path.exists(self.ckpt_path):
+            self.load()
+        else:
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed % 2**32)
+            for name in ("metrics.csv", "knn.csv"):
+                if os.path.exists(os.path.join(cfg.out_dir, name)):
+                    os.remove(os.path.join(cfg.out_dir, name))
+        result = TrainResult(steps=self.step)
+        writer = self._tensorboard()
+        mfile, mcsv = self._csv("metrics.csv", ["step", "epoch", "loss", "lr", "images_per_s"])
+        kfile, kcsv = self._csv("knn.csv", ["step", "epoch", "knn_accuracy"])
+        bar = self._progress()
+        self.method.train()
+        images = self.train_data.images
+        try:
+            t_last, n_last, ips = time.perf_counter(), 0, 0.0
+            pending: list[tuple[int, int, Tensor, float]] = []
+            while self.step < self.total_steps:
+                epoch, first = divmod(self.step, self.steps_per_epoch)
+                order = batches(len(images), cfg.batch_size, epoch, cfg.seed)
+                for index in order[first:]:
+                    loss = self._train_step(images[index.to(self.device)])
+                    self.step += 1
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    pending.append((self.step, epoch, loss.detach(), lr))
+                    n_last += cfg.batch_size
+                    if len(pending) >= cfg.log_every or self.step % self.steps_per_epoch == 0 or self.callbacks:
+                        now = time.perf_counter()
+                        ips = n_last / max(now - t_last, 1e-9)
+                        t_last, n_last = now, 0
+                        values = torch.stack([p[2] for p in pending]).float().cpu().tolist()
+                        for (s, e, _, r), v in zip(pending, values):
+                            if not math.isfinite(v):
+                                raise FloatingPointError(f"loss is {v} at step {s}; lower the learning rate or disable AMP")
+                            mcsv.writerow([s, e, repr(v), f"{r:.6g}", f"{ips:.1f}"])
+                            result.losses.append(v)
+                            if writer is not None:
+                                writer.add_scalar("train/loss", v, s)
+                                writer.add_scalar("train/lr", r, s)
+                        if writer is not None:
+                            writer.add_scalar("train/images_per_s", ips, self.step)
+                        mfile.flush()
+                        if bar is not None:
+                            bar.update(len(pending))
+                            bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{ips:.0f}", epoch=epoch + 1)
+                        pending = []
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.save()
+                    for cb in self.callbacks:
+                        cb(self, self.step, result.losses[-1])
+                epoch_done = self.step // self.steps_per_epoch
+                if bar is None and cfg.progress and result.losses:
+                    print(f"epoch {epoch_done}/{cfg.epochs}: step {self.step}, loss {result.losses[-1]:.4f}, "
+                          f"lr {self.optimizer.param_groups[0]['lr']:.4g}, {ips:.0f} images/s", file=sys.stderr, flush=True)
+                if cfg.knn_every and self.test_data is not None and (epoch_done % cfg.knn_every == 0 or self.step == self.total_steps):
+                    acc = self.knn_accuracy()
+                    result.knn.append((epoch_done, acc))
+                    kcsv.writerow([self.step, epoch_done, f"{acc:.6f}"])
+                    kfile.flush()
+                    if writer is not None:
+                        writer.add_scalar("eval/knn_accuracy", acc, self.step)
+                    msg = f"epoch {epoch_done}: kNN accuracy {acc * 100:.2f}%"
+                    bar.write(msg) if bar is not None else print(msg, file=sys.stderr)
+                self.save()
+        except StopTraining:
+            result.stopped = True
+        finally:
+            mfile.close()
+            kfile.close()
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+        result.steps = self.step
+        return result
+
+    def _train_step(self, batch: Tensor) -> Tensor:
+        self.method.set_progress(self.step, self.total_steps)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.amp):
+            loss = self.method.training_step(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss
+
+    @torch.no_grad()
+    def knn_accuracy(self) -> float:
+        from pyssl.eval import extract_features, knn_predict
+
+        was = self.method.training
+        self.method.eval()
+        try:
+            tr = extract_features(self.method.backbone, self.train_data.images, self.method.normalize)
+            te = extract_features(self.method.backbone, self.test_data.images, self.method.normalize)
+            pred = knn_predict(tr, self.train_data.labels, te, k=self.cfg.knn_k, t=self.cfg.knn_t,
+                               num_classes=self.train_data.num_classes)
+            return (pred == self.test_data.labels).float().mean().item()
+        finally:
+            self.method.train(was)
+
+    def _tensorboard(self):
+        if not self.cfg.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:
+            return None
+        return SummaryWriter(os.path.join(self.cfg.out_dir, "tb"), purge_step=self.step or None)
+
+    def _progress(self):
+        if not self.cfg.progress or not sys.stderr.isatty():  # logs get one line per epoch instead
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+__all__ = ["TrainConfig", "Trainer", "TrainResult", "LARS", "ConfigError", "CheckpointError", "StopTraining",
+           "save_atomic", "load_checkpoint", "build_optimizer", "warmup_cosine", "CHECKPOINT_NAME"]

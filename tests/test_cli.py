@@ -1,0 +1,104 @@
+"""CLI: --help everywhere, one-line errors before any training, train -> eval -> plot."""
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pyssl.cli import main
+
+TINY = ["--image-size", "8", "--backbone", "convnet-small", "--hidden-dim", "16", "--device", "cpu",
+        "--no-progress", "--no-tensorboard"]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["plot", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    assert "usage: pyssl" in capsys.readouterr().out
+
+
+def test_python_dash_m_help():
+    r = subprocess.run([sys.executable, "-m", "pyssl", "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--method" in r.stdout and "--resume" in r.stdout
+
+
+def _write_cifar(root, corrupt=False):
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(os.path.join(root, name), "wb") as f:
+            if corrupt and name == "data_batch_2":
+                f.write(b"garbage")
+            else:
+                pickle.dump({b"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8),
+                             b"labels": rng.integers(0, 10, 8).tolist()}, f)
+
+
+def _error_cases(tmp_path):
+    _write_cifar(tmp_path / "bad", corrupt=True)
+    cases = [
+        (["train", "--method", "swav2"], "unknown method 'swav2'"),
+        (["train", "--batch-size", "5000", *TINY], "batch size 5000 is larger than the data set (1258 images)"),
+        (["train", "--data", f"cifar10:{tmp_path}/missing", *TINY], "does not exist"),
+        (["train", "--data", f"cifar10:{tmp_path}/bad", *TINY], "corrupt data file"),
+        (["train", "--data", "imagenet:/x", *TINY], "unknown data set"),
+        (["train", "--backbone", "resnet99", "--device", "cpu"], "unknown backbone"),
+        (["train", "--resume", *TINY], "no checkpoint"),
+        (["train", "--method", "simclr", "--queue-size", "64", *TINY], "MoCo only"),
+        (["eval", str(tmp_path / "nothing")], "no checkpoint"),
+        (["plot", str(tmp_path / "nothing")], "does not exist"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["train", "--device", "cuda"], "CUDA is not available"))
+    return cases
+
+
+def test_configuration_errors_are_one_line_before_training(tmp_path, capsys):
+    for argv, message in _error_cases(tmp_path):
+        out = tmp_path / "run"
+        rc = main(argv + (["--out", str(out)] if argv[0] == "train" else []))
+        err = capsys.readouterr().err
+        assert rc == 2, argv
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("pyssl: error:") and message in lines[0], (argv, err)
+        assert not os.path.exists(out / "metrics.csv")  # nothing trained
+
+
+def test_error_in_a_subprocess_has_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pyssl", "train", "--data", f"cifar10:{tmp_path}/nope"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"pyssl: error: data path {tmp_path}/nope does not exist"]
+
+
+def test_train_eval_plot_end_to_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--method", "mocov2", "--epochs", "2", "--batch-size", "256", "--knn-every", "1",
+                 "--out", str(run), *TINY]) == 0
+    assert {"checkpoint.pt", "metrics.csv", "knn.csv", "config.json"} <= set(os.listdir(run))
+    capsys.readouterr()
+    assert main(["eval", str(run), "--protocols", "linear,knn,finetune", "--fractions", "10%,100%", "--k", "20",
+                 "--finetune-steps", "3", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for row in ("mocov2 encoder", "random-init encoder", "raw pixels", "kNN (k=20", "fine-tune"):
+        assert row in out
+    assert os.path.exists(run / "eval.json")
+    assert main(["plot", str(run), "--device", "cpu"]) == 0
+    for png in ("loss.png", "knn.png", "embedding.png"):
+        with open(run / png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_on_cifar_files_and_resume_finished_run(tmp_path):
+    _write_cifar(tmp_path / "c")
+    run = tmp_path / "run"
+    argv = ["train", "--method", "simclr", "--data", f"cifar10:{tmp_path}/c", "--image-size", "8", "--backbone",
+            "convnet-small", "--hidden-dim", "16", "--epochs", "1", "--batch-size", "16", "--knn-every", "1",
+            "--knn-k", "5", "--device", "cpu", "--no-progress", "--no-tensorboard", "--out", str(run)]
+    assert main(argv) == 0
+    assert main(argv + ["--resume"]) == 0  # nothing left to do, but a valid resume

@@ -1,0 +1,88 @@
+"""Evaluation: kNN against a brute-force float64 reference, balanced subsets, linear probe,
+fine-tuning, the table."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pyssl.data import ImageDataset
+from pyssl.eval import (balanced_subset, evaluate_encoders, extract_features, fine_tune, format_table, knn_predict,
+                        linear_probe)
+
+
+def knn_reference(train, labels, test, k, t, c):
+    tr = torch.nn.functional.normalize(train.double(), dim=1)
+    te = torch.nn.functional.normalize(test.double(), dim=1)
+    out = []
+    for row in te:
+        sims = tr @ row
+        order = sorted(range(len(sims)), key=lambda j: -sims[j].item())[:k]
+        votes = [0.0] * c
+        for j in order:
+            votes[labels[j]] += math.exp(sims[j].item() / t)
+        out.append(max(range(c), key=lambda i: votes[i]))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("k,t", [(1, 0.1), (5, 0.5), (200, 0.1)])
+def test_knn_matches_reference(k, t):
+    train, test = torch.randn(40, 6), torch.randn(17, 6)
+    labels = torch.randint(0, 4, (40,))
+    got = knn_predict(train, labels, test, k=k, t=t, num_classes=4, chunk=5)
+    assert torch.equal(got, knn_reference(train, labels.tolist(), test, min(k, 40), t, 4))
+    with pytest.raises(ValueError, match="k must be"):
+        knn_predict(train, labels, test, k=0)
+
+
+def test_balanced_subset():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 3)
+    idx = balanced_subset(labels, 0.1, seed=1)
+    counts = torch.bincount(labels[idx], minlength=3).tolist()
+    assert counts == [5, 3, 1]  # rounded, at least one per class
+    assert len(set(idx.tolist())) == len(idx)
+    assert torch.equal(idx, balanced_subset(labels, 0.1, seed=1))
+    assert len(balanced_subset(labels, 1.0)) == 83
+    with pytest.raises(ValueError, match="fraction"):
+        balanced_subset(labels, 0.0)
+
+
+def test_linear_probe_separable_and_chance():
+    centers = torch.randn(3, 10) * 4
+    y = torch.randint(0, 3, (150,))
+    x = centers[y] + torch.randn(150, 10)
+    assert linear_probe(x[:100], y[:100], x[100:], y[100:]) > 0.9
+    noise = torch.randn(150, 10)
+    assert linear_probe(noise[:100], y[:100], noise[100:], y[100:]) < 0.7
+
+
+def _blobs(n=60, size=8):
+    """Images whose class is the bright quadrant."""
+    y = torch.arange(n) % 4
+    x = torch.randint(0, 40, (n, 3, size, size), dtype=torch.uint8)
+    h = size // 2
+    for i, c in enumerate(y.tolist()):
+        r, s = divmod(c, 2)
+        x[i, :, r * h:(r + 1) * h, s * h:(s + 1) * h] += 200
+    return ImageDataset(x, y, ["a", "b", "c", "d"], "blobs")
+
+
+def test_features_finetune_and_evaluate():
+    data = _blobs()
+    enc = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    transform = lambda x: x.float() / 255  # noqa: E731
+    f = extract_features(enc, data.images, transform, batch_size=7)
+    assert f.shape == (60, 16) and enc.training  # mode restored
+    raw = extract_features(None, data.images, transform)
+    assert raw.shape == (60, 192)
+    acc = fine_tune(enc, transform, data.images[:40], data.labels[:40], data.images[40:], data.labels[40:], 4,
+                    steps=60, batch_size=16, lr=1e-2)
+    assert acc > 0.5
+    res = evaluate_encoders({"enc": enc, "pixels": None}, transform, data.subset(torch.arange(40)),
+                            data.subset(torch.arange(40, 60)), fractions=(0.1, 1.0), k=5, finetune_steps=10)
+    assert set(res) == {"enc", "pixels"} and set(res["enc"]) == {"linear", "knn", "finetune"}
+    assert res["pixels"]["linear"][1.0] > 0.9 and math.isnan(res["pixels"]["finetune"][0.1])
+    table = format_table(res, k=5)
+    assert "linear probe" in table and "kNN (k=5" in table and "10%" in table and "pixels" in table
+    with pytest.raises(ValueError, match="protocol"):
+        evaluate_encoders({"enc": enc}, transform, data, data, protocols=("svm",))

@@ -1,0 +1,340 @@
+"""MoCo queue loss: fused op against a float64 reference, the module's queue against lightly."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pyssl
+from pyssl.losses import MoCoLoss
+
+from conftest import cuda_ready
+
+# ---- float64 reference -----------------------------------------------------------------------
+
+
+def ref_moco(query, key, queue, temperature):
+    """Materialised (N, K+1) logits in float64, positive in column 0."""
+    u, v = F.normalize(query.double(), dim=1), F.normalize(key.double(), dim=1)
+    logits = torch.cat([(u * v).sum(1, keepdim=True), u @ queue.double().T], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(query.shape[0], dtype=torch.long, device=query.device))
+
+
+def unit_queue(k, d, dtype=torch.float32):
+    return F.normalize(torch.randn(k, d, dtype=torch.float64), dim=1).to(dtype)
+
+
+def leaf(shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=torch.float64).to(dtype).requires_grad_()
+
+
+def grads(loss, *inputs):
+    return torch.autograd.grad(loss, inputs)
+
+
+TOL = {
+    torch.float64: dict(rtol=1e-9, atol=1e-11),
+    torch.float32: dict(rtol=2e-4, atol=2e-5),
+    torch.float16: dict(rtol=2e-2, atol=2e-3),
+    torch.bfloat16: dict(rtol=5e-2, atol=1e-2),
+}
+
+
+def assert_close(actual, expected, dtype, scale=1.0):
+    tol = TOL[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol["rtol"], atol=tol["atol"] * max(1.0, scale))
+
+
+# (N, K, d): K = 0 (only the positive), K < N, K not a multiple of the 1024-column tile,
+# several tiles, odd dims.
+SHAPES = [(1, 0, 3), (1, 1, 1), (5, 3, 7), (64, 1000, 16), (33, 2500, 9), (300, 2049, 128)]
+
+
+@pytest.mark.parametrize("n,k,d", SHAPES)
+@pytest.mark.parametrize("temperature", [0.01, 0.07, 0.2, 1.0])
+def test_moco_op_matches_reference(n, k, d, temperature):
+    query, key, queue = leaf((n, d)), leaf((n, d)), unit_queue(k, d)
+    loss = pyssl.ops.moco(query, key, queue, temperature)
+    expected = ref_moco(query, key, queue, temperature)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert_close(loss, expected, torch.float32, scale=1 / temperature)
+    for g, w in zip(grads(loss, query, key), grads(expected, query, key)):
+        assert_close(g, w, torch.float32, scale=1 / temperature)
+
+
+@pytest.mark.parametrize("temperature", [0.2, 0.005])
+def test_moco_unnormalised_queue(temperature):
+    # An explicit queue is used as given: large row norms push the logit bound past the
+    # unshifted limit and take the running-max path; small ones the unshifted path.
+    query, key = leaf((40, 12)), leaf((40, 12))
+    for queue in (torch.randn(3000, 12) * 5, torch.randn(3000, 12) * 0.01):
+        loss = pyssl.ops.moco(query, key, queue, temperature)
+        expected = ref_moco(query, key, queue, temperature)
+        assert_close(loss, expected, torch.float32, scale=1 / temperature)
+        for g, w in zip(grads(loss, query, key), grads(expected, query, key)):
+            assert_close(g, w, torch.float32, scale=5 / temperature)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("queue_dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_moco_dtypes(dtype, queue_dtype):
+    query, key, queue = leaf((50, 32), dtype), leaf((50, 32), dtype), unit_queue(1500, 32, queue_dtype)
+    loss = pyssl.ops.moco(query, key, queue, 0.1)
+    expected = ref_moco(query, key, queue, 0.1)
+    assert loss.dtype == dtype
+    tol_dtype = dtype if dtype != torch.float64 or queue_dtype == torch.float64 else torch.float32
+    assert_close(loss, expected, tol_dtype, scale=10)
+    for g, w, t in zip(grads(loss, query, key), grads(expected, query, key), (query, key)):
+        assert g.dtype == t.dtype
+        assert_close(g, w, tol_dtype, scale=10)
+
+
+def test_moco_gradcheck():
+    query = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    queue = unit_queue(9, 5, torch.float64)
+    assert torch.autograd.gradcheck(lambda q, k: pyssl.ops.moco(q, k, queue, 0.3), (query, key))
+    # the running-max path (logit bound 1/T = 400 > the unshifted limit)
+    assert torch.autograd.gradcheck(lambda q, k: pyssl.ops.moco(q, k, queue, 0.0025), (query, key))
+
+
+def test_moco_small_temperature_bf16_finite():
+    query, key, queue = leaf((20, 16), torch.bfloat16), leaf((20, 16), torch.bfloat16), unit_queue(700, 16, torch.bfloat16)
+    loss = pyssl.ops.moco(query, key, queue, 0.01)
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(g).all() for g in grads(loss, query, key))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    k=st.integers(0, 1300),
+    d=st.integers(1, 20),
+    temperature=st.sampled_from([0.004, 0.05, 0.2, 2.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_moco_property(n, k, d, temperature, seed):
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(n, d, dtype=torch.float64, generator=g).requires_grad_()
+    key = torch.randn(n, d, dtype=torch.float64, generator=g).requires_grad_()
+    queue = F.normalize(torch.randn(k, d, dtype=torch.float64, generator=g), dim=1)
+    loss = pyssl.ops.moco(query, key, queue, temperature)
+    expected = ref_moco(query, key, queue, temperature)
+    torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-9)
+    for a, b in zip(grads(loss, query, key), grads(expected, query, key)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+def test_moco_opcheck():
+    query, key, queue = torch.randn(7, 5), torch.randn(7, 5), unit_queue(11, 5)
+    torch.library.opcheck(torch.ops.pyssl.moco_forward.default, (query, key, queue, 0.2))
+    _, lse, expected_queue = torch.ops.pyssl.moco_forward(query, key, queue, 0.2)
+    torch.library.opcheck(
+        torch.ops.pyssl.moco_backward.default, (torch.tensor(1.0), query, key, lse, expected_queue, 0.2)
+    )
+    query64 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.pyssl.moco_forward.default, (query64, torch.randn(4, 3, dtype=torch.float64), unit_queue(5, 3), 0.5)
+    )
+
+
+# ---- the module: queue as ring buffer --------------------------------------------------------
+
+
+class RefQueue:
+    """lightly's MemoryBankModule write rule: cut at the end, restart at 0."""
+
+    def __init__(self, queue, ptr=0, filled=None):
+        self.queue, self.ptr = queue.clone(), ptr
+        self.filled = queue.shape[0] if filled is None else filled
+
+    def negatives(self):
+        return self.queue[: self.filled].clone()
+
+    def push(self, key):
+        size = self.queue.shape[0]
+        count = min(key.shape[0], size - self.ptr)
+        self.queue[self.ptr : self.ptr + count] = F.normalize(key[:count].detach().double(), dim=1).to(self.queue.dtype)
+        self.ptr = (self.ptr + count) % size
+        self.filled = min(self.filled + count, size)
+
+
+@pytest.mark.parametrize("queue_size,batch", [(10, 3), (12, 4), (5, 8), (7, 7), (1, 2)])
+@pytest.mark.parametrize("queue_init", ["random", "empty"])
+def test_moco_module_queue(queue_size, batch, queue_init):
+    d, temperature = 6, 0.3
+    loss_fn = MoCoLoss(temperature, queue_size, d, queue_init=queue_init)
+    ref = RefQueue(loss_fn.queue, filled=queue_size if queue_init == "random" else 0)
+    for _ in range(5):
+        query, key = leaf((batch, d)), torch.randn(batch, d)
+        expected = ref_moco(query, key, ref.negatives(), temperature)
+        loss = loss_fn(query, key)
+        ref.push(key)
+        # backward after the enqueue overwrote the queue still sees the old negatives
+        assert_close(loss, expected, torch.float32)
+        assert_close(grads(loss, query)[0], grads(expected, query)[0], torch.float32)
+        torch.testing.assert_close(loss_fn.queue, ref.queue.float(), rtol=1e-6, atol=1e-7)
+        assert int(loss_fn.queue_ptr) == ref.ptr and int(loss_fn.queue_len) == ref.filled
+
+
+def test_moco_module_no_update_in_eval():
+    loss_fn = MoCoLoss(0.2, 16, 4)
+    before = loss_fn.queue.clone()
+    with torch.no_grad():
+        loss_fn(torch.randn(5, 4), torch.randn(5, 4))
+    loss_fn(torch.randn(5, 4, requires_grad=True), torch.randn(5, 4), update=False)
+    assert torch.equal(loss_fn.queue, before) and int(loss_fn.queue_ptr) == 0
+    loss_fn(torch.randn(5, 4), torch.randn(5, 4), update=True)
+    assert not torch.equal(loss_fn.queue, before) and int(loss_fn.queue_ptr) == 5
+
+
+def test_moco_module_explicit_queue():
+    loss_fn = MoCoLoss(0.2, 16, 4)
+    before = loss_fn.queue.clone()
+    query, key, queue = leaf((5, 4)), torch.randn(5, 4), unit_queue(9, 4)
+    loss = loss_fn(query, key, queue=queue)
+    assert_close(loss, ref_moco(query, key, queue, 0.2), torch.float32)
+    assert torch.equal(loss_fn.queue, before)
+
+
+def test_moco_module_bf16_queue():
+    loss_fn = MoCoLoss(0.2, 100, 8, queue_dtype=torch.bfloat16)
+    ref = RefQueue(loss_fn.queue)
+    query, key = leaf((30, 8)), torch.randn(30, 8)
+    expected = ref_moco(query, key, ref.negatives(), 0.2)
+    loss = loss_fn(query, key)
+    ref.push(key)
+    assert_close(loss, expected, torch.float32)
+    assert loss_fn.queue.dtype == torch.bfloat16 and torch.equal(loss_fn.queue, ref.queue)
+
+
+def test_moco_state_dict_round_trip_and_resume():
+    d = 8
+    trained = MoCoLoss(0.1, 50, d)
+    batches = [(torch.randn(12, d), torch.randn(12, d)) for _ in range(9)]
+    for q, k in batches[:4]:
+        trained(q.requires_grad_(), k)
+    buf = io.BytesIO()
+    torch.save(trained.state_dict(), buf)
+    state = trained.state_dict()
+    assert set(state) == {"queue", "queue_ptr", "queue_len"}
+    resumed = MoCoLoss(0.1, 50, d)
+    buf.seek(0)
+    resumed.load_state_dict(torch.load(buf))
+    assert torch.equal(resumed.queue, trained.queue)
+    assert int(resumed.queue_ptr) == int(trained.queue_ptr) == 48
+    for q, k in batches[4:]:
+        a, b = trained(q.requires_grad_(), k), resumed(q.requires_grad_(), k)
+        assert torch.equal(a, b)
+    assert torch.equal(resumed.queue, trained.queue) and int(resumed.queue_ptr) == int(trained.queue_ptr)
+
+
+def test_moco_module_to_dtype():
+    loss_fn = MoCoLoss(0.2, 20, 4).to(torch.float64)
+    assert loss_fn.queue.dtype == torch.float64 and loss_fn.queue_ptr.dtype == torch.long
+    query = leaf((3, 4), torch.float64)
+    assert loss_fn(query, torch.randn(3, 4, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_moco_matches_lightly():
+    lightly_loss = pytest.importorskip("lightly.loss")
+    d, size, temperature = 16, 100, 0.2
+    theirs = lightly_loss.NTXentLoss(temperature=temperature, memory_bank_size=(size, d))
+    ours = MoCoLoss(temperature, size, d)
+    ours.queue.copy_(theirs.memory_bank.bank)
+    for batch in (32, 32, 32, 32, 7, 130):  # 3 full steps, a step cut at the end, batch > queue
+        q0 = torch.randn(batch, d)
+        k0 = torch.randn(batch, d)
+        q1, k1 = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        q2, k2 = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        expected = theirs(q1, k1)
+        loss = ours(q2, k2)
+        torch.testing.assert_close(loss, expected, rtol=2e-5, atol=2e-6)
+        (expected * 3).backward()
+        (loss * 3).backward()
+        torch.testing.assert_close(q2.grad, q1.grad, rtol=2e-4, atol=2e-6)
+        torch.testing.assert_close(k2.grad, k1.grad, rtol=2e-4, atol=2e-6)
+        torch.testing.assert_close(ours.queue, theirs.memory_bank.bank, rtol=1e-6, atol=1e-7)
+        assert int(ours.queue_ptr) == int(theirs.memory_bank.bank_ptr)
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+
+def test_moco_bad_input():
+    q = torch.randn(4, 8)
+    queue = unit_queue(10, 8)
+    with pytest.raises(ValueError, match="query and key"):
+        pyssl.ops.moco(q, torch.randn(5, 8), queue)
+    with pytest.raises(ValueError, match="queue"):
+        pyssl.ops.moco(q, q, unit_queue(10, 7))
+    with pytest.raises(TypeError, match="queue"):
+        pyssl.ops.moco(q, q, torch.zeros(10, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match="query"):
+        pyssl.ops.moco(q.long(), q, queue)
+    with pytest.raises(ValueError, match="temperature"):
+        pyssl.ops.moco(q, q, queue, 0.0)
+    with pytest.raises(ValueError, match="device"):
+        pyssl.ops.moco(q, q, queue.to("meta"))
+    with pytest.raises(ValueError, match="NaN"):
+        pyssl.ops.moco(q, q, queue.clone().fill_(float("nan")), check_inputs_finite=True)
+    with pytest.raises(ValueError, match="queue_size"):
+        MoCoLoss(queue_size=0)
+    with pytest.raises(TypeError, match="dim"):
+        MoCoLoss(dim=1.5)
+    with pytest.raises(ValueError, match="queue_init"):
+        MoCoLoss(queue_init="zeros")
+    with pytest.raises(ValueError, match="features"):
+        MoCoLoss(0.2, 10, 4).enqueue(torch.randn(3, 5))
+    with pytest.raises(RuntimeError, match="pyssl.moco"):
+        torch.ops.pyssl.moco_forward(q, q, unit_queue(3, 5), 0.2)
+
+
+# ---- CUDA against the CPU kernel ---------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n,k,d", [(1, 0, 3), (5, 3, 7), (256, 65536, 128), (300, 5000, 200), (70, 999, 1100)])
+@pytest.mark.parametrize("queue_dtype", [torch.float32, torch.bfloat16])
+def test_moco_cuda_matches_cpu(n, k, d, queue_dtype):
+    if not cuda_ready():
+        pytest.skip("CUDA kernels not built")
+    for temperature in (0.2, 0.01):
+        query, key, queue = leaf((n, d)), leaf((n, d)), unit_queue(k, d, queue_dtype)
+        qc, kc = query.detach().cuda().requires_grad_(), key.detach().cuda().requires_grad_()
+        loss_cpu = pyssl.ops.moco(query, key, queue, temperature)
+        loss_gpu = pyssl.ops.moco(qc, kc, queue.cuda(), temperature)
+        assert_close(loss_gpu.cpu(), loss_cpu, torch.float32, scale=1 / temperature)
+        for g, w in zip(grads(loss_gpu, qc, kc), grads(loss_cpu, query, key)):
+            assert_close(g.cpu(), w, torch.float32, scale=1 / temperature)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_moco_cuda_dtypes_against_reference(dtype):
+    if not cuda_ready():
+        pytest.skip("CUDA kernels not built")
+    query, key = leaf((33, 64), dtype).cuda(), leaf((33, 64), dtype).cuda()
+    queue = unit_queue(3000, 64, torch.float64 if dtype == torch.float64 else torch.float32).cuda()
+    loss = pyssl.ops.moco(query, key, queue, 0.07)
+    expected = ref_moco(query, key, queue, 0.07)
+    assert loss.dtype == dtype
+    assert_close(loss, expected, dtype, scale=1 / 0.07)
+
+
+@pytest.mark.cuda
+def test_moco_cuda_module_matches_cpu_module():
+    if not cuda_ready():
+        pytest.skip("CUDA kernels not built")
+    cpu = MoCoLoss(0.2, 1000, 32)
+    gpu = MoCoLoss(0.2, 1000, 32).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    for batch in (256, 256, 256, 256, 100):
+        q, k = torch.randn(batch, 32), torch.randn(batch, 32)
+        a = cpu(q.clone().requires_grad_(), k)
+        b = gpu(q.cuda().requires_grad_(), k.cuda())
+        assert_close(b.cpu(), a, torch.float32, scale=5)
+        torch.testing.assert_close(gpu.queue.cpu(), cpu.queue, rtol=1e-5, atol=1e-6)
+        assert int(gpu.queue_ptr) == int(cpu.queue_ptr)

@@ -1,0 +1,169 @@
+"""Trainer: schedules, LARS, atomic checkpoints, exact resume (in process and after SIGKILL)."""
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from pyssl.data import load_digits
+from pyssl.methods import build_method
+from pyssl.train import (LARS, CheckpointError, ConfigError, StopTraining, TrainConfig, Trainer, load_checkpoint,
+                         save_atomic, warmup_cosine)
+
+DATA = load_digits("train", size=8)
+SMALL = DATA.subset(torch.arange(96))
+
+
+def make_method(name="simclr", seed=0):
+    torch.manual_seed(seed)
+    kw = dict(backbone="convnet-small", image_size=8, hidden_dim=16, out_dim=8)
+    if name.startswith("moco"):
+        kw["queue_size"] = 64
+    return build_method(name, **kw)
+
+
+def cfg(tmp_path, **kw):
+    base = dict(epochs=2, batch_size=32, lr=0.05, out_dir=str(tmp_path), progress=False, tensorboard=False,
+                warmup_epochs=1, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_warmup_cosine():
+    assert warmup_cosine(0, 100, 10) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine(10, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 10) == pytest.approx(0.5)
+    assert warmup_cosine(100, 100, 10, min_ratio=0.1) == pytest.approx(0.1)
+    vals = [warmup_cosine(s, 50, 0) for s in range(50)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+def test_lars_matches_manual_update():
+    w = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    b = nn.Parameter(torch.randn(4, dtype=torch.float64))
+    opt = LARS([{"params": [w]}, {"params": [b], "lars_exclude": True}], lr=0.1, momentum=0.9, weight_decay=0.01)
+    gw, gb = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    w0, b0 = w.detach().clone(), b.detach().clone()
+    w.grad, b.grad = gw.clone(), gb.clone()
+    opt.step()
+    g = gw + 0.01 * w0
+    trust = 0.001 * w0.norm() / g.norm()
+    assert torch.allclose(w, w0 - 0.1 * trust * g)
+    assert torch.allclose(b, b0 - 0.1 * gb)
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="larger than the data set"):
+        Trainer(make_method(), SMALL, cfg(tmp_path, batch_size=97))
+    with pytest.raises(ConfigError, match="optimizer"):
+        Trainer(make_method(), SMALL, cfg(tmp_path, optimizer="adam9"))
+    with pytest.raises(ConfigError, match="lr"):
+        Trainer(make_method(), SMALL, cfg(tmp_path, lr=-1.0))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            Trainer(make_method(), SMALL, cfg(tmp_path, device="cuda"))
+
+
+def test_atomic_save_never_leaves_a_partial_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "c.pt")
+    save_atomic({"format": "pyssl-checkpoint-1", "step": 1}, path)
+    real_save = torch.save
+
+    def crash_midway(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(OSError, match="disk full"):
+        save_atomic({"format": "pyssl-checkpoint-1", "step": 2}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert load_checkpoint(path)["step"] == 1  # the old, complete file
+    assert os.listdir(tmp_path) == ["c.pt"]  # no temporary left behind
+    # a truncated file under the real name is refused, never half-loaded
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def _stop_at(n):
+    def cb(trainer, step, loss):
+        if step == n:
+            raise StopTraining
+    return cb
+
+
+@pytest.mark.parametrize("method,opt", [("simclr", "sgd"), ("mocov2", "lars"), ("moco", "adamw")])
+def test_resume_mid_epoch_reproduces_losses_exactly(tmp_path, method, opt):
+    # 3 steps per epoch, 2 epochs; checkpoint every 2 steps; stopped at step 5 (mid-epoch 2)
+    c = dict(optimizer=opt, checkpoint_every=2, clip_grad=5.0)
+    full = Trainer(make_method(method), SMALL, cfg(tmp_path / "full", **c)).fit()
+    assert full.steps == 6 and len(full.losses) == 6
+    part = Trainer(make_method(method), SMALL, cfg(tmp_path / "cut", **c), callbacks=[_stop_at(5)]).fit()
+    assert part.stopped and part.steps == 5
+    assert part.losses == full.losses[:5]
+    # a fresh process would build the model with other random weights: resume must overwrite them
+    resumed_trainer = Trainer(make_method(method, seed=99), SMALL, cfg(tmp_path / "cut", **c))
+    resumed = resumed_trainer.fit(resume=True)
+    assert resumed.losses == full.losses[4:]  # the checkpoint at step 4 -> steps 5 and 6 again
+    with open(tmp_path / "cut" / "metrics.csv") as f:
+        logged = [float(r["loss"]) for r in csv.DictReader(f)]
+    assert logged == full.losses  # the log rows after the checkpoint were replaced, not duplicated
+    a, b = Trainer(make_method(method), SMALL, cfg(tmp_path / "x", **c)), resumed_trainer
+    for (n, p), (_, q) in zip(load_checkpoint(str(tmp_path / "full" / "checkpoint.pt"))["model"].items(),
+                              b.method.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    Trainer(make_method(), SMALL, cfg(tmp_path, epochs=1)).fit()
+    with pytest.raises(CheckpointError, match="batch_size"):
+        Trainer(make_method(), SMALL, cfg(tmp_path, epochs=1, batch_size=16)).fit(resume=True)
+    with pytest.raises(CheckpointError, match="another model"):
+        Trainer(make_method("mocov2"), SMALL, cfg(tmp_path, epochs=1)).fit(resume=True)
+
+
+def test_logs_knn_amp_and_tensorboard(tmp_path):
+    test = load_digits("test", size=8).subset(torch.arange(50))
+    c = cfg(tmp_path, knn_every=1, knn_k=5, amp=True, tensorboard=True, log_every=2)
+    res = Trainer(make_method(), SMALL, c, test).fit()
+    assert len(res.knn) == 2 and all(0 <= a <= 1 for _, a in res.knn)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, 7))
+    assert all(math.isfinite(float(r["loss"])) and float(r["images_per_s"]) > 0 for r in rows)
+    assert len(list(csv.DictReader(open(tmp_path / "knn.csv")))) == 2
+    pytest.importorskip("tensorboard")
+    assert any(f.startswith("events") for f in os.listdir(tmp_path / "tb"))
+
+
+def _cli(tmp_path, out, *extra, env=None):
+    cmd = [sys.executable, "-m", "pyssl", "train", "--method", "mocov2", "--data", "digits", "--image-size", "8",
+           "--backbone", "convnet-small", "--hidden-dim", "16", "--epochs", "1", "--batch-size", "128",
+           "--device", "cpu", "--checkpoint-every", "3", "--knn-every", "0", "--no-progress", "--no-tensorboard",
+           "--out", str(out), *extra]
+    return subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+
+
+def _losses(run):
+    with open(run / "metrics.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
+    # 1258 digits / 128 = 9 steps in the epoch; checkpoints at steps 3 and 6; SIGKILL after step 5
+    full = _cli(tmp_path, tmp_path / "full")
+    assert full.returncode == 0, full.stderr
+    killed = _cli(tmp_path, tmp_path / "cut", env={"PYSSL_CRASH_AT_STEP": "5"})
+    assert killed.returncode == -9, killed.stderr
+    assert load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["step"] == 3
+    resumed = _cli(tmp_path, tmp_path / "cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "full")
+    assert len(_losses(tmp_path / "full")) == 9
