@@ -20,6 +20,11 @@ DATA_DEFAULTS = {
                "hidden_dim": 512, "lr": 0.5, "warmup_epochs": 2, "knn_k": 20,
                # digits are not mirror-symmetric, and 8x8 originals leave little to crop
                "augment_kwargs": {"scale": [0.3, 1.0], "p_flip": 0.0}, "temperature": {"simclr": 0.2}},
+    # The embedded colour data of the pretext methods (pyssl.data.colour); videos have no labels.
+    "colour_digits": {"backbone": "convnet-small", "image_size": 32, "batch_size": 128, "epochs": 20, "knn_every": 5,
+                      "hidden_dim": 512, "knn_k": 20},
+    "videos": {"backbone": "convnet-small", "image_size": 32, "batch_size": 32, "epochs": 20, "knn_every": 0,
+               "hidden_dim": 512},
     "cifar10": {"backbone": "resnet18", "image_size": 32, "batch_size": 512, "epochs": 200, "knn_every": 5,
                 "hidden_dim": 2048},
     "cifar100": {"backbone": "resnet18", "image_size": 32, "batch_size": 512, "epochs": 200, "knn_every": 5,
@@ -71,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(embedded, no download) trains a small ConvNet on the CPU in minutes; cifar10:PATH runs the "
         "standard protocol (ResNet-18 CIFAR variant, batch 512, 200 epochs, kNN k=200)."))
     t.add_argument("--method", default="simclr", help="simclr, moco (v1), mocov2, ... (default simclr)")
-    t.add_argument("--data", default="digits",
-                   help="digits | cifar10:PATH | cifar100:PATH | stl10:PATH | folder:PATH (default digits)")
+    t.add_argument("--data", default=None,
+                   help="digits | colour_digits | videos | cifar10:PATH | cifar100:PATH | stl10:PATH | folder:PATH "
+                        "(default: the method's, digits for most)")
     t.add_argument("--backbone", help="convnet, convnet-small, resnet-tiny, resnet10-small, resnet18, resnet34, "
                                       "tv:NAME, timm:NAME (default per data set)")
     t.add_argument("--image-size", type=int, help="images are resized to this (default per data set)")
@@ -136,14 +142,17 @@ def prepare_training(args):
 
     if args.method not in available_methods():
         raise CLIError(f"unknown method {args.method!r} (choose from {', '.join(available_methods())})")
+    cls = method_class(args.method)
+    if args.data is None:  # colour pretext tasks default to colour data, video colorization to videos
+        args.data = getattr(cls, "default_data", "digits")
     kind = args.data.partition(":")[0].lower()
-    d = DATA_DEFAULTS.get(kind, DATA_DEFAULTS["folder"])
+    # A method's own CLI defaults (the pretext methods' optimiser and sizes) win over the data set's.
+    d = {**DATA_DEFAULTS.get(kind, DATA_DEFAULTS["folder"]), **getattr(cls, "cli_defaults", {})}
     image_size = args.image_size or d["image_size"]
     train, test = load_data(args.data, image_size)
     batch_size = args.batch_size or min(d["batch_size"], len(train))
     if batch_size > len(train):
         raise ConfigError(f"batch size {batch_size} is larger than the data set ({len(train)} images)")
-    cls = method_class(args.method)
     tdef = dict(cls.train_defaults)
     device = args.device or _default_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -153,12 +162,14 @@ def prepare_training(args):
         raise CheckpointError(f"--resume: no checkpoint in {out}")
     mean, std = train.mean_std()
     mcfg = {"backbone": args.backbone or d["backbone"], "image_size": image_size, "in_channels": train.channels,
-            "mean": list(mean), "std": list(std), "hidden_dim": args.hidden_dim or d["hidden_dim"]}
+            "mean": list(mean), "std": list(std)}
+    if args.hidden_dim or d.get("hidden_dim"):
+        mcfg["hidden_dim"] = args.hidden_dim or d["hidden_dim"]
     if args.temperature is not None:
         mcfg["temperature"] = args.temperature
     elif args.method in d.get("temperature", {}):
         mcfg["temperature"] = d["temperature"][args.method]
-    if "augment_kwargs" in d:
+    if d.get("augment_kwargs") is not None:
         mcfg["augment_kwargs"] = dict(d["augment_kwargs"])
     if cls.__name__ == "MoCo":
         queue = args.queue_size

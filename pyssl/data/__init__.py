@@ -270,7 +270,8 @@ def load_image_folder(path: str, size: int = 32, channels: int = 3) -> ImageData
 
 # ---- "name:path" specs used by the CLI -----------------------------------------------------------
 
-DATA_KINDS = ("digits", "cifar10", "cifar100", "stl10", "folder")
+# colour_digits and videos: the embedded colour data of the pretext tasks (pyssl.data.colour).
+DATA_KINDS = ("digits", "colour_digits", "videos", "cifar10", "cifar100", "stl10", "folder")
 
 
 def load_data(spec: str, image_size: int | None = None) -> tuple[ImageDataset, ImageDataset]:
@@ -284,6 +285,10 @@ def load_data(spec: str, image_size: int | None = None) -> tuple[ImageDataset, I
     if kind == "digits":
         size = image_size or 16
         return load_digits("train", size=size), load_digits("test", size=size)
+    if kind in ("colour_digits", "videos"):
+        from pyssl.data.colour import load_colour_data
+
+        return load_colour_data(kind, image_size)
     if not path:
         raise DataError(f"data set {kind} needs a path: --data {kind}:PATH")
     path = os.path.expanduser(path)

@@ -59,6 +59,15 @@ def build_method(name: str, **cfg) -> Method:
 
 from pyssl.methods.simclr import SimCLR  # noqa: E402  (registers itself)
 from pyssl.methods.moco import MoCo  # noqa: E402
+# Self-prediction pretext tasks (pyssl.pretext holds their transforms, colour space and nets).
+from pyssl.methods.rotnet import RotNet  # noqa: E402
+from pyssl.methods.relative_patch import RelativePatch  # noqa: E402
+from pyssl.methods.jigsaw import Jigsaw  # noqa: E402
+from pyssl.methods.inpainting import Inpainting  # noqa: E402
+from pyssl.methods.colorization import Colorization  # noqa: E402
+from pyssl.methods.split_brain import SplitBrain  # noqa: E402
+from pyssl.methods.video_colorization import VideoColorization  # noqa: E402
 
 __all__ = ["Method", "MethodError", "register", "build_method", "available_methods", "method_class",
-           "method_preset", "SimCLR", "MoCo"]
+           "method_preset", "SimCLR", "MoCo", "RotNet", "RelativePatch", "Jigsaw", "Inpainting", "Colorization",
+           "SplitBrain", "VideoColorization"]

@@ -5,13 +5,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyssl.pretext.base import PretextMethod
+from pyssl.methods import register
+from pyssl.methods._pretext import MethodError, PretextMethod, own_encoder_only
 from pyssl.pretext.lab import AB_RANGE, ABQuantizer, rgb_to_lab
 from pyssl.pretext.nets import Backbone, ConvEncoder, DenseHead, LabChannels, normalized_lab
 
 _LOSSES = ("classification", "regression", "both")
 
 
+@register("colorization")
 class Colorization(PretextMethod):
     """Predict every pixel's colour (ab) from its lightness (L).
 
@@ -31,22 +33,29 @@ class Colorization(PretextMethod):
         widths: encoder channels (the decoder mirrors them).
         loss, reg_weight, cls_weight: which losses and their weights.
         grid, soft_k, soft_sigma, temperature: the ab quantisation.
+        backbone: only ``"small"``: the method builds its own encoders on Lab channels.
+        mean, std: accepted for the CLI and ignored (the Lab conversion needs raw [0, 1] RGB).
+        hidden_dim: width of the dense prediction head (default 64).
     """
 
     default_data = "colour_digits"
 
     def __init__(self, image_size: int = 32, in_channels: int = 3, widths: tuple[int, ...] = (16, 32, 64),
                  loss: str = "both", reg_weight: float = 1.0, cls_weight: float = 1.0, grid: float = 10.0,
-                 soft_k: int = 5, soft_sigma: float = 5.0, temperature: float = 0.38):
+                 soft_k: int = 5, soft_sigma: float = 5.0, temperature: float = 0.38, backbone: str = "small",
+                 mean=None, std=None, hidden_dim: int | None = None):
+        own_encoder_only("colorization", backbone)
         super().__init__(image_size, in_channels, mean=(0.0,) * 3, std=(1.0,) * 3)
         if loss not in _LOSSES:
-            raise ValueError(f"colorization: loss must be one of {_LOSSES}, got {loss!r}")
+            raise MethodError(f"colorization: loss must be one of {_LOSSES}, got {loss!r}")
         self.loss_kind, self.reg_weight, self.cls_weight = loss, float(reg_weight), float(cls_weight)
         self.soft_k, self.soft_sigma, self.temperature = int(soft_k), float(soft_sigma), float(temperature)
         self.quantizer = ABQuantizer(grid)
+        if not (soft_k >= 1 and soft_sigma > 0 and temperature > 0):
+            raise MethodError(f"colorization: need soft_k >= 1, soft_sigma > 0, temperature > 0; got {soft_k}, {soft_sigma}, {temperature}")
         widths = tuple(widths)
         self.encoder = ConvEncoder(1, widths)
-        self.head = DenseHead(widths[-1], 2 + self.quantizer.num_bins)
+        self.head = DenseHead(widths[-1], 2 + self.quantizer.num_bins, int(hidden_dim or 64))
         self.backbone = Backbone(LabChannels("L"), self.encoder, self.encoder.out_dim)
 
     def check_images(self, images: Tensor) -> None:

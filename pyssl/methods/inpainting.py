@@ -6,11 +6,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from pyssl.pretext.base import PretextMethod
+from pyssl.methods import register
+from pyssl.methods._pretext import MethodError, PretextMethod, as_method_error, own_encoder_only
 from pyssl.pretext.nets import ConvDecoder, ConvEncoder
 from pyssl.pretext.transforms import region_masks
 
 
+@register("inpainting")
 class Inpainting(PretextMethod):
     """Context encoder with a masked L2 reconstruction loss and an adversarial loss.
 
@@ -33,18 +35,22 @@ class Inpainting(PretextMethod):
         mask, mask_fraction: the dropped region.
         rec_weight, adv_weight, disc_weight: loss weights (``adv_weight=0`` turns the
             adversarial part, and the discriminator's training, off).
+        backbone: only ``"small"`` (the encoder is built with ``widths``).
+        hidden_dim: accepted for the CLI; unused.
     """
 
     default_data = "colour_digits"
 
     def __init__(self, image_size: int = 32, in_channels: int = 3, widths: tuple[int, ...] = (16, 32, 64),
                  mask: str = "center", mask_fraction: float = 0.5, rec_weight: float = 0.999,
-                 adv_weight: float = 0.001, disc_weight: float = 1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+                 adv_weight: float = 0.001, disc_weight: float = 1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                 backbone: str = "small", hidden_dim: int | None = None):
+        own_encoder_only("inpainting", backbone)
         super().__init__(image_size, in_channels, mean, std)
-        region_masks(1, 8, mask, mask_fraction)  # validates mask and mask_fraction
+        as_method_error(region_masks, 1, 8, mask, mask_fraction)  # validates mask and mask_fraction
         for name, w in (("rec_weight", rec_weight), ("adv_weight", adv_weight), ("disc_weight", disc_weight)):
             if not w >= 0:
-                raise ValueError(f"inpainting: {name} must be >= 0, got {w}")
+                raise MethodError(f"inpainting: {name} must be >= 0, got {w}")
         self.mask_mode, self.mask_fraction = mask, float(mask_fraction)
         self.rec_weight, self.adv_weight, self.disc_weight = float(rec_weight), float(adv_weight), float(disc_weight)
         widths = tuple(widths)

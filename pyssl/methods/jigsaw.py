@@ -5,11 +5,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyssl.pretext.base import PretextMethod, accuracy, make_backbone
+from pyssl.methods import register
+from pyssl.methods._pretext import PretextMethod, accuracy, as_method_error, make_backbone
 from pyssl.pretext.nets import mlp
 from pyssl.pretext.transforms import extract_patches, grid_geometry, grid_origins, maximal_hamming_permutations
 
 
+@register("jigsaw")
 class Jigsaw(PretextMethod):
     """Shuffle 3x3 tiles by one of ``num_permutations`` permutations; predict its index.
 
@@ -24,6 +26,7 @@ class Jigsaw(PretextMethod):
     Args:
         num_permutations: size P of the permutation set (e.g. 100).
         patch_size, gap, jitter, backbone, ...: as :class:`~pyssl.methods.relative_patch.RelativePatch`.
+        hidden_dim: width of the MLP head (default 512).
         seed: seed of the permutation set.
     """
 
@@ -31,13 +34,14 @@ class Jigsaw(PretextMethod):
 
     def __init__(self, backbone: str | nn.Module = "small", image_size: int = 32, in_channels: int = 3,
                  num_permutations: int = 100, patch_size: int | None = None, gap: int = 2, jitter: int = 1,
-                 hidden: int = 512, seed: int = 0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+                 hidden_dim: int | None = None, seed: int = 0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
         super().__init__(image_size, in_channels, mean, std)
         self.patch_size, self.gap, self.jitter = patch_size, gap, jitter
-        patch = grid_geometry(image_size, patch_size, gap, jitter, task="jigsaw")
-        self.register_buffer("permutations", maximal_hamming_permutations(int(num_permutations), 9, seed), persistent=False)
+        patch = as_method_error(grid_geometry, image_size, patch_size, gap, jitter, task="jigsaw")
+        perms = as_method_error(maximal_hamming_permutations, int(num_permutations), 9, int(seed))
+        self.register_buffer("permutations", perms, persistent=False)
         self.backbone = make_backbone(backbone, in_channels, patch)
-        self.head = mlp(9 * self.backbone.out_dim, hidden, int(num_permutations))
+        self.head = mlp(9 * self.backbone.out_dim, int(hidden_dim or 512), int(num_permutations))
 
     def check_images(self, images: Tensor) -> None:
         super().check_images(images)

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyssl.pretext.base import PretextMethod, accuracy, make_backbone
+from pyssl.methods import register
+from pyssl.methods._pretext import PretextMethod, accuracy, as_method_error, make_backbone
 from pyssl.pretext.nets import mlp
 from pyssl.pretext.transforms import extract_patches, grid_geometry, grid_origins
 
@@ -13,6 +14,7 @@ from pyssl.pretext.transforms import extract_patches, grid_geometry, grid_origin
 _NEIGHBOURS = (0, 1, 2, 3, 5, 6, 7, 8)
 
 
+@register("relative_patch")
 class RelativePatch(PretextMethod):
     """Predict the position (one of 8) of a patch relative to the centre patch.
 
@@ -26,20 +28,20 @@ class RelativePatch(PretextMethod):
     Args:
         patch_size: side of a patch (default: the largest that fits the grid).
         gap, jitter: pixels between patches, and random shift per patch.
-        hidden: width of the MLP head.
+        hidden_dim: width of the MLP head (default 256).
         backbone, image_size, in_channels, mean, std: as :class:`~pyssl.methods.rotnet.RotNet`.
     """
 
     default_data = "colour_digits"
 
     def __init__(self, backbone: str | nn.Module = "small", image_size: int = 32, in_channels: int = 3,
-                 patch_size: int | None = None, gap: int = 2, jitter: int = 1, hidden: int = 256,
+                 patch_size: int | None = None, gap: int = 2, jitter: int = 1, hidden_dim: int | None = None,
                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
         super().__init__(image_size, in_channels, mean, std)
         self.patch_size, self.gap, self.jitter = patch_size, gap, jitter
-        patch = grid_geometry(image_size, patch_size, gap, jitter, task="relative_patch")
+        patch = as_method_error(grid_geometry, image_size, patch_size, gap, jitter, task="relative_patch")
         self.backbone = make_backbone(backbone, in_channels, patch)
-        self.head = mlp(2 * self.backbone.out_dim, hidden, 8)
+        self.head = mlp(2 * self.backbone.out_dim, int(hidden_dim or 256), 8)
 
     def check_images(self, images: Tensor) -> None:
         super().check_images(images)

@@ -4,10 +4,13 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyssl.pretext.base import PretextMethod, accuracy, make_backbone
+from pyssl.methods import register
+from pyssl.methods._pretext import PretextMethod, accuracy, make_backbone
+from pyssl.pretext.nets import mlp
 from pyssl.pretext.transforms import rotate_all4
 
 
+@register("rotnet")
 class RotNet(PretextMethod):
     """4-way rotation prediction on all four rotations of every image.
 
@@ -19,15 +22,17 @@ class RotNet(PretextMethod):
         backbone: ``"small"`` (the pretext conv encoder), a name for
             :func:`pyssl.models.build_backbone`, or a module with ``out_dim``.
         image_size, in_channels, mean, std: the input (see :class:`PretextMethod`).
+        hidden_dim: ``None`` for a linear rotation head, else the width of an MLP head.
     """
 
     default_data = "digits"
 
     def __init__(self, backbone: str | nn.Module = "small", image_size: int = 16, in_channels: int = 3,
-                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), hidden_dim: int | None = None):
         super().__init__(image_size, in_channels, mean, std)
         self.backbone = make_backbone(backbone, in_channels, image_size)
-        self.head = nn.Linear(self.backbone.out_dim, 4)
+        d = self.backbone.out_dim
+        self.head = nn.Linear(d, 4) if hidden_dim is None else mlp(d, int(hidden_dim), 4)
 
     def check_images(self, images: Tensor) -> None:
         super().check_images(images)

@@ -5,13 +5,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pyssl.pretext.base import PretextMethod
+from pyssl.methods import register
+from pyssl.methods._pretext import MethodError, PretextMethod, own_encoder_only
 from pyssl.pretext.lab import AB_RANGE, ABQuantizer, rgb_to_lab
 from pyssl.pretext.nets import Backbone, ConcatBackbone, ConvEncoder, DenseHead, LabChannels, normalized_lab
 
 _LOSSES = ("classification", "regression")
 
 
+@register("split_brain")
 class SplitBrain(PretextMethod):
     """Two disjoint sub-networks, each predicting one part of the Lab image from the other.
 
@@ -27,25 +29,30 @@ class SplitBrain(PretextMethod):
         image_size, in_channels: the data (RGB).
         widths: channels of each sub-network's encoder.
         loss, grid, l_bins: the prediction targets.
+        backbone: only ``"small"``: the method builds its own encoders on Lab channels.
+        mean, std: accepted for the CLI and ignored (the Lab conversion needs raw [0, 1] RGB).
+        hidden_dim: width of the dense prediction head (default 64).
     """
 
     default_data = "colour_digits"
 
     def __init__(self, image_size: int = 32, in_channels: int = 3, widths: tuple[int, ...] = (16, 32, 64),
-                 loss: str = "classification", grid: float = 10.0, l_bins: int = 50):
+                 loss: str = "classification", grid: float = 10.0, l_bins: int = 50, backbone: str = "small",
+                 mean=None, std=None, hidden_dim: int | None = None):
+        own_encoder_only("split_brain", backbone)
         super().__init__(image_size, in_channels, mean=(0.0,) * 3, std=(1.0,) * 3)
         if loss not in _LOSSES:
-            raise ValueError(f"split_brain: loss must be one of {_LOSSES}, got {loss!r}")
+            raise MethodError(f"split_brain: loss must be one of {_LOSSES}, got {loss!r}")
         if l_bins < 2:
-            raise ValueError(f"split_brain: l_bins must be >= 2, got {l_bins}")
+            raise MethodError(f"split_brain: l_bins must be >= 2, got {l_bins}")
         self.loss_kind, self.l_bins = loss, int(l_bins)
         self.quantizer = ABQuantizer(grid)
         widths = tuple(widths)
         cls = loss == "classification"
         self.encoder_l = ConvEncoder(1, widths)
-        self.head_l = DenseHead(widths[-1], self.quantizer.num_bins if cls else 2)
+        self.head_l = DenseHead(widths[-1], self.quantizer.num_bins if cls else 2, int(hidden_dim or 64))
         self.encoder_ab = ConvEncoder(2, widths)
-        self.head_ab = DenseHead(widths[-1], self.l_bins if cls else 1)
+        self.head_ab = DenseHead(widths[-1], self.l_bins if cls else 1, int(hidden_dim or 64))
         self.backbone = ConcatBackbone(
             Backbone(LabChannels("L"), self.encoder_l, self.encoder_l.out_dim),
             Backbone(LabChannels("ab"), self.encoder_ab, self.encoder_ab.out_dim),

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyssl.pretext.base import PretextMethod
+from pyssl.methods import register
+from pyssl.methods._pretext import MethodError, PretextMethod, own_encoder_only
 from pyssl.pretext.lab import ABQuantizer, rgb_to_lab
 from pyssl.pretext.nets import Backbone, ConvEncoder, FirstFrame, LabChannels, normalized_lab
 
@@ -30,6 +31,7 @@ def attention(ref_feats: Tensor, tgt_feats: Tensor, temperature: float = 1.0) ->
     return torch.softmax(fr.transpose(1, 2) @ ft / temperature, dim=1)
 
 
+@register("video_colorization")
 class VideoColorization(PretextMethod):
     """Colourise a grey target frame by pointing into a colourful reference frame.
 
@@ -52,17 +54,20 @@ class VideoColorization(PretextMethod):
         widths, embed_dim: the embedding network.
         grid: ab bin spacing of the colour classes.
         temperature: softmax temperature of the attention (1 in the paper).
+        backbone, mean, std, hidden_dim: accepted for the CLI (``backbone`` must be "small"); unused.
     """
 
     default_data = "videos"
 
     def __init__(self, image_size: int = 32, in_channels: int = 12, widths: tuple[int, ...] = (32, 64),
-                 embed_dim: int = 64, grid: float = 20.0, temperature: float = 1.0):
+                 embed_dim: int = 64, grid: float = 20.0, temperature: float = 1.0, backbone: str = "small",
+                 mean=None, std=None, hidden_dim: int | None = None):
+        own_encoder_only("video_colorization", backbone)
         super().__init__(image_size, 3, mean=(0.0,) * 3, std=(1.0,) * 3)
         if in_channels % 3 or in_channels < 6:
-            raise ValueError(f"video_colorization: in_channels must be T * 3 with T >= 2 frames, got {in_channels}")
+            raise MethodError(f"video_colorization: in_channels must be T * 3 with T >= 2 frames, got {in_channels}")
         if not temperature > 0:
-            raise ValueError(f"video_colorization: temperature must be > 0, got {temperature}")
+            raise MethodError(f"video_colorization: temperature must be > 0, got {temperature}")
         self.frames = in_channels // 3
         self.temperature = float(temperature)
         self.quantizer = ABQuantizer(grid)

@@ -199,3 +199,67 @@ def synthetic_videos(
         masks = torch.where(inside, k + 1, masks)
     videos = (video * 255).round().clamp(0, 255).to(torch.uint8)
     return videos.to(device), masks.to(device)
+
+
+# ---- as ImageDataset (what the trainer, the CLI and the evaluation take) --------------------------
+
+
+def _stratified_test_mask(labels: Tensor, test_fraction: float, seed: int) -> Tensor:
+    # The same class-stratified split as pyssl.data.load_digits.
+    g = torch.Generator().manual_seed(seed)
+    test_mask = torch.zeros(len(labels), dtype=torch.bool)
+    for c in range(int(labels.max()) + 1):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        test_mask[idx[: round(len(idx) * test_fraction)]] = True
+    return test_mask
+
+
+def load_colour_digits(split: str = "train", size: int = 32, test_fraction: float = 0.3, seed: int = 0):
+    """:func:`colour_digits` as a :class:`pyssl.data.ImageDataset` (split like ``load_digits``)."""
+    from pyssl.data import DataError, ImageDataset
+
+    if split not in ("train", "test", "all"):
+        raise DataError(f"colour_digits: split must be train, test or all, got {split!r}")
+    if not isinstance(size, int) or size < 8:
+        raise DataError(f"colour_digits: size must be an int >= 8, got {size!r}")
+    images, labels = colour_digits(size)
+    if split != "all":
+        test = _stratified_test_mask(labels, test_fraction, seed)
+        keep = test if split == "test" else ~test
+        images, labels = images[keep], labels[keep]
+    return ImageDataset(images.contiguous(), labels, [str(i) for i in range(10)], "colour_digits")
+
+
+def load_videos(split: str = "train", size: int = 32, frames: int = 4, num_videos: int | None = None,
+                with_masks: bool = False):
+    """:func:`synthetic_videos` stored as images ``(N, frames * 3, S, S)`` (frame-major) with labels -1.
+
+    ``train`` has 1024 videos (seed 0), ``test`` 256 (seed 1). ``with_masks=True`` also
+    returns the object masks ``(N, frames, S, S)`` for :func:`pyssl.pretext.video.propagate_masks`.
+    """
+    from pyssl.data import DataError, ImageDataset
+
+    if split not in ("train", "test"):
+        raise DataError(f"videos: split must be train or test, got {split!r}")
+    if not isinstance(size, int) or size < 8:
+        raise DataError(f"videos: size must be an int >= 8, got {size!r}")
+    n = num_videos or (1024 if split == "train" else 256)
+    videos, masks = synthetic_videos(n, frames=frames, size=size, seed=0 if split == "train" else 1)
+    ds = ImageDataset(videos.flatten(1, 2).contiguous(), torch.full((n,), -1, dtype=torch.long), [], "videos")
+    return (ds, masks) if with_masks else ds
+
+
+def load_colour_data(kind: str, image_size: int | None = None):
+    """(train, test) for the embedded colour data sets: ``colour_digits`` or ``videos``."""
+    size = image_size or 32
+    if kind == "colour_digits":
+        return load_colour_digits("train", size), load_colour_digits("test", size)
+    if kind == "videos":
+        return load_videos("train", size), load_videos("test", size)
+    from pyssl.data import DataError
+
+    raise DataError(f"unknown colour data set {kind!r} (colour_digits or videos)")
+
+
+COLOUR_KINDS = ("colour_digits", "videos")

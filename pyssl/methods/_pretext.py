@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pyssl.methods.base import MethodError
 from pyssl.pretext.nets import ConvEncoder
 
 
@@ -28,6 +29,23 @@ def accuracy(logits: Tensor, target: Tensor) -> float:
     return float((logits.argmax(dim=1) == target).float().mean())
 
 
+def own_encoder_only(method: str, backbone) -> None:
+    """The colour methods build their own Lab encoders: only ``"small"`` (their default) is accepted."""
+    if backbone != "small":
+        raise MethodError(f"{method} builds its own encoders on Lab channels; backbone must be 'small' "
+                          f"(set widths= to resize them), got {backbone!r}")
+
+
+def as_method_error(fn, *args, **kwargs):
+    """Run ``fn``; a ``ValueError`` from it becomes a :class:`MethodError` (one line in the CLI)."""
+    try:
+        return fn(*args, **kwargs)
+    except MethodError:
+        raise
+    except ValueError as e:
+        raise MethodError(str(e)) from None
+
+
 def make_backbone(backbone: str | nn.Module, in_channels: int, image_size: int) -> nn.Module:
     """``"small"``: the pretext conv encoder (16-32-64 channels, one conv per stage, fast on a
     CPU); any other name goes to :func:`pyssl.models.build_backbone`; a module is used as is.
@@ -41,7 +59,7 @@ def make_backbone(backbone: str | nn.Module, in_channels: int, image_size: int) 
 
         module = build_backbone(backbone, in_channels, image_size)
     else:
-        raise TypeError(f"backbone must be a name or an nn.Module, got {type(backbone).__name__}")
+        raise MethodError(f"backbone must be a name or an nn.Module, got {type(backbone).__name__}")
     if not hasattr(module, "out_dim"):
         with torch.no_grad():
             was = module.training
@@ -65,13 +83,17 @@ class PretextMethod(nn.Module):
 
     default_data: str = "digits"
     train_defaults: dict = {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 1e-4, "momentum": 0.9}
+    #: What ``pyssl train`` uses for these methods over the data set's defaults (which are
+    #: tuned for the contrastive methods: SGD learning rates, projection widths, augmentation).
+    cli_defaults: dict = {"backbone": "small", "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.0,
+                          "epochs": 20, "hidden_dim": None, "augment_kwargs": None}
 
     def __init__(self, image_size: int | None = None, in_channels: int = 3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
         super().__init__()
         if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+            raise MethodError(f"image_size must be a positive int, got {image_size!r}")
         if in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 or 3, got {in_channels!r}")
+            raise MethodError(f"in_channels must be 1 or 3, got {in_channels!r}")
         self.image_size, self.in_channels = image_size, in_channels
         self.mean = tuple(float(m) for m in mean)[:in_channels]
         self.std = tuple(float(s) for s in std)[:in_channels]
@@ -110,9 +132,18 @@ class PretextMethod(nn.Module):
     def pretext_loss(self, images: Tensor) -> tuple[Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def training_step(self, batch: Any) -> Tensor:
+    def _checked(self, batch: Any) -> Tensor:
         images = batch_images(batch)
-        self.check_images(images)
+        try:
+            self.check_images(images)
+        except MethodError:
+            raise
+        except ValueError as e:  # the CLI reports MethodError as one line
+            raise MethodError(str(e)) from None
+        return images
+
+    def training_step(self, batch: Any) -> Tensor:
+        images = self._checked(batch)
         loss, metrics = self.pretext_loss(images)
         metrics["loss"] = float(loss.detach())
         self.last_metrics = metrics
@@ -124,8 +155,7 @@ class PretextMethod(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            images = batch_images(batch)
-            self.check_images(images)
+            images = self._checked(batch)
             loss, metrics = self.pretext_loss(images)
             metrics["loss"] = float(loss)
         finally:
