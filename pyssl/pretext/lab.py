@@ -101,7 +101,7 @@ def lab_to_rgb(lab: Tensor, dim: int = -3, clip: bool = True) -> Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def _in_gamut_bins(grid: float, samples: int = 48) -> tuple[tuple[float, float], ...]:
+def _in_gamut_bins(grid: float, samples: int = 64) -> tuple[tuple[float, float], ...]:
     # A bin is in gamut when some sRGB colour falls in it; sample the RGB cube densely.
     axis = torch.linspace(0.0, 1.0, samples, dtype=torch.float64)
     cube = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=0).reshape(3, -1)
@@ -125,10 +125,12 @@ class ABQuantizer:
             raise ValueError(f"ABQuantizer: grid must be > 0, got {grid}")
         self.grid = float(grid)
         self.centers = torch.tensor(_in_gamut_bins(self.grid), dtype=torch.float32)
-        half = int(round(AB_RANGE / self.grid)) + 1
+        # Look-up table on a 10x finer grid: fine cell -> nearest in-gamut bin; the chosen bin is
+        # at most grid / 10 * sqrt(2) farther from a value than the truly nearest one.
+        self._step = self.grid / 10
+        half = int(round((AB_RANGE + self.grid) / self._step))
         self._half = half
-        # Look-up table from grid cell to nearest in-gamut bin (cells out of gamut included).
-        cells = torch.arange(-half, half + 1, dtype=torch.float32) * self.grid
+        cells = torch.arange(-half, half + 1, dtype=torch.float32) * self._step
         grid_ab = torch.stack(torch.meshgrid(cells, cells, indexing="ij"), dim=-1).reshape(-1, 2)
         self._lut = torch.cdist(grid_ab, self.centers).argmin(dim=1).reshape(2 * half + 1, 2 * half + 1)
 
@@ -140,7 +142,7 @@ class ABQuantizer:
         """ab ``(..., 2, ...)`` -> nearest bin index (the channel dimension removed), int64."""
         if ab.shape[dim] != 2:
             raise ValueError(f"ABQuantizer.encode: expected 2 channels in dimension {dim}, got {tuple(ab.shape)}")
-        cell = torch.round(ab / self.grid).to(torch.int64).clamp(-self._half, self._half) + self._half
+        cell = torch.round(ab / self._step).to(torch.int64).clamp(-self._half, self._half) + self._half
         ia, ib = cell.unbind(dim)
         lut = self._lut.to(ab.device)
         return lut[ia, ib]

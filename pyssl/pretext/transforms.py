@@ -103,7 +103,7 @@ def grid_origins(
     slack = size - grid * cell
     shift = torch.randint(0, slack + 1, (n, 1, 2), device=device, generator=generator) if slack else 0
     jit = torch.randint(-jitter, jitter + 1, (n, grid * grid, 2), device=device, generator=generator) if jitter else 0
-    return (base + shift + jit).clamp(0, size - patch)
+    return (base + shift + jit).expand(n, grid * grid, 2).clamp(0, size - patch)
 
 
 def extract_patches(x: Tensor, origins: Tensor, patch: int) -> Tensor:
