@@ -179,11 +179,12 @@ def prepare_training(args):
         lr = d["lr"] * batch_size / d["batch_size"]
     else:
         lr = tdef["lr"] * batch_size / 128
+    epochs = args.epochs or d["epochs"]
     cfg = TrainConfig(
-        epochs=args.epochs or d["epochs"], batch_size=batch_size, optimizer=args.optimizer or tdef["optimizer"],
+        epochs=epochs, batch_size=batch_size, optimizer=args.optimizer or tdef["optimizer"],
         lr=lr, weight_decay=args.weight_decay if args.weight_decay is not None else tdef["weight_decay"],
         momentum=tdef.get("momentum", 0.9),
-        warmup_epochs=args.warmup_epochs if args.warmup_epochs is not None else d.get("warmup_epochs", 0.0),
+        warmup_epochs=args.warmup_epochs if args.warmup_epochs is not None else min(d.get("warmup_epochs", 0.0), epochs / 10),
         clip_grad=args.clip_grad, amp=args.amp, device=device, seed=args.seed, out_dir=out,
         checkpoint_every=args.checkpoint_every,
         knn_every=args.knn_every if args.knn_every is not None else d["knn_every"],
