@@ -260,6 +260,8 @@ class Trainer:
         self.steps_per_epoch = len(train) // config.batch_size
         self.total_steps = self.steps_per_epoch * config.epochs
         self.method.to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest convolutions once
         self.optimizer = build_optimizer(self.method, config)
         warmup = round(config.warmup_epochs * self.steps_per_epoch)
         ratio = config.min_lr / config.lr

@@ -102,3 +102,10 @@ def test_train_on_cifar_files_and_resume_finished_run(tmp_path):
             "--knn-k", "5", "--device", "cpu", "--no-progress", "--no-tensorboard", "--out", str(run)]
     assert main(argv) == 0
     assert main(argv + ["--resume"]) == 0  # nothing left to do, but a valid resume
+
+
+def test_training_stack_is_imported_lazily():
+    code = ("import sys, pyssl; assert not any(m in sys.modules for m in ('pyssl.train', 'pyssl.methods', "
+            "'pyssl.data', 'sklearn')); m = pyssl.methods; assert 'simclr' in m.available_methods()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
