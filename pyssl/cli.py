@@ -17,7 +17,7 @@ DEFAULT_RUN_DIR = "runs"
 # CIFAR protocol (ResNet-18 with the CIFAR stem, batch 512, 200 epochs, kNN k=200 every 5 epochs).
 DATA_DEFAULTS = {
     "digits": {"backbone": "convnet-small", "image_size": 16, "batch_size": 128, "epochs": 40, "knn_every": 5,
-               "hidden_dim": 512, "lr": 0.5, "warmup_epochs": 2, "knn_k": 20,
+               "hidden_dim": 512, "lr": {"simclr": 0.5, "*": 0.1}, "warmup_epochs": 2, "knn_k": 20,
                # digits are not mirror-symmetric, and 8x8 originals leave little to crop
                "augment_kwargs": {"scale": [0.3, 1.0], "p_flip": 0.0}, "temperature": {"simclr": 0.2}},
     "cifar10": {"backbone": "resnet18", "image_size": 32, "batch_size": 512, "epochs": 200, "knn_every": 5,
@@ -175,8 +175,8 @@ def prepare_training(args):
     method = build_method(args.method, **mcfg)
     if args.lr is not None:
         lr = args.lr
-    elif "lr" in d:  # tuned for the data set's default batch size; linear scaling otherwise
-        lr = d["lr"] * batch_size / d["batch_size"]
+    elif "lr" in d:  # tuned per method for the data set's default batch size; linear scaling otherwise
+        lr = d["lr"].get(args.method, d["lr"]["*"]) * batch_size / d["batch_size"]
     else:
         lr = tdef["lr"] * batch_size / 128
     epochs = args.epochs or d["epochs"]
