@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="evaluation data (default: the data the run trained on)")
     e.add_argument("--fractions", type=_fractions, default=[0.01, 0.1, 1.0], help="label fractions (default 0.01,0.1,1)")
     e.add_argument("--protocols", default="linear,knn,finetune", help="any of linear,knn,finetune")
-    e.add_argument("--k", type=int, default=200, help="kNN neighbours (default 200)")
+    e.add_argument("--k", type=int, default=None, help="kNN neighbours (default 200; 20 on digits)")
     e.add_argument("--t", type=float, default=0.1, help="kNN temperature (default 0.1)")
     e.add_argument("--finetune-steps", type=int, default=300)
     e.add_argument("--no-baselines", action="store_true", help="skip the random-init encoder and raw pixels")
@@ -256,15 +256,16 @@ def cmd_eval(args) -> int:
     spec = args.data or extra.get("data", "digits")
     train, test = load_data(spec, extra.get("image_size"))
     train, test = train.to(device), test.to(device)
+    k = args.k or DATA_DEFAULTS.get(spec.partition(":")[0].lower(), {}).get("knn_k", 200)
     encoders = {f"{extra.get('method', 'trained')} encoder": method.backbone}
     if not args.no_baselines:
         encoders.update({"random-init encoder": random_init.backbone, "raw pixels": None})
     print(f"pyssl eval: {spec}, {len(train)} train / {len(test)} test images, label fractions "
           f"{', '.join(f'{f:.0%}' for f in args.fractions)}", file=sys.stderr)
     results = evaluate_encoders(encoders, method.normalize, train, test, fractions=args.fractions,
-                                protocols=protocols, k=args.k, t=args.t, finetune_steps=args.finetune_steps,
+                                protocols=protocols, k=k, t=args.t, finetune_steps=args.finetune_steps,
                                 seed=args.seed, log=lambda s: print("  " + s, file=sys.stderr))
-    print(format_table(results, k=args.k, t=args.t))
+    print(format_table(results, k=k, t=args.t))
     run_dir = args.run if os.path.isdir(args.run) else os.path.dirname(args.run)
     with open(os.path.join(run_dir, "eval.json"), "w") as f:
         json.dump({n: {p: {str(fr): a for fr, a in r.items()} for p, r in v.items()} for n, v in results.items()},

@@ -272,6 +272,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_cuda_amp)
         self.step = 0
         self.ckpt_path = os.path.join(config.out_dir, CHECKPOINT_NAME)
+        self._loaded_from: str | None = None
 
     # -- state --
 
@@ -311,6 +312,7 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
         _set_rng_state(ckpt["rng"])
+        self._loaded_from = path
         self._truncate_logs(self.step)
 
     # -- logs --
@@ -347,9 +349,9 @@ class Trainer:
     def fit(self, resume: bool = False) -> TrainResult:
         cfg = self.cfg
         os.makedirs(cfg.out_dir, exist_ok=True)
-        if resume and os.path.exists(self.ckpt_path):
+        if resume and self._loaded_from is None and os.path.exists(self.ckpt_path):
             self.load()
-        else:
+        elif self._loaded_from is None:  # a fresh run (resume without a checkpoint starts one too)
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
             np.random.seed(cfg.seed % 2**32)
