@@ -9,6 +9,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "ema/ema_check.h"
+
 namespace pyssl::ema {
 namespace {
 
@@ -59,28 +61,6 @@ EmaFn select_kernel(at::ScalarType ema_type, at::ScalarType online_type) {
   if (fn == &ema_chunk<float, float> && __builtin_cpu_supports("avx2")) fn = &ema_chunk_float_avx2;
 #endif
   return fn;
-}
-
-// Both tensors cover their storage densely in the same element order (contiguous, or the
-// same permuted strides, e.g. channels_last): the update can run over the raw buffers.
-bool same_dense_layout(const Tensor& a, const Tensor& b) {
-  return a.is_non_overlapping_and_dense() && b.is_non_overlapping_and_dense() && a.strides() == b.strides();
-}
-
-void check_ema_lists(at::TensorList ema, at::TensorList online, double momentum) {
-  TORCH_CHECK(ema.size() == online.size(), "pyssl.ema_update_: ema and online must have the same length, got ",
-              ema.size(), " and ", online.size());
-  TORCH_CHECK(momentum >= 0.0 && momentum <= 1.0, "pyssl.ema_update_: momentum must be in [0, 1], got ",
-              momentum);
-  for (size_t i = 0; i < ema.size(); ++i) {
-    TORCH_CHECK(ema[i].sizes() == online[i].sizes(), "pyssl.ema_update_: ema[", i, "] has shape ",
-                ema[i].sizes(), " but online[", i, "] has shape ", online[i].sizes());
-    TORCH_CHECK(ema[i].device() == online[i].device(), "pyssl.ema_update_: ema[", i, "] is on ",
-                ema[i].device(), " but online[", i, "] on ", online[i].device());
-    TORCH_CHECK(at::isFloatingType(ema[i].scalar_type()) && at::isFloatingType(online[i].scalar_type()),
-                "pyssl.ema_update_: tensors must be floating, got ", ema[i].scalar_type(), " and ",
-                online[i].scalar_type(), " at index ", i);
-  }
 }
 
 void ema_update_cpu(at::TensorList ema, at::TensorList online, double momentum) {

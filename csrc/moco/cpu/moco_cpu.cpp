@@ -11,6 +11,7 @@
 #include <limits>
 #include <tuple>
 
+#include "moco/moco_check.h"
 #include "moco/moco_math.h"
 
 namespace pyssl::moco {
@@ -25,24 +26,6 @@ constexpr int64_t kMaxRowBlock = 256;
 
 at::ScalarType accumulate_type(const Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_moco(const Tensor& query, const Tensor& key, const Tensor& queue, double temperature) {
-  const char* op = "pyssl.moco";
-  for (auto [t, name] : {std::pair{&query, "query"}, std::pair{&key, "key"}}) {
-    TORCH_CHECK(t->dim() == 2, op, ": ", name, " must be 2-D (batch, dim), got shape ", t->sizes());
-    TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": ", name, " must be a floating tensor, got ",
-                t->scalar_type());
-    TORCH_CHECK(t->size(0) > 0 && t->size(1) > 0, op, ": ", name, " must be non-empty, got shape ",
-                t->sizes());
-  }
-  TORCH_CHECK(query.sizes() == key.sizes(), op, ": query and key must have the same shape, got ",
-              query.sizes(), " and ", key.sizes());
-  TORCH_CHECK(queue.dim() == 2 && queue.size(1) == query.size(1), op,
-              ": queue must have shape (K, ", query.size(1), "), got ", queue.sizes());
-  TORCH_CHECK(at::isFloatingType(queue.scalar_type()), op, ": queue must be a floating tensor, got ",
-              queue.scalar_type());
-  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
 }
 
 struct Normalized {
