@@ -268,13 +268,20 @@ Tensor augment_fused_cpu(const Tensor& images, const Tensor& source_index,
                          const Tensor& gray, const Tensor& blur_sigma,
                          const Tensor& blur_kernel_size, const Tensor& solarize_threshold,
                          const Tensor& mean, const Tensor& std, int64_t out_h, int64_t out_w,
-                         std::optional<at::ScalarType> out_dtype, bool channels_last) {
+                         std::optional<at::ScalarType> out_dtype, bool channels_last,
+                         int64_t blur_kernel_bound) {
   const int64_t n = check_fused_args(images, source_index, crop_boxes, flip, jitter_factors,
                                      jitter_order, gray, blur_sigma, blur_kernel_size,
                                      solarize_threshold, mean, std, out_h, out_w, out_dtype);
   const auto params = gather_params(images, source_index, crop_boxes, flip, jitter_factors,
                                     jitter_order, gray, blur_sigma, blur_kernel_size,
                                     solarize_threshold);
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(blur_kernel_bound < 0 || params[i].sigma == 0 ||
+                    params[i].ksize <= blur_kernel_bound,
+                "pyssl.augment_fused: blur_kernel_size[", i, "] = ", params[i].ksize,
+                " exceeds blur_kernel_bound = ", blur_kernel_bound);
+  }
   const int64_t channels = images.size(1);
   Tensor out = at::empty({n, channels, out_h, out_w},
                          images.options()
