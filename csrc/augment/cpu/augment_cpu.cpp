@@ -55,42 +55,63 @@ struct Geometry {
 struct Scratch {
   std::vector<float> planes;  // C x out_h x out_w: the pass-1 result
   std::vector<float> blur_h;  // C x out_h x out_w: rows blurred horizontally
-  std::vector<float> row;     // one padded row, one accumulator row
-  std::vector<int64_t> x0, x1;
+  std::vector<float> row;     // blur: one padded row and one accumulator row; crop: one row
+  std::vector<int32_t> x0, x1;
   std::vector<float> wx0, wx1;
 };
 
+// The hot loops are compiled twice, for AVX2 and for the baseline, and picked at load time
+// (GCC/Clang function multiversioning); the wheel itself keeps the baseline x86-64 flags.
+// No FMA in the AVX2 clone, so both clones round identically.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define PYSSL_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define PYSSL_CPU_CLONES
+#endif
+
+// Crop + flip: each output row blends its two source rows over the crop's columns (contiguous,
+// vectorised), then gathers the two horizontal taps of every output pixel from that blend.
 template <typename in_t>
-void crop_flip(const in_t* in, const Geometry& g, const ImageParams& p, Scratch& s) {
-  const int64_t ow = g.out_w, oh = g.out_h, plane = oh * ow;
+PYSSL_CPU_CLONES void crop_flip(const in_t* in, const Geometry& g, const ImageParams& p,
+                                Scratch& s) {
+  const int64_t ow = g.out_w, oh = g.out_h, plane = oh * ow, cw = p.width;
   s.x0.resize(ow);
   s.x1.resize(ow);
   s.wx0.resize(ow);
   s.wx1.resize(ow);
+  s.row.resize(cw);
   for (int64_t x = 0; x < ow; ++x) {
-    const Taps t = bilinear_taps(p.flip ? ow - 1 - x : x, p.width, ow);
-    s.x0[x] = (p.left + t.i0) * g.in_stride[3];
-    s.x1[x] = (p.left + t.i1) * g.in_stride[3];
+    const Taps t = bilinear_taps(p.flip ? ow - 1 - x : x, cw, ow);
+    s.x0[x] = static_cast<int32_t>(t.i0);
+    s.x1[x] = static_cast<int32_t>(t.i1);
     s.wx0[x] = t.w0;
     s.wx1[x] = t.w1;
   }
-  const in_t* image = in + p.src * g.in_stride[0];
+  const int64_t sw = g.in_stride[3];
+  const in_t* image = in + p.src * g.in_stride[0] + p.left * sw;
+  float* blended = s.row.data();
+  const int32_t* x0 = s.x0.data();
+  const int32_t* x1 = s.x1.data();
+  const float* wx0 = s.wx0.data();
+  const float* wx1 = s.wx1.data();
   for (int64_t y = 0; y < oh; ++y) {
     const Taps ty = bilinear_taps(y, p.height, oh);
     for (int64_t c = 0; c < g.channels; ++c) {
       const in_t* r0 = image + c * g.in_stride[1] + (p.top + ty.i0) * g.in_stride[2];
       const in_t* r1 = image + c * g.in_stride[1] + (p.top + ty.i1) * g.in_stride[2];
-      float* dst = s.planes.data() + c * plane + y * ow;
-      for (int64_t x = 0; x < ow; ++x) {
-        const float top = to_unit(r0[s.x0[x]]) * s.wx0[x] + to_unit(r0[s.x1[x]]) * s.wx1[x];
-        const float bottom = to_unit(r1[s.x0[x]]) * s.wx0[x] + to_unit(r1[s.x1[x]]) * s.wx1[x];
-        dst[x] = top * ty.w0 + bottom * ty.w1;
+      if (sw == 1) {
+        for (int64_t j = 0; j < cw; ++j) blended[j] = to_unit(r0[j]) * ty.w0 + to_unit(r1[j]) * ty.w1;
+      } else {
+        for (int64_t j = 0; j < cw; ++j)
+          blended[j] = to_unit(r0[j * sw]) * ty.w0 + to_unit(r1[j * sw]) * ty.w1;
       }
+      float* dst = s.planes.data() + c * plane + y * ow;
+      for (int64_t x = 0; x < ow; ++x) dst[x] = blended[x0[x]] * wx0[x] + blended[x1[x]] * wx1[x];
     }
   }
 }
 
-void jitter_and_gray(const Geometry& g, const ImageParams& p, Scratch& s) {
+PYSSL_CPU_CLONES void jitter_and_gray(const Geometry& g, const ImageParams& p, Scratch& s) {
   const int64_t n = g.out_h * g.out_w;
   float* r = s.planes.data();
   float* gr = g.channels == 3 ? r + n : r;
@@ -132,7 +153,7 @@ void jitter_and_gray(const Geometry& g, const ImageParams& p, Scratch& s) {
 }
 
 // Separable Gaussian blur of every plane of s.planes into s.blur_h (reflect padding).
-void blur(const Geometry& g, const ImageParams& p, Scratch& s) {
+PYSSL_CPU_CLONES void blur(const Geometry& g, const ImageParams& p, Scratch& s) {
   const int64_t oh = g.out_h, ow = g.out_w, plane = oh * ow, radius = p.ksize / 2;
   float weights[kMaxKernelSize];
   double total = 0;
@@ -178,7 +199,7 @@ void blur(const Geometry& g, const ImageParams& p, Scratch& s) {
 }
 
 template <typename out_t>
-void write_output(out_t* out, const Geometry& g, const ImageParams& p, const float* mean,
+PYSSL_CPU_CLONES void write_output(out_t* out, const Geometry& g, const ImageParams& p, const float* mean,
                   const float* stdev, int64_t index, Scratch& s) {
   const int64_t oh = g.out_h, ow = g.out_w, plane = oh * ow;
   const float thr = p.threshold;
