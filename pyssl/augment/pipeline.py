@@ -257,7 +257,8 @@ class SimCLRAugment(nn.Module):
 
         gray = u[:, _GRAY] < self.p_gray
         blurred = u[:, _BLUR] < self.p_blur
-        sigma = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[:, _SIGMA]
+        # Clamped: float32 rounding could land one ulp above sigma_max.
+        sigma = (self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[:, _SIGMA]).clamp(self.sigma[0], self.sigma[1])
         blur_sigma = torch.where(blurred, sigma, torch.zeros_like(sigma))
         if self.blur_kernel_size is None:
             ksize = F.kernel_size_for(blur_sigma)
@@ -319,8 +320,8 @@ class SimCLRAugment(nn.Module):
         """The largest blur kernel this augmentation draws."""
         if self.blur_kernel_size is not None:
             return self.blur_kernel_size
-        # A hair above sigma_max: a float32 draw may round up to one ulp past it.
-        return int(F.kernel_size_for(torch.tensor([self.sigma[1] * (1 + 1e-6)], dtype=torch.float64))[0])
+        # The draws are float32 and clamped to float32(sigma_max): the same value gives the bound.
+        return int(F.kernel_size_for(torch.tensor([self.sigma[1]], dtype=torch.float32))[0])
 
     def apply(self, images: Tensor, params: AugmentParams, *, blur_kernel_bound: int = -1) -> Tensor:
         """Applies given parameters (from :meth:`draw_params`) in one fused call.
