@@ -11,6 +11,15 @@ mkdir -p "$OUT"
 export PYSSL_CUDA=ON PYSSL_CUDA_ARCH=${PYSSL_CUDA_ARCH:-90} CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 export PYTHONUNBUFFERED=1
 
+# The anchor libraries (lightly, kornia, open_clip) are not on the GPU image and it has no
+# network: carry their wheels in .whl/ (device `carry: [".whl"]`), fetched here with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl lightly==1.6.0 \
+#       hydra-core omegaconf antlr4-python3-runtime kornia==0.9.0 kornia-rs open-clip-torch==3.3.0 ftfy wcwidth
+if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$REPO"/.whl/*.whl &&
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
 { nvidia-smi; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } >"$OUT/env.txt" 2>&1
 
 start=$(date +%s)

@@ -14,6 +14,8 @@ PYSSL_HOST_DEVICE float exp_acc(float x) { return expf(x); }
 PYSSL_HOST_DEVICE double exp_acc(double x) { return exp(x); }
 PYSSL_HOST_DEVICE float log_acc(float x) { return logf(x); }
 PYSSL_HOST_DEVICE double log_acc(double x) { return log(x); }
+PYSSL_HOST_DEVICE float sqrt_acc(float x) { return sqrtf(x); }
+PYSSL_HOST_DEVICE double sqrt_acc(double x) { return sqrt(x); }
 
 // Largest logit spread for which a fixed shift (the logit bound |S| <= scale) can replace the
 // running max: exp(S - scale) >= exp(-2 scale) must stay a normal number of the type.

@@ -1,0 +1,439 @@
+// CUDA kernels of the fused InfoNCE family (NT-Xent, InfoNCE, CLIP), flash-attention style:
+// a row block sweeps column tiles, recomputing each logit tile from the normalised rows; the
+// (rows x keys) logit matrix is never allocated. Same semantics, checks, output shapes and
+// dtypes as csrc/infonce/cpu/infonce_cpu.cpp; the kernels are in infonce_kernels.cuh.
+//
+// Launch plan (kTile = 64 rows/columns per tile, 256 threads, 4 x 4 logits per thread):
+//   normalize_rows    one warp per row, 8 rows per block
+//   lse_partial       grid (row tiles, column splits); merged by lse_merge (1 thread per row)
+//   grad_partial      grid (row tiles, 128-feature chunks, column splits), 33 KiB (fp32) /
+//                     65 KiB (fp64) dynamic shared memory; summed by grad_finalize (1 block/row)
+//   positive_dot      one warp per row; loss / scale_grad: one block.
+// fp16/bf16 input takes the *_mma variants (same grids): the tiles S = U V^T and G V run on the
+// tensor cores (WMMA 16x16x16, fp16 operands, float32 accumulators), 8 warps per block, each
+// owning 16 x 32 of the S tile and 16 x 64 of the block's dX chunk; 17 KiB (forward) and
+// 26 KiB (backward) of static shared memory.
+// Column splits keep the SMs busy for any batch: the forward asks for >= 4 blocks per SM
+// (their partial (max, sum) pairs are merged per row), the backward for one full wave of
+// 2 blocks per SM (its partial dX sums, splits x rows x d floats, are added in grad_finalize).
+//
+// grad_loss and logit_scale are read on the device (no host synchronisation). A logit_scale
+// tensor that lives on the CPU is range-checked on the host like the CPU kernel does; one on
+// the GPU cannot be without a sync, so a value that is not > 0 yields a NaN loss/gradient.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <tuple>
+#include <utility>
+
+#include "infonce/cuda/infonce_kernels.cuh"
+
+namespace pyssl::infonce {
+namespace {
+
+using at::Tensor;
+using namespace pyssl::infonce::cuda;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+at::ScalarType accumulate_type(const Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The dtypes the kernels read and write directly; others (float8) go through float32.
+bool kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+int sm_count() {
+  int device = 0, count = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return std::max(count, 1);
+}
+
+// Column splits of a sweep over col_tiles tiles so that about `target` blocks run, given
+// `other` blocks per split: at least `target` (round_up) or at most `target` when that is the
+// number of blocks resident at once (no half-empty second wave). Returns
+// (splits, tiles_per_split) with no empty split.
+std::pair<int64_t, int64_t> column_splits(int64_t col_tiles, int64_t other, int64_t target,
+                                          bool round_up) {
+  other = std::max<int64_t>(other, 1);
+  const int64_t wanted = round_up ? ceil_div(target, other) : target / other;
+  const int64_t splits = std::clamp<int64_t>(wanted, 1, col_tiles);
+  const int64_t per_split = ceil_div(col_tiles, splits);
+  return {ceil_div(col_tiles, per_split), per_split};
+}
+
+void check_embeddings(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D (batch, dim), got shape ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be a floating tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.size(0) > 0 && t.size(1) > 0, op, ": ", name, " must be non-empty, got shape ",
+              t.sizes());
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+}
+
+// A one-element tensor as a 0-dim tensor of `acc` on `device` (a copy only if needed).
+Tensor device_scalar(const Tensor& t, const char* op, const char* name, at::Device device,
+                     at::ScalarType acc) {
+  TORCH_CHECK(t.numel() == 1, op, ": ", name, " must hold one value, got shape ", t.sizes());
+  return t.to(device, acc).reshape({});
+}
+
+// Tensor cores serve fp16/bf16 input unless PYSSL_INFONCE_TENSOR_CORES=0 (read on every call,
+// so a test or a user can compare the two paths): the logits then come from fp16-rounded unit
+// rows (errors ~1e-4 of a cosine), as in any fp16/bf16 matmul.
+bool use_tensor_cores(const Tensor& a, const Tensor& b) {
+  auto half_like = [](at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; };
+  const char* env = std::getenv("PYSSL_INFONCE_TENSOR_CORES");
+  const bool allowed = env == nullptr || std::string(env) != "0";
+  return allowed && half_like(a.scalar_type()) && half_like(b.scalar_type());
+}
+
+// Rows normalised in the accumulation dtype, zero-padded to (kTile, kDepth) multiples.
+struct Normalized {
+  Tensor unit;       // (rows_pad, dim_pad)
+  Tensor unit_half;  // the same rounded to fp16 for the tensor cores, or undefined
+  Tensor norm;       // (rows,) = ||z||
+  int64_t rows, rows_pad, dim, dim_pad;
+  at::ScalarType dtype;  // the input's dtype, that of its gradient
+};
+
+template <typename in_t, typename acc_t>
+void launch_normalize(const Tensor& z, Normalized& n, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>(ceil_div(n.rows_pad, kWarps));
+  normalize_rows_kernel<in_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+      z.const_data_ptr<in_t>(), z.stride(0), z.stride(1), n.rows, n.rows_pad, n.dim, n.dim_pad,
+      n.unit.mutable_data_ptr<acc_t>(), n.norm.mutable_data_ptr<acc_t>(),
+      n.unit_half.defined() ? reinterpret_cast<__half*>(n.unit_half.mutable_data_ptr<at::Half>()) : nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+Normalized normalize_rows(const Tensor& z_in, at::ScalarType acc, bool tensor_cores, cudaStream_t stream) {
+  const Tensor z = kernel_dtype(z_in.scalar_type()) ? z_in : z_in.to(at::kFloat);
+  Normalized n;
+  n.rows = z.size(0);
+  n.rows_pad = ceil_div(n.rows, kTile) * kTile;
+  n.dim = z.size(1);
+  n.dim_pad = ceil_div(n.dim, kDepth) * kDepth;
+  n.dtype = z_in.scalar_type();
+  const auto opts = z.options().dtype(acc);
+  n.unit = at::empty({n.rows_pad, n.dim_pad}, opts);
+  n.norm = at::empty({n.rows}, opts);
+  if (tensor_cores) n.unit_half = at::empty({n.rows_pad, n.dim_pad}, z.options().dtype(at::kHalf));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "pyssl_normalize_rows_cuda", [&] {
+    if (acc == at::kDouble) {
+      launch_normalize<scalar_t, double>(z, n, stream);
+    } else {
+      launch_normalize<scalar_t, float>(z, n, stream);
+    }
+  });
+  return n;
+}
+
+const __half* half_ptr(const Tensor& t) {
+  return reinterpret_cast<const __half*>(t.const_data_ptr<at::Half>());
+}
+
+// lse_out[i] = log sum_j exp(scale x_i . y_j) over the allowed columns j of y.
+void row_lse(const Normalized& x, const Normalized& y, bool mask_diagonal, const Tensor& scale,
+             Tensor& lse_out, cudaStream_t stream) {
+  const int64_t row_tiles = x.rows_pad / kTile, col_tiles = ceil_div(y.rows, kTile);
+  const std::pair<int64_t, int64_t> split = column_splits(col_tiles, row_tiles, 4 * int64_t{sm_count()}, /*round_up=*/true);
+  const int64_t splits = split.first, per_split = split.second;
+  Tensor part_max = at::empty({splits, x.rows}, x.unit.options());
+  Tensor part_sum = at::empty({splits, x.rows}, x.unit.options());
+  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(splits));
+  AT_DISPATCH_FLOATING_TYPES(x.unit.scalar_type(), "pyssl_row_lse_cuda", [&] {
+    if (x.unit_half.defined() && y.unit_half.defined()) {
+      lse_partial_mma_kernel<<<grid, kThreads, 0, stream>>>(
+          half_ptr(x.unit_half), half_ptr(y.unit_half), x.rows, y.rows, x.dim_pad,
+          scale.const_data_ptr<float>(), mask_diagonal, per_split,
+          part_max.mutable_data_ptr<float>(), part_sum.mutable_data_ptr<float>());
+    } else {
+      lse_partial_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+          x.unit.const_data_ptr<scalar_t>(), y.unit.const_data_ptr<scalar_t>(), x.rows, y.rows,
+          x.dim_pad, scale.const_data_ptr<scalar_t>(), mask_diagonal, per_split,
+          part_max.mutable_data_ptr<scalar_t>(), part_sum.mutable_data_ptr<scalar_t>());
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    lse_merge_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(x.rows, kThreads)), kThreads, 0, stream>>>(
+        part_max.const_data_ptr<scalar_t>(), part_sum.const_data_ptr<scalar_t>(), splits, x.rows,
+        lse_out.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// pos[i] = x_i . y_{p(i)} for i < rows (p(i) = i, or the NT-Xent partner when pairs > 0).
+Tensor positive_dots(const Normalized& x, const Normalized& y, int64_t rows, int64_t pairs,
+                     cudaStream_t stream) {
+  Tensor pos = at::empty({rows}, x.unit.options());
+  AT_DISPATCH_FLOATING_TYPES(x.unit.scalar_type(), "pyssl_positive_dots_cuda", [&] {
+    positive_dot_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(rows, kWarps)), kThreads, 0, stream>>>(
+        x.unit.const_data_ptr<scalar_t>(), y.unit.const_data_ptr<scalar_t>(), rows, x.dim_pad,
+        pairs, pos.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return pos;
+}
+
+Tensor reduce_loss(const Tensor& lse_row, const Tensor* lse_col, const Tensor& pos,
+                   const Tensor& scale, cudaStream_t stream) {
+  Tensor loss = at::empty({}, lse_row.options());
+  AT_DISPATCH_FLOATING_TYPES(lse_row.scalar_type(), "pyssl_infonce_loss_cuda", [&] {
+    loss_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
+        lse_row.const_data_ptr<scalar_t>(),
+        lse_col != nullptr ? lse_col->const_data_ptr<scalar_t>() : nullptr,
+        pos.const_data_ptr<scalar_t>(), pos.size(0), scale.const_data_ptr<scalar_t>(),
+        loss.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return loss;
+}
+
+struct GradSums {
+  Tensor part;      // (splits, x.rows_pad, x.dim_pad), rows < x.rows written
+  int64_t splits;
+  Tensor prob_cos;  // per-block sum_ij G_ij cos_ij, or undefined
+};
+
+// Sums G Y over the columns of y for every row of x (see grad_partial_kernel). lse_x / lse_y
+// are the row- and column-side lse (null: term absent); the positive of row i is column i, or
+// its NT-Xent partner when pairs > 0, and enters G with -n_pos.
+GradSums grad_sweep(const Normalized& x, const Normalized& y, const Tensor& scale,
+                    const Tensor* lse_x, const Tensor* lse_y, bool mask_diagonal, int64_t pairs,
+                    double n_pos, bool want_prob_cos, cudaStream_t stream) {
+  const int64_t row_tiles = x.rows_pad / kTile, col_tiles = ceil_div(y.rows, kTile);
+  const int64_t chunks = ceil_div(x.dim_pad, kGradCols);
+  // Two backward blocks fit an SM (128 registers x 256 threads): fill one wave of them.
+  const std::pair<int64_t, int64_t> split =
+      column_splits(col_tiles, row_tiles * chunks, 2 * int64_t{sm_count()}, /*round_up=*/false);
+  const int64_t splits = split.first, per_split = split.second;
+  GradSums out;
+  out.splits = splits;
+  out.part = at::empty({splits, x.rows_pad, x.dim_pad}, x.unit.options());
+  if (want_prob_cos) out.prob_cos = at::empty({splits * row_tiles}, x.unit.options());
+  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(chunks),
+                  static_cast<unsigned>(splits));
+  auto make_terms = [&](auto zero) {
+    using acc_t = decltype(zero);
+    GradTerms<acc_t> terms;
+    terms.lse_x = lse_x != nullptr ? lse_x->const_data_ptr<acc_t>() : nullptr;
+    terms.lse_y = lse_y != nullptr ? lse_y->const_data_ptr<acc_t>() : nullptr;
+    terms.n_x = x.rows;
+    terms.n_y = y.rows;
+    terms.mask_diagonal = mask_diagonal;
+    terms.pairs = pairs;
+    terms.n_pos = static_cast<acc_t>(n_pos);
+    return terms;
+  };
+  if (x.unit_half.defined() && y.unit_half.defined()) {  // fp16/bf16 input: float32 statistics
+    grad_partial_mma_kernel<<<grid, kThreads, 0, stream>>>(
+        half_ptr(x.unit_half), half_ptr(y.unit_half), x.rows_pad, x.dim_pad,
+        scale.const_data_ptr<float>(), make_terms(0.0f), per_split,
+        out.part.mutable_data_ptr<float>(),
+        want_prob_cos ? out.prob_cos.mutable_data_ptr<float>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.unit.scalar_type(), "pyssl_grad_sweep_cuda", [&] {
+    const int smem = kGradSmemElems * static_cast<int>(sizeof(scalar_t));
+    // Above 48 KiB (float64) dynamic shared memory needs an explicit opt-in.
+    C10_CUDA_CHECK(cudaFuncSetAttribute(grad_partial_kernel<scalar_t>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    grad_partial_kernel<scalar_t><<<grid, kThreads, smem, stream>>>(
+        x.unit.const_data_ptr<scalar_t>(), y.unit.const_data_ptr<scalar_t>(), x.rows_pad,
+        x.dim_pad, scale.const_data_ptr<scalar_t>(), make_terms(scalar_t(0)), per_split,
+        out.part.mutable_data_ptr<scalar_t>(),
+        want_prob_cos ? out.prob_cos.mutable_data_ptr<scalar_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+template <typename acc_t, typename out_t>
+void launch_grad_finalize(const GradSums& sums, const Normalized& x, const Tensor& grad_loss,
+                          const Tensor& scale, double mean_factor, Tensor& out, cudaStream_t stream) {
+  grad_finalize_kernel<acc_t, out_t><<<static_cast<unsigned>(x.rows), 128, 0, stream>>>(
+      sums.part.const_data_ptr<acc_t>(), sums.splits, x.rows_pad, x.rows, x.dim, x.dim_pad,
+      x.unit.const_data_ptr<acc_t>(), x.norm.const_data_ptr<acc_t>(),
+      grad_loss.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(),
+      static_cast<acc_t>(mean_factor), out.mutable_data_ptr<out_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// dL/dz of the rows of x: sums * grad * scale * mean_factor through the normalisation, in
+// x's input dtype.
+Tensor grad_finalize(const GradSums& sums, const Normalized& x, const Tensor& grad_loss,
+                     const Tensor& scale, double mean_factor, cudaStream_t stream) {
+  const at::ScalarType out_dtype = kernel_dtype(x.dtype) ? x.dtype : at::kFloat;
+  Tensor out = at::empty({x.rows, x.dim}, x.unit.options().dtype(out_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "pyssl_grad_finalize_cuda", [&] {
+    if (x.unit.scalar_type() == at::kDouble) {
+      launch_grad_finalize<double, scalar_t>(sums, x, grad_loss, scale, mean_factor, out, stream);
+    } else {
+      launch_grad_finalize<float, scalar_t>(sums, x, grad_loss, scale, mean_factor, out, stream);
+    }
+  });
+  return out_dtype == x.dtype ? out : out.to(x.dtype);
+}
+
+// ---- NT-Xent ----------------------------------------------------------------------------------
+
+void check_ntxent(const Tensor& z, double temperature) {
+  check_embeddings(z, "pyssl.ntxent", "z");
+  TORCH_CHECK(z.size(0) % 2 == 0 && z.size(0) >= 2,
+              "pyssl.ntxent: z must hold two views of N >= 1 rows each (2N rows), got ", z.size(0));
+  TORCH_CHECK(temperature > 0, "pyssl.ntxent: temperature must be > 0, got ", temperature);
+}
+
+std::tuple<Tensor, Tensor> ntxent_forward_cuda(const Tensor& z, double temperature) {
+  check_ntxent(z, temperature);
+  c10::cuda::CUDAGuard guard(z.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::ScalarType acc = accumulate_type(z);
+  const int64_t rows = z.size(0), pairs = rows / 2;
+  Normalized n = normalize_rows(z, acc, use_tensor_cores(z, z), stream);
+  Tensor scale = at::empty({}, n.unit.options()).fill_(1.0 / temperature);
+
+  Tensor lse = at::empty({rows}, n.unit.options());
+  row_lse(n, n, /*mask_diagonal=*/true, scale, lse, stream);
+  Tensor pos = positive_dots(n, n, rows, pairs, stream);
+  Tensor loss = reduce_loss(lse, nullptr, pos, scale, stream);
+  return {loss.to(z.scalar_type()), lse};
+}
+
+Tensor ntxent_backward_cuda(const Tensor& grad_loss, const Tensor& z, const Tensor& lse,
+                            double temperature) {
+  check_ntxent(z, temperature);
+  const int64_t rows = z.size(0), pairs = rows / 2;
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == rows, "pyssl.ntxent_backward: lse must have shape (",
+              rows, "), got ", lse.sizes());
+  c10::cuda::CUDAGuard guard(z.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::ScalarType acc = accumulate_type(z);
+  Normalized n = normalize_rows(z, acc, use_tensor_cores(z, z), stream);
+  Tensor scale = at::empty({}, n.unit.options()).fill_(1.0 / temperature);
+  Tensor grad = device_scalar(grad_loss, "pyssl.ntxent_backward", "grad_loss", z.device(), acc);
+  Tensor lse_acc = lse.to(z.device(), acc).contiguous();
+
+  // dU_k = sum_j (P_kj + P_jk - 2 [j = p(k)]) u_j: S is symmetric, so one sweep with both lse
+  // terms; the positive logit S_{k,p(k)} appears in row k and (as S_{p(k),k}) in row p(k).
+  GradSums sums = grad_sweep(n, n, scale, &lse_acc, &lse_acc, /*mask_diagonal=*/true, pairs,
+                             /*n_pos=*/2.0, /*want_prob_cos=*/false, stream);
+  return grad_finalize(sums, n, grad, scale, 1.0 / static_cast<double>(rows), stream);
+}
+
+// ---- InfoNCE / CLIP ---------------------------------------------------------------------------
+
+void check_infonce(const Tensor& query, const Tensor& key, const Tensor& logit_scale, bool symmetric) {
+  check_embeddings(query, "pyssl.infonce", "query");
+  check_embeddings(key, "pyssl.infonce", "key");
+  TORCH_CHECK(query.device() == key.device(), "pyssl.infonce: query and key must be on one device, got ",
+              query.device(), " and ", key.device());
+  TORCH_CHECK(query.size(1) == key.size(1), "pyssl.infonce: query and key must have the same dim, got ",
+              query.sizes(), " and ", key.sizes());
+  if (symmetric) {
+    TORCH_CHECK(query.size(0) == key.size(0),
+                "pyssl.infonce: the symmetric (CLIP) loss needs as many keys as queries, got ",
+                query.size(0), " and ", key.size(0));
+  } else {
+    TORCH_CHECK(key.size(0) >= query.size(0), "pyssl.infonce: need at least one key per query, got ",
+                key.size(0), " keys for ", query.size(0), " queries");
+  }
+  TORCH_CHECK(logit_scale.numel() == 1, "pyssl.infonce: logit_scale must hold one value, got shape ",
+              logit_scale.sizes());
+  if (!logit_scale.is_cuda()) {  // free to read without a device sync
+    const double scale = logit_scale.item<double>();
+    TORCH_CHECK(scale > 0, "pyssl.infonce: logit_scale must be > 0, got ", scale);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> infonce_forward_cuda(const Tensor& query, const Tensor& key,
+                                                        const Tensor& logit_scale, bool symmetric) {
+  check_infonce(query, key, logit_scale, symmetric);
+  c10::cuda::CUDAGuard guard(query.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::ScalarType acc = accumulate_type(query);
+  const int64_t rows = query.size(0), keys = key.size(0);
+  const bool tensor_cores = use_tensor_cores(query, key);
+  Normalized nq = normalize_rows(query, acc, tensor_cores, stream);
+  Normalized nk = normalize_rows(key, acc, tensor_cores, stream);
+  Tensor scale = device_scalar(logit_scale, "pyssl.infonce", "logit_scale", query.device(), acc);
+
+  Tensor lse_row = at::empty({rows}, nq.unit.options());
+  row_lse(nq, nk, /*mask_diagonal=*/false, scale, lse_row, stream);
+  Tensor lse_col = at::empty({symmetric ? keys : 0}, nq.unit.options());
+  // CLIP's column statistics: the same sweep with the roles of query and key swapped.
+  if (symmetric) row_lse(nk, nq, /*mask_diagonal=*/false, scale, lse_col, stream);
+  Tensor pos = positive_dots(nq, nk, rows, /*pairs=*/0, stream);
+  Tensor loss = reduce_loss(lse_row, symmetric ? &lse_col : nullptr, pos, scale, stream);
+  return {loss.to(query.scalar_type()), lse_row, lse_col};
+}
+
+std::tuple<Tensor, Tensor, Tensor> infonce_backward_cuda(const Tensor& grad_loss, const Tensor& query,
+                                                         const Tensor& key, const Tensor& logit_scale,
+                                                         const Tensor& lse_row, const Tensor& lse_col,
+                                                         bool symmetric) {
+  check_infonce(query, key, logit_scale, symmetric);
+  const int64_t rows = query.size(0), keys = key.size(0);
+  TORCH_CHECK(lse_row.dim() == 1 && lse_row.size(0) == rows,
+              "pyssl.infonce_backward: lse_row must have shape (", rows, "), got ", lse_row.sizes());
+  TORCH_CHECK(!symmetric || (lse_col.dim() == 1 && lse_col.size(0) == keys),
+              "pyssl.infonce_backward: lse_col must have shape (", keys, "), got ", lse_col.sizes());
+  c10::cuda::CUDAGuard guard(query.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::ScalarType acc = accumulate_type(query);
+  const at::Device device = query.device();
+  const bool tensor_cores = use_tensor_cores(query, key);
+  Normalized nq = normalize_rows(query, acc, tensor_cores, stream);
+  Normalized nk = normalize_rows(key, acc, tensor_cores, stream);
+  Tensor scale = device_scalar(logit_scale, "pyssl.infonce_backward", "logit_scale", device, acc);
+  Tensor grad = device_scalar(grad_loss, "pyssl.infonce_backward", "grad_loss", device, acc);
+  Tensor lse_r = lse_row.to(device, acc).contiguous();
+  Tensor lse_c = symmetric ? lse_col.to(device, acc).contiguous() : Tensor();
+  const Tensor* lse_c_ptr = symmetric ? &lse_c : nullptr;
+
+  // Row side: dU_i = sum_j G_ij v_j, G = P_row (+ P_col for CLIP) - n_pos [j = i]. Column
+  // side: the same sweep with query and key swapped, dV_j = sum_i G_ij u_i; no atomics.
+  const double positives_per_row = symmetric ? 2.0 : 1.0;
+  GradSums row_sums = grad_sweep(nq, nk, scale, &lse_r, lse_c_ptr, false, /*pairs=*/0,
+                                 positives_per_row, /*want_prob_cos=*/true, stream);
+  GradSums col_sums = grad_sweep(nk, nq, scale, lse_c_ptr, &lse_r, false, /*pairs=*/0,
+                                 positives_per_row, /*want_prob_cos=*/false, stream);
+
+  const double mean_factor = 1.0 / (positives_per_row * static_cast<double>(rows));
+  Tensor grad_query = grad_finalize(row_sums, nq, grad, scale, mean_factor, stream);
+  Tensor grad_key = grad_finalize(col_sums, nk, grad, scale, mean_factor, stream);
+
+  Tensor grad_scale = at::empty({}, nq.unit.options());
+  AT_DISPATCH_FLOATING_TYPES(nq.unit.scalar_type(), "pyssl_scale_grad_cuda", [&] {
+    scale_grad_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
+        row_sums.prob_cos.const_data_ptr<scalar_t>(), row_sums.prob_cos.numel(),
+        grad.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
+        static_cast<scalar_t>(mean_factor), grad_scale.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  grad_scale = grad_scale.to(logit_scale.device(), logit_scale.scalar_type()).reshape(logit_scale.sizes());
+  return {grad_query, grad_key, grad_scale};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyssl, CUDA, m) {
+  m.impl("ntxent_forward", &ntxent_forward_cuda);
+  m.impl("ntxent_backward", &ntxent_backward_cuda);
+  m.impl("infonce_forward", &infonce_forward_cuda);
+  m.impl("infonce_backward", &infonce_backward_cuda);
+}
+
+}  // namespace pyssl::infonce
