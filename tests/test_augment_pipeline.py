@@ -183,6 +183,12 @@ def test_generator_reproduces_parameters_and_output():
     assert not torch.equal(a, c)
 
 
+def test_input_requiring_grad_is_detached():
+    images = torch.rand(2, 3, 9, 9, requires_grad=True)
+    out = SimCLRAugment.simclr(4)(images)
+    assert not out.requires_grad
+
+
 def test_no_nan_for_extreme_images():
     aug = SimCLRAugment(8, jitter=(0.9, 0.9, 0.9, 0.5), p_jitter=1.0, p_gray=0.5, p_blur=1.0, p_solarize=0.5)
     for fill in (0, 255):

@@ -331,7 +331,8 @@ class SimCLRAugment(nn.Module):
         mean, std = self._mean_std(images.shape[1], images.device)
         p = params
         return ops.augment_fused(
-            images, p.source_index, p.crop_boxes, p.flip, p.jitter_factors, p.jitter_order, p.gray,
+            # Data augmentation: no gradient flows through it.
+            images.detach(), p.source_index, p.crop_boxes, p.flip, p.jitter_factors, p.jitter_order, p.gray,
             p.blur_sigma, p.blur_kernel_size, p.solarize_threshold, mean, std,
             self.size[0], self.size[1], self.dtype, self.channels_last, blur_kernel_bound,
         )
