@@ -96,7 +96,9 @@ __device__ __forceinline__ void sample(const in_t* __restrict__ in, const Geomet
   const in_t* image = in + b.src * g.in_stride[0];
   const int64_t r0 = (b.top + ty.i0) * g.in_stride[2], r1 = (b.top + ty.i1) * g.in_stride[2];
   const int64_t c0 = (b.left + tx.i0) * g.in_stride[3], c1 = (b.left + tx.i1) * g.in_stride[3];
-  for (int64_t c = 0; c < g.channels; ++c) {
+#pragma unroll
+  for (int c = 0; c < 3; ++c) {  // constant indices keep v in registers
+    if (c >= g.channels) break;
     const in_t* plane = image + c * g.in_stride[1];
     const float top = to_unit(plane[r0 + c0]) * tx.w0 + to_unit(plane[r0 + c1]) * tx.w1;
     const float bottom = to_unit(plane[r1 + c0]) * tx.w0 + to_unit(plane[r1 + c1]) * tx.w1;
@@ -120,14 +122,21 @@ __device__ __forceinline__ float jitter(const Params& p, const Geometry& g, int6
     const int64_t op = min(max(order[k], int64_t(0)), int64_t(3));
     const float factor = f[op];
     if (op == kBrightness && factor != 1.f) {
-      for (int64_t c = 0; c < g.channels; ++c) v[c] = clamp01(v[c] * factor);
+#pragma unroll
+      for (int c = 0; c < 3; ++c) {
+        if (c < g.channels) v[c] = clamp01(v[c] * factor);
+      }
     } else if (op == kContrast && factor != 1.f) {
       if (kUntilContrast) return pixel_luma(v, g.channels);
       const float mean =
           static_cast<float>(p.contrast_sum[n] / static_cast<double>(g.out_h * g.out_w));
-      for (int64_t c = 0; c < g.channels; ++c) v[c] = blend(v[c], mean, factor);
+#pragma unroll
+      for (int c = 0; c < 3; ++c) {
+        if (c < g.channels) v[c] = blend(v[c], mean, factor);
+      }
     } else if (op == kSaturation && factor != 1.f && rgb) {
       const float l = luma(v[0], v[1], v[2]);
+#pragma unroll
       for (int c = 0; c < 3; ++c) v[c] = blend(v[c], l, factor);
     } else if (op == kHue && factor != 0.f && rgb) {
       shift_hue(v[0], v[1], v[2], factor);
@@ -175,7 +184,10 @@ __global__ void pass1_kernel(const in_t* __restrict__ in, Params p, Geometry g,
     sample(in, g, b, flip, i / g.out_w, i % g.out_w, v);
     jitter<false>(p, g, n, v);
     if (gray) v[0] = v[1] = v[2] = luma(v[0], v[1], v[2]);
-    for (int64_t c = 0; c < g.channels; ++c) out[c * pixels + i] = v[c];
+#pragma unroll
+    for (int c = 0; c < 3; ++c) {
+      if (c < g.channels) out[c * pixels + i] = v[c];
+    }
   }
 }
 
