@@ -47,11 +47,14 @@ TORCH_LIBRARY(pyssl, m) {
   // (blur_sigma > 0, odd blur_kernel_size, reflect padding), solarize where value >=
   // solarize_threshold (+inf: never), then (x - mean) / std (empty mean/std: none). uint8 input
   // is scaled to [0, 1]; everything is computed in float32. No gradient (data augmentation).
+  // blur_kernel_bound >= every blurred image's kernel size lets the CUDA kernel size its shared
+  // memory without reading blur_kernel_size back (-1: read it, a device sync).
   m.def(
       "augment_fused(Tensor images, Tensor source_index, Tensor crop_boxes, Tensor flip, "
       "Tensor jitter_factors, Tensor jitter_order, Tensor gray, Tensor blur_sigma, "
       "Tensor blur_kernel_size, Tensor solarize_threshold, Tensor mean, Tensor std, "
-      "int out_h, int out_w, ScalarType? out_dtype=None, bool channels_last=False) -> Tensor");
+      "int out_h, int out_w, ScalarType? out_dtype=None, bool channels_last=False, "
+      "int blur_kernel_bound=-1) -> Tensor");
   // torchvision's RandomResizedCrop.get_params for N images of height x width from uniforms
   // (N, 4 * attempts) in [0, 1): columns [area | log aspect ratio | top | left] per attempt; the
   // first box that fits wins, else the central crop of clamped aspect ratio. Returns (N, 4) int64

@@ -19,3 +19,15 @@ __version__ = "0.1.0"
 cuda_kernels_built: bool = bool(_C.with_cuda)
 
 __all__ = ["ops", "losses", "momentum", "augment", "cuda_kernels_built", "__version__"]
+
+# The training stack is imported on first use (``pyssl.methods`` ...), so ``import pyssl`` stays
+# as light as the kernels alone.
+_LAZY_SUBMODULES = ("data", "models", "methods", "train", "eval", "cli")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"pyssl.{name}")
+    raise AttributeError(f"module 'pyssl' has no attribute {name!r}")

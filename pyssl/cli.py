@@ -17,7 +17,7 @@ DEFAULT_RUN_DIR = "runs"
 # CIFAR protocol (ResNet-18 with the CIFAR stem, batch 512, 200 epochs, kNN k=200 every 5 epochs).
 DATA_DEFAULTS = {
     "digits": {"backbone": "convnet-small", "image_size": 16, "batch_size": 128, "epochs": 40, "knn_every": 5,
-               "hidden_dim": 512, "lr": 0.5, "warmup_epochs": 2, "knn_k": 20,
+               "hidden_dim": 512, "lr": {"simclr": 0.5, "*": 0.1}, "warmup_epochs": 2, "knn_k": 20,
                # digits are not mirror-symmetric, and 8x8 originals leave little to crop
                "augment_kwargs": {"scale": [0.3, 1.0], "p_flip": 0.0}, "temperature": {"simclr": 0.2}},
     # The embedded colour data of the pretext methods (pyssl.data.colour); videos have no labels.
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="evaluation data (default: the data the run trained on)")
     e.add_argument("--fractions", type=_fractions, default=[0.01, 0.1, 1.0], help="label fractions (default 0.01,0.1,1)")
     e.add_argument("--protocols", default="linear,knn,finetune", help="any of linear,knn,finetune")
-    e.add_argument("--k", type=int, default=200, help="kNN neighbours (default 200)")
+    e.add_argument("--k", type=int, default=None, help="kNN neighbours (default 200; 20 on digits)")
     e.add_argument("--t", type=float, default=0.1, help="kNN temperature (default 0.1)")
     e.add_argument("--finetune-steps", type=int, default=300)
     e.add_argument("--no-baselines", action="store_true", help="skip the random-init encoder and raw pixels")
@@ -186,15 +186,16 @@ def prepare_training(args):
     method = build_method(args.method, **mcfg)
     if args.lr is not None:
         lr = args.lr
-    elif "lr" in d:  # tuned for the data set's default batch size; linear scaling otherwise
-        lr = d["lr"] * batch_size / d["batch_size"]
+    elif "lr" in d:  # tuned per method for the data set's default batch size; linear scaling otherwise
+        lr = d["lr"].get(args.method, d["lr"]["*"]) * batch_size / d["batch_size"]
     else:
         lr = tdef["lr"] * batch_size / 128
+    epochs = args.epochs or d["epochs"]
     cfg = TrainConfig(
-        epochs=args.epochs or d["epochs"], batch_size=batch_size, optimizer=args.optimizer or tdef["optimizer"],
+        epochs=epochs, batch_size=batch_size, optimizer=args.optimizer or tdef["optimizer"],
         lr=lr, weight_decay=args.weight_decay if args.weight_decay is not None else tdef["weight_decay"],
         momentum=tdef.get("momentum", 0.9),
-        warmup_epochs=args.warmup_epochs if args.warmup_epochs is not None else d.get("warmup_epochs", 0.0),
+        warmup_epochs=args.warmup_epochs if args.warmup_epochs is not None else min(d.get("warmup_epochs", 0.0), epochs / 10),
         clip_grad=args.clip_grad, amp=args.amp, device=device, seed=args.seed, out_dir=out,
         checkpoint_every=args.checkpoint_every,
         knn_every=args.knn_every if args.knn_every is not None else d["knn_every"],
@@ -266,15 +267,16 @@ def cmd_eval(args) -> int:
     spec = args.data or extra.get("data", "digits")
     train, test = load_data(spec, extra.get("image_size"))
     train, test = train.to(device), test.to(device)
+    k = args.k or DATA_DEFAULTS.get(spec.partition(":")[0].lower(), {}).get("knn_k", 200)
     encoders = {f"{extra.get('method', 'trained')} encoder": method.backbone}
     if not args.no_baselines:
         encoders.update({"random-init encoder": random_init.backbone, "raw pixels": None})
     print(f"pyssl eval: {spec}, {len(train)} train / {len(test)} test images, label fractions "
           f"{', '.join(f'{f:.0%}' for f in args.fractions)}", file=sys.stderr)
     results = evaluate_encoders(encoders, method.normalize, train, test, fractions=args.fractions,
-                                protocols=protocols, k=args.k, t=args.t, finetune_steps=args.finetune_steps,
+                                protocols=protocols, k=k, t=args.t, finetune_steps=args.finetune_steps,
                                 seed=args.seed, log=lambda s: print("  " + s, file=sys.stderr))
-    print(format_table(results, k=args.k, t=args.t))
+    print(format_table(results, k=k, t=args.t))
     run_dir = args.run if os.path.isdir(args.run) else os.path.dirname(args.run)
     with open(os.path.join(run_dir, "eval.json"), "w") as f:
         json.dump({n: {p: {str(fr): a for fr, a in r.items()} for p, r in v.items()} for n, v in results.items()},

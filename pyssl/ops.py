@@ -323,11 +323,13 @@ def augment_fused(
     out_w: int,
     out_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    blur_kernel_bound: int = -1,
 ) -> Tensor:
     """The fused augmentation op (schema and parameter layout in csrc/ops.cpp)."""
     return _ops.augment_fused(
         images, source_index, crop_boxes, flip, jitter_factors, jitter_order, gray, blur_sigma,
         blur_kernel_size, solarize_threshold, mean, std, out_h, out_w, out_dtype, channels_last,
+        blur_kernel_bound,
     )
 
 
@@ -335,6 +337,7 @@ def augment_fused(
 def _augment_fused_fake(
     images, source_index, crop_boxes, flip, jitter_factors, jitter_order, gray, blur_sigma,
     blur_kernel_size, solarize_threshold, mean, std, out_h, out_w, out_dtype=None, channels_last=False,
+    blur_kernel_bound=-1,
 ):
     torch._check(images.dim() == 4, lambda: "pyssl.augment_fused: images must be (B, C, H, W)")
     out = images.new_empty(

@@ -260,6 +260,8 @@ class Trainer:
         self.steps_per_epoch = len(train) // config.batch_size
         self.total_steps = self.steps_per_epoch * config.epochs
         self.method.to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest convolutions once
         self.optimizer = build_optimizer(self.method, config)
         warmup = round(config.warmup_epochs * self.steps_per_epoch)
         ratio = config.min_lr / config.lr
@@ -270,6 +272,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_cuda_amp)
         self.step = 0
         self.ckpt_path = os.path.join(config.out_dir, CHECKPOINT_NAME)
+        self._loaded_from: str | None = None
 
     # -- state --
 
@@ -309,6 +312,7 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
         _set_rng_state(ckpt["rng"])
+        self._loaded_from = path
         self._truncate_logs(self.step)
 
     # -- logs --
@@ -345,9 +349,9 @@ class Trainer:
     def fit(self, resume: bool = False) -> TrainResult:
         cfg = self.cfg
         os.makedirs(cfg.out_dir, exist_ok=True)
-        if resume and os.path.exists(self.ckpt_path):
+        if resume and self._loaded_from is None and os.path.exists(self.ckpt_path):
             self.load()
-        else:
+        elif self._loaded_from is None:  # a fresh run (resume without a checkpoint starts one too)
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
             np.random.seed(cfg.seed % 2**32)

@@ -77,6 +77,37 @@ def test_output_dtype_and_layout(out_dtype, channels_last):
     assert torch.equal(out, plain.to(out_dtype))
 
 
+def test_strided_inputs():
+    aug = SimCLRAugment.simclr(12, p_solarize=0.5)
+    base = random_images(6, 3, 30, 44, torch.uint8)
+    for images in (
+        base.contiguous(memory_format=torch.channels_last),  # NHWC memory
+        base[:, :, 3:25, ::2],  # a strided slice
+        base[::2],
+    ):
+        out, params = aug(images, return_params=True)
+        assert_close_to(out, reference(aug, images, params), scale=std_scale(aug))
+        assert torch.equal(out, aug.apply(images.contiguous(), params))
+
+
+def test_blur_kernel_bound_is_checked():
+    aug = SimCLRAugment(8, p_blur=1.0, sigma=(1.0, 2.0))
+    images = random_images(2, 3, 10, 10, torch.uint8)
+    params = aug.draw_params(2, 10, 10)
+    assert aug.kernel_bound() == 13
+    aug.apply(images, params, blur_kernel_bound=13)
+    with pytest.raises(RuntimeError, match="exceeds blur_kernel_bound"):
+        aug.apply(images, params, blur_kernel_bound=1)
+
+
+def test_compiles_without_graph_breaks():
+    aug = SimCLRAugment.simclr(8)
+    images = random_images(3, 3, 12, 10, torch.uint8)
+    params = aug.draw_params(3, 12, 10)
+    compiled = torch.compile(lambda x: aug.apply(x, params, blur_kernel_bound=aug.kernel_bound()), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(images), aug.apply(images, params))
+
+
 def test_batch_of_one_and_tiny_images():
     for shape, size in [((1, 3, 1, 1), 3), ((1, 1, 2, 5), (7, 1)), ((2, 3, 5, 3), (1, 1))]:
         aug = SimCLRAugment(size, p_jitter=1.0, p_blur=1.0, sigma=(0.5, 3.0), p_solarize=0.5)
@@ -150,6 +181,12 @@ def test_generator_reproduces_parameters_and_output():
     for f in dataclasses.fields(AugmentParams):
         assert torch.equal(getattr(pa, f.name), getattr(pb, f.name))
     assert not torch.equal(a, c)
+
+
+def test_input_requiring_grad_is_detached():
+    images = torch.rand(2, 3, 9, 9, requires_grad=True)
+    out = SimCLRAugment.simclr(4)(images)
+    assert not out.requires_grad
 
 
 def test_no_nan_for_extreme_images():

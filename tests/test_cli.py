@@ -102,3 +102,27 @@ def test_train_on_cifar_files_and_resume_finished_run(tmp_path):
             "--knn-k", "5", "--device", "cpu", "--no-progress", "--no-tensorboard", "--out", str(run)]
     assert main(argv) == 0
     assert main(argv + ["--resume"]) == 0  # nothing left to do, but a valid resume
+
+
+def test_training_stack_is_imported_lazily():
+    code = ("import sys, pyssl; assert not any(m in sys.modules for m in ('pyssl.train', 'pyssl.methods', "
+            "'pyssl.data', 'sklearn')); m = pyssl.methods; assert 'simclr' in m.available_methods()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_cifar10_defaults_are_the_standard_protocol(tmp_path):
+    from pyssl.cli import build_parser, prepare_training
+
+    root = tmp_path / "cifar-10-batches-py"
+    _write_cifar(root)
+    args = build_parser().parse_args(["train", "--method", "simclr", "--data", f"cifar10:{tmp_path}", "--device", "cpu",
+                                      "--out", str(tmp_path / "run")])
+    trainer = prepare_training(args)
+    cfg, backbone = trainer.cfg, trainer.method.backbone
+    assert cfg.epochs == 200 and cfg.knn_k == 200 and cfg.knn_t == 0.1 and cfg.knn_every > 0
+    assert cfg.batch_size == 40  # 512, capped by this 40-image stand-in
+    assert cfg.optimizer == "sgd" and cfg.lr == pytest.approx(0.06 * 40 / 128)
+    assert trainer.method.build_spec["cfg"]["backbone"] == "resnet18" and backbone.out_dim == 512
+    assert backbone.stem[0].kernel_size == (3, 3) and backbone.stem[0].stride == (1, 1)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in backbone.modules())

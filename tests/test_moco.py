@@ -338,3 +338,44 @@ def test_moco_cuda_module_matches_cpu_module():
         assert_close(b.cpu(), a, torch.float32, scale=5)
         torch.testing.assert_close(gpu.queue.cpu(), cpu.queue, rtol=1e-5, atol=1e-6)
         assert int(gpu.queue_ptr) == int(cpu.queue_ptr)
+
+
+def test_moco_non_contiguous_inputs():
+    query, key = leaf((40, 24))[:, ::2], leaf((40, 24))[::1, 1::2]
+    queue = F.normalize(torch.randn(12, 3000), dim=0).T  # (3000, 12), column-major
+    loss = pyssl.ops.moco(query, key, queue, 0.2)
+    expected = ref_moco(query, key, queue, 0.2)
+    assert_close(loss, expected, torch.float32, scale=5)
+    leaves = (query, key)
+    for g, w in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(expected, leaves)):
+        assert_close(g, w, torch.float32, scale=5)
+
+
+def test_moco_torch_compile():
+    torch._dynamo.reset()
+    loss_fn = MoCoLoss(0.2, 50, 8)
+    ref = RefQueue(loss_fn.queue)
+
+    @torch.compile(backend="aot_eager")
+    def step(query, key):
+        return loss_fn(query, key)
+
+    for _ in range(3):
+        query, key = leaf((12, 8)), torch.randn(12, 8)
+        expected = ref_moco(query, key, ref.negatives(), 0.2)
+        loss = step(query, key)
+        ref.push(key)
+        assert_close(loss, expected, torch.float32)
+        assert_close(grads(loss, query)[0], grads(expected, query)[0], torch.float32)
+        torch.testing.assert_close(loss_fn.queue, ref.queue.float(), rtol=1e-6, atol=1e-7)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def op_only(query, key, queue):
+        return pyssl.ops.moco(query, key, queue, 0.5)
+
+    query, key, queue = leaf((6, 4)), leaf((6, 4)), unit_queue(9, 4)
+    loss = op_only(query, key, queue)
+    expected = ref_moco(query, key, queue, 0.5)
+    assert_close(loss, expected, torch.float32)
+    for g, w in zip(grads(loss, query, key), grads(expected, query, key)):
+        assert_close(g, w, torch.float32)

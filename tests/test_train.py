@@ -142,13 +142,10 @@ def test_logs_knn_amp_and_tensorboard(tmp_path):
     assert any(f.startswith("events") for f in os.listdir(tmp_path / "tb"))
 
 
-def _cli(tmp_path, out, *extra, env=None):
-    cmd = [sys.executable, "-m", "pyssl", "train", "--method", "mocov2", "--data", "digits", "--image-size", "8",
-           "--backbone", "convnet-small", "--hidden-dim", "16", "--epochs", "1", "--batch-size", "128",
-           "--device", "cpu", "--checkpoint-every", "3", "--knn-every", "0", "--no-progress", "--no-tensorboard",
-           "--out", str(out), *extra]
-    return subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)
+def _train_argv(out, *extra):
+    return ["train", "--method", "mocov2", "--data", "digits", "--image-size", "8", "--backbone", "convnet-small",
+            "--hidden-dim", "16", "--epochs", "1", "--batch-size", "128", "--device", "cpu", "--checkpoint-every", "3",
+            "--knn-every", "0", "--no-progress", "--no-tensorboard", "--out", str(out), *extra]
 
 
 def _losses(run):
@@ -157,13 +154,15 @@ def _losses(run):
 
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
+    from pyssl.cli import main
+
     # 1258 digits / 128 = 9 steps in the epoch; checkpoints at steps 3 and 6; SIGKILL after step 5
-    full = _cli(tmp_path, tmp_path / "full")
-    assert full.returncode == 0, full.stderr
-    killed = _cli(tmp_path, tmp_path / "cut", env={"PYSSL_CRASH_AT_STEP": "5"})
+    assert main(_train_argv(tmp_path / "full")) == 0
+    killed = subprocess.run([sys.executable, "-m", "pyssl", *_train_argv(tmp_path / "cut")], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYSSL_CRASH_AT_STEP": "5"})
     assert killed.returncode == -9, killed.stderr
     assert load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["step"] == 3
-    resumed = _cli(tmp_path, tmp_path / "cut", "--resume")
-    assert resumed.returncode == 0, resumed.stderr
+    assert len(_losses(tmp_path / "cut")) == 5  # steps 4 and 5 were logged, then lost with the process
+    assert main(_train_argv(tmp_path / "cut", "--resume")) == 0
     assert _losses(tmp_path / "cut") == _losses(tmp_path / "full")
     assert len(_losses(tmp_path / "full")) == 9

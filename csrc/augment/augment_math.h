@@ -161,7 +161,8 @@ PYSSL_HOST_DEVICE void draw_crop(const float* u, int64_t attempts, int64_t strid
   box[3] = w;
 }
 
-// Upper bound on a blur kernel's size: one weight table per image lives in a fixed array.
-constexpr int64_t kMaxKernelSize = 255;
+// Upper bound on a blur kernel's size (radius 95): one weight table per image lives in a fixed
+// array, and a CUDA tile with a halo of 95 pixels still fits in shared memory.
+constexpr int64_t kMaxKernelSize = 191;
 
 }  // namespace pyssl::augment

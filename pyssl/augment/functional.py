@@ -20,7 +20,7 @@ from torch import Tensor
 # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma).
 LUMA = (0.2989, 0.587, 0.114)
 # Largest blur kernel the fused kernels accept (csrc/augment/augment_math.h: kMaxKernelSize).
-MAX_KERNEL_SIZE = 255
+MAX_KERNEL_SIZE = 191
 
 
 # ---- argument checks ---------------------------------------------------------------------------

@@ -246,10 +246,7 @@ class SimCLRAugment(nn.Module):
         crop_boxes = ops.augment_draw_crops(u[:, : 4 * a], height, width, self.scale, self.ratio)
         flip = u[:, _FLIP] < self.p_flip
 
-        b, c, s, h = self.jitter
-        lo = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h], device=device)
-        hi = torch.tensor([1 + b, 1 + c, 1 + s, h], device=device)
-        identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=device)
+        lo, hi, identity = self._constants("jitter_ranges", device, self._jitter_ranges)
         factors = lo + (hi - lo) * u[:, _FACTORS : _FACTORS + 4]
         jittered = (u[:, _JITTER] < self.p_jitter).unsqueeze(1)
         jitter_factors = torch.where(jittered & (hi > lo), factors, identity)
@@ -260,7 +257,8 @@ class SimCLRAugment(nn.Module):
 
         gray = u[:, _GRAY] < self.p_gray
         blurred = u[:, _BLUR] < self.p_blur
-        sigma = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[:, _SIGMA]
+        # Clamped: float32 rounding could land one ulp above sigma_max.
+        sigma = (self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[:, _SIGMA]).clamp(self.sigma[0], self.sigma[1])
         blur_sigma = torch.where(blurred, sigma, torch.zeros_like(sigma))
         if self.blur_kernel_size is None:
             ksize = F.kernel_size_for(blur_sigma)
@@ -283,7 +281,26 @@ class SimCLRAugment(nn.Module):
             solarize_threshold=solarize_threshold.float(),
         )
 
+    def _constants(self, key, device, make):
+        """Small constant tensors, built once per device: creating them on a GPU for every call
+        would copy from pageable host memory each time."""
+        cache = self.__dict__.setdefault("_constant_cache", {})
+        device = torch.device(device)
+        if (key, device) not in cache:
+            cache[(key, device)] = tuple(t.to(device) for t in make())
+        return cache[(key, device)]
+
+    def _jitter_ranges(self):
+        b, c, s, h = self.jitter
+        lo = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
+        hi = torch.tensor([1 + b, 1 + c, 1 + s, h])
+        return lo, hi, torch.tensor([1.0, 1.0, 1.0, 0.0])
+
     def _mean_std(self, channels: int, device) -> tuple[Tensor, Tensor]:
+        return self._constants(("mean_std", channels), device, lambda: self._make_mean_std(channels))
+
+    def _make_mean_std(self, channels: int) -> tuple[Tensor, Tensor]:
+        device = "cpu"
         if self.mean is None:
             empty = torch.empty(0, device=device)
             return empty, empty
@@ -299,22 +316,32 @@ class SimCLRAugment(nn.Module):
                 )
         return (torch.tensor(mean, dtype=torch.float32, device=device), torch.tensor(std, dtype=torch.float32, device=device))
 
-    def apply(self, images: Tensor, params: AugmentParams) -> Tensor:
-        """Applies given parameters (from :meth:`draw_params`) in one fused call."""
+    def kernel_bound(self) -> int:
+        """The largest blur kernel this augmentation draws."""
+        if self.blur_kernel_size is not None:
+            return self.blur_kernel_size
+        # The draws are float32 and clamped to float32(sigma_max): the same value gives the bound.
+        return int(F.kernel_size_for(torch.tensor([self.sigma[1]], dtype=torch.float32))[0])
+
+    def apply(self, images: Tensor, params: AugmentParams, *, blur_kernel_bound: int = -1) -> Tensor:
+        """Applies given parameters (from :meth:`draw_params`) in one fused call.
+        ``blur_kernel_bound``: an upper bound on ``params.blur_kernel_size`` where blurred
+        (spares the CUDA kernel a device sync to find it; -1: unknown)."""
         F.check_images(type(self).__name__, images)
         mean, std = self._mean_std(images.shape[1], images.device)
         p = params
         return ops.augment_fused(
-            images, p.source_index, p.crop_boxes, p.flip, p.jitter_factors, p.jitter_order, p.gray,
+            # Data augmentation: no gradient flows through it.
+            images.detach(), p.source_index, p.crop_boxes, p.flip, p.jitter_factors, p.jitter_order, p.gray,
             p.blur_sigma, p.blur_kernel_size, p.solarize_threshold, mean, std,
-            self.size[0], self.size[1], self.dtype, self.channels_last,
+            self.size[0], self.size[1], self.dtype, self.channels_last, blur_kernel_bound,
         )
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None, return_params: bool = False):
         F.check_images(type(self).__name__, images)
         batch, _, height, width = images.shape
         params = self.draw_params(batch, height, width, images.device, generator)
-        out = self.apply(images, params)
+        out = self.apply(images, params, blur_kernel_bound=self.kernel_bound())
         return (out, params) if return_params else out
 
     def views(self, images: Tensor, n: int = 2, generator: torch.Generator | None = None, return_params: bool = False):
@@ -351,7 +378,7 @@ class MultiViewAugment(nn.Module):
         F.check_images(type(self).__name__, images)
         batch, _, height, width = images.shape
         params = AugmentParams.cat([a.draw_params(batch, height, width, images.device, generator) for a in self.augments])
-        out = first.apply(images, params)
+        out = first.apply(images, params, blur_kernel_bound=max(a.kernel_bound() for a in self.augments))
         views = list(out.chunk(len(self.augments)))
         return (views, params.split(len(self.augments))) if return_params else views
 

@@ -106,9 +106,7 @@ def _random_shift(x: Tensor, pad: int, g: torch.Generator) -> Tensor:
     if pad == 0:
         return x
     dx, dy = torch.randint(-pad, pad + 1, (2,), generator=g).tolist()
-    flip = bool(torch.randint(0, 2, (1,), generator=g))
-    x = torch.roll(F.pad(x, (pad,) * 4, mode="replicate"), (dy, dx), (2, 3))[..., pad:-pad, pad:-pad]
-    return x.flip(3) if flip else x
+    return torch.roll(F.pad(x, (pad,) * 4, mode="replicate"), (dy, dx), (2, 3))[..., pad:-pad, pad:-pad]
 
 
 def fine_tune(encoder: nn.Module, transform: Callable[[Tensor], Tensor], train_images: Tensor, train_labels: Tensor,

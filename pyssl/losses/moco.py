@@ -88,7 +88,9 @@ class MoCoLoss(nn.Module):
         self.queue_size, self.dim = queue_size, dim
         self.check_inputs_finite = check_inputs_finite
         if queue_init == "random":
-            queue = F.normalize(torch.randn(queue_size, dim), dim=1).to(queue_dtype)
+            # normalised in place: no second (K, d) temporary at construction
+            queue = torch.randn(queue_size, dim)
+            queue = queue.div_(torch.linalg.vector_norm(queue, dim=1, keepdim=True).clamp_min_(1e-12)).to(queue_dtype)
             filled = queue_size
         else:
             queue = torch.zeros(queue_size, dim, dtype=queue_dtype)

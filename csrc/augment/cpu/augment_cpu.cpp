@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <functional>
 #include <optional>
 #include <vector>
 
@@ -52,109 +53,145 @@ struct Geometry {
 };
 
 // Per-thread scratch, reused across the images of a chunk.
+// Per-thread scratch rows (the image planes themselves are shared, see ImageBuffers).
 struct Scratch {
-  std::vector<float> planes;  // C x out_h x out_w: the pass-1 result
-  std::vector<float> blur_h;  // C x out_h x out_w: rows blurred horizontally
-  std::vector<float> row;     // one padded row, one accumulator row
-  std::vector<int64_t> x0, x1;
+  std::vector<float> row, acc;
+  std::vector<int32_t> x0, x1;
   std::vector<float> wx0, wx1;
 };
 
+// One image's float32 planes: the pass-1 result and its horizontally blurred copy.
+struct ImageBuffers {
+  std::vector<float> planes;  // C x out_h x out_w
+  std::vector<float> blur_h;  // C x out_h x out_w
+};
+
+// The hot loops are compiled twice, for AVX2 and for the baseline, and picked at load time
+// (GCC/Clang function multiversioning); the wheel itself keeps the baseline x86-64 flags.
+// No FMA in the AVX2 clone, so both clones round identically.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define PYSSL_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define PYSSL_CPU_CLONES
+#endif
+
+// Crop + flip of output rows [y_begin, y_end): each row blends its two source rows over the
+// crop's columns (contiguous, vectorised), then gathers every output pixel's two horizontal
+// taps from that blend.
 template <typename in_t>
-void crop_flip(const in_t* in, const Geometry& g, const ImageParams& p, Scratch& s) {
-  const int64_t ow = g.out_w, oh = g.out_h, plane = oh * ow;
+PYSSL_CPU_CLONES void crop_flip(const in_t* in, const Geometry& g, const ImageParams& p,
+                                float* planes, int64_t y_begin, int64_t y_end, Scratch& s) {
+  const int64_t ow = g.out_w, oh = g.out_h, plane = oh * ow, cw = p.width;
   s.x0.resize(ow);
   s.x1.resize(ow);
   s.wx0.resize(ow);
   s.wx1.resize(ow);
+  s.row.resize(cw);
   for (int64_t x = 0; x < ow; ++x) {
-    const Taps t = bilinear_taps(p.flip ? ow - 1 - x : x, p.width, ow);
-    s.x0[x] = (p.left + t.i0) * g.in_stride[3];
-    s.x1[x] = (p.left + t.i1) * g.in_stride[3];
+    const Taps t = bilinear_taps(p.flip ? ow - 1 - x : x, cw, ow);
+    s.x0[x] = static_cast<int32_t>(t.i0);
+    s.x1[x] = static_cast<int32_t>(t.i1);
     s.wx0[x] = t.w0;
     s.wx1[x] = t.w1;
   }
-  const in_t* image = in + p.src * g.in_stride[0];
-  for (int64_t y = 0; y < oh; ++y) {
+  const int64_t sw = g.in_stride[3];
+  const in_t* image = in + p.src * g.in_stride[0] + p.left * sw;
+  float* blended = s.row.data();
+  const int32_t* x0 = s.x0.data();
+  const int32_t* x1 = s.x1.data();
+  const float* wx0 = s.wx0.data();
+  const float* wx1 = s.wx1.data();
+  for (int64_t y = y_begin; y < y_end; ++y) {
     const Taps ty = bilinear_taps(y, p.height, oh);
     for (int64_t c = 0; c < g.channels; ++c) {
       const in_t* r0 = image + c * g.in_stride[1] + (p.top + ty.i0) * g.in_stride[2];
       const in_t* r1 = image + c * g.in_stride[1] + (p.top + ty.i1) * g.in_stride[2];
-      float* dst = s.planes.data() + c * plane + y * ow;
-      for (int64_t x = 0; x < ow; ++x) {
-        const float top = to_unit(r0[s.x0[x]]) * s.wx0[x] + to_unit(r0[s.x1[x]]) * s.wx1[x];
-        const float bottom = to_unit(r1[s.x0[x]]) * s.wx0[x] + to_unit(r1[s.x1[x]]) * s.wx1[x];
-        dst[x] = top * ty.w0 + bottom * ty.w1;
-      }
-    }
-  }
-}
-
-void jitter_and_gray(const Geometry& g, const ImageParams& p, Scratch& s) {
-  const int64_t n = g.out_h * g.out_w;
-  float* r = s.planes.data();
-  float* gr = g.channels == 3 ? r + n : r;
-  float* b = g.channels == 3 ? r + 2 * n : r;
-  const bool rgb = g.channels == 3;
-  for (int k = 0; k < 4; ++k) {
-    const int64_t op = p.order[k];
-    const float f = p.factors[op];
-    if (op == kBrightness && f != 1.f) {
-      for (int64_t i = 0; i < n * g.channels; ++i) r[i] = clamp01(r[i] * f);
-    } else if (op == kContrast && f != 1.f) {
-      double sum = 0;
-      if (rgb) {
-        for (int64_t i = 0; i < n; ++i) sum += luma(r[i], gr[i], b[i]);
+      if (sw == 1) {
+        for (int64_t j = 0; j < cw; ++j) blended[j] = to_unit(r0[j]) * ty.w0 + to_unit(r1[j]) * ty.w1;
       } else {
-        for (int64_t i = 0; i < n; ++i) sum += r[i];
+        for (int64_t j = 0; j < cw; ++j)
+          blended[j] = to_unit(r0[j * sw]) * ty.w0 + to_unit(r1[j * sw]) * ty.w1;
       }
-      const float mean = static_cast<float>(sum / static_cast<double>(n));
-      for (int64_t i = 0; i < n * g.channels; ++i) r[i] = blend(r[i], mean, f);
-    } else if (op == kSaturation && f != 1.f && rgb) {
-      for (int64_t i = 0; i < n; ++i) {
-        const float l = luma(r[i], gr[i], b[i]);
-        r[i] = blend(r[i], l, f);
-        gr[i] = blend(gr[i], l, f);
-        b[i] = blend(b[i], l, f);
-      }
-    } else if (op == kHue && f != 0.f && rgb) {
-      for (int64_t i = 0; i < n; ++i) shift_hue(r[i], gr[i], b[i], f);
-    }
-  }
-  if (p.gray && rgb) {
-    for (int64_t i = 0; i < n; ++i) {
-      const float l = luma(r[i], gr[i], b[i]);
-      r[i] = l;
-      gr[i] = l;
-      b[i] = l;
+      float* dst = planes + c * plane + y * ow;
+      for (int64_t x = 0; x < ow; ++x) dst[x] = blended[x0[x]] * wx0[x] + blended[x1[x]] * wx1[x];
     }
   }
 }
 
-// Separable Gaussian blur of every plane of s.planes into s.blur_h (reflect padding).
-void blur(const Geometry& g, const ImageParams& p, Scratch& s) {
-  const int64_t oh = g.out_h, ow = g.out_w, plane = oh * ow, radius = p.ksize / 2;
-  float weights[kMaxKernelSize];
+// Sum of the luma (C = 3) or value (C = 1) of pixels [begin, end): the contrast mean's input.
+PYSSL_CPU_CLONES double luma_sum(const float* planes, int64_t n, int64_t channels, int64_t begin,
+                                 int64_t end) {
+  const float *r = planes, *g = planes + (channels == 3 ? n : 0), *b = planes + (channels == 3 ? 2 * n : 0);
+  double sum = 0;
+  if (channels == 3) {
+    for (int64_t i = begin; i < end; ++i) sum += luma(r[i], g[i], b[i]);
+  } else {
+    for (int64_t i = begin; i < end; ++i) sum += r[i];
+  }
+  return sum;
+}
+
+// Jitter op `op` with `factor` on pixels [begin, end); `mean` is the contrast mean.
+PYSSL_CPU_CLONES void jitter_op(float* planes, int64_t n, int64_t channels, int64_t op,
+                                float factor, float mean, int64_t begin, int64_t end) {
+  float *r = planes, *g = planes + n, *b = planes + 2 * n;
+  if (op == kBrightness || op == kContrast) {
+    for (int64_t c = 0; c < channels; ++c) {
+      float* v = planes + c * n;
+      if (op == kBrightness) {
+        for (int64_t i = begin; i < end; ++i) v[i] = clamp01(v[i] * factor);
+      } else {
+        for (int64_t i = begin; i < end; ++i) v[i] = blend(v[i], mean, factor);
+      }
+    }
+  } else if (op == kSaturation) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float l = luma(r[i], g[i], b[i]);
+      r[i] = blend(r[i], l, factor);
+      g[i] = blend(g[i], l, factor);
+      b[i] = blend(b[i], l, factor);
+    }
+  } else if (op == kHue) {
+    for (int64_t i = begin; i < end; ++i) shift_hue(r[i], g[i], b[i], factor);
+  }
+}
+
+PYSSL_CPU_CLONES void to_gray(float* planes, int64_t n, int64_t begin, int64_t end) {
+  float *r = planes, *g = planes + n, *b = planes + 2 * n;
+  for (int64_t i = begin; i < end; ++i) {
+    const float l = luma(r[i], g[i], b[i]);
+    r[i] = l;
+    g[i] = l;
+    b[i] = l;
+  }
+}
+
+// Normalised Gaussian taps (float), computed in double as torchvision's softmax does.
+void blur_weights(const ImageParams& p, float* weights) {
+  const int64_t radius = p.ksize / 2;
   double total = 0;
   for (int64_t k = 0; k < p.ksize; ++k) total += gaussian_tap(k, radius, p.sigma);
   for (int64_t k = 0; k < p.ksize; ++k)
     weights[k] = static_cast<float>(gaussian_tap(k, radius, p.sigma) / total);
+}
 
-  s.row.resize(std::max(ow + 2 * radius, ow) + ow);
+// Horizontal blur of rows [y_begin, y_end) of every plane into blur_h (reflect padding).
+PYSSL_CPU_CLONES void blur_rows(const Geometry& g, const ImageParams& p, const float* weights,
+                                const float* planes, float* blur_h, int64_t y_begin,
+                                int64_t y_end, Scratch& s) {
+  const int64_t oh = g.out_h, ow = g.out_w, plane = oh * ow, radius = p.ksize / 2;
+  s.row.resize(ow + 2 * radius);
   float* padded = s.row.data();
-  float* acc = padded + ow + 2 * radius;
-  std::vector<float>& tmp = s.blur_h;
-  // Horizontal: tmp = rows of planes convolved along x.
   for (int64_t c = 0; c < g.channels; ++c) {
-    for (int64_t y = 0; y < oh; ++y) {
-      const float* src = s.planes.data() + c * plane + y * ow;
+    for (int64_t y = y_begin; y < y_end; ++y) {
+      const float* src = planes + c * plane + y * ow;
       // Reflect only the borders: the index fold costs integer divisions.
       for (int64_t i = 0; i < radius; ++i) {
         padded[i] = src[reflect_index(i - radius, ow)];
         padded[ow + radius + i] = src[reflect_index(ow + i, ow)];
       }
       std::copy(src, src + ow, padded + radius);
-      float* dst = tmp.data() + c * plane + y * ow;
+      float* dst = blur_h + c * plane + y * ow;
       std::fill(dst, dst + ow, 0.f);
       for (int64_t k = 0; k < p.ksize; ++k) {
         const float w = weights[k];
@@ -163,31 +200,36 @@ void blur(const Geometry& g, const ImageParams& p, Scratch& s) {
       }
     }
   }
-  // Vertical: planes = tmp convolved along y (rows are whole vectors).
-  for (int64_t c = 0; c < g.channels; ++c) {
-    for (int64_t y = 0; y < oh; ++y) {
-      std::fill(acc, acc + ow, 0.f);
-      for (int64_t k = 0; k < p.ksize; ++k) {
-        const float w = weights[k];
-        const float* in = tmp.data() + c * plane + reflect_index(y - radius + k, oh) * ow;
-        for (int64_t x = 0; x < ow; ++x) acc[x] += w * in[x];
-      }
-      std::copy(acc, acc + ow, s.planes.data() + c * plane + y * ow);
-    }
-  }
 }
 
+// Pass 2 for output rows [y_begin, y_end): vertical blur of blur_h (when the image is blurred,
+// else the pass-1 planes as they are), solarize, normalise, cast and store.
 template <typename out_t>
-void write_output(out_t* out, const Geometry& g, const ImageParams& p, const float* mean,
-                  const float* stdev, int64_t index, Scratch& s) {
+PYSSL_CPU_CLONES void finish_rows(out_t* out, const Geometry& g, const ImageParams& p,
+                                  const float* weights, const float* planes, const float* blur_h,
+                                  const float* mean, const float* stdev, int64_t index,
+                                  int64_t y_begin, int64_t y_end, Scratch& s) {
   const int64_t oh = g.out_h, ow = g.out_w, plane = oh * ow;
   const float thr = p.threshold;
+  const bool blurred = p.sigma > 0;
+  const int64_t radius = p.ksize / 2;
+  s.acc.resize(ow);
+  float* acc = s.acc.data();
   for (int64_t c = 0; c < g.channels; ++c) {
     const float m = mean ? mean[c] : 0.f;
     const float sd = stdev ? stdev[c] : 1.f;
     out_t* dst_plane = out + index * g.out_stride[0] + c * g.out_stride[1];
-    for (int64_t y = 0; y < oh; ++y) {
-      const float* src = s.planes.data() + c * plane + y * ow;
+    for (int64_t y = y_begin; y < y_end; ++y) {
+      const float* src = planes + c * plane + y * ow;
+      if (blurred) {
+        std::fill(acc, acc + ow, 0.f);
+        for (int64_t k = 0; k < p.ksize; ++k) {
+          const float w = weights[k];
+          const float* in = blur_h + c * plane + reflect_index(y - radius + k, oh) * ow;
+          for (int64_t x = 0; x < ow; ++x) acc[x] += w * in[x];
+        }
+        src = acc;
+      }
       out_t* dst = dst_plane + y * g.out_stride[2];
       const int64_t sx = g.out_stride[3];
       if (sx == 1) {  // NCHW: a contiguous row the compiler vectorises
@@ -205,6 +247,76 @@ void write_output(out_t* out, const Geometry& g, const ImageParams& p, const flo
       }
     }
   }
+}
+
+// Runs fn(begin, end, scratch) over [0, size): split across threads when `parallel` (one image
+// at a time, rows in parallel), else inline (images in parallel, this image on one thread).
+template <typename F>
+void over_range(bool parallel, int64_t size, Scratch& own, const F& fn) {
+  if (!parallel) {
+    fn(int64_t(0), size, own);
+    return;
+  }
+  at::parallel_for(0, size, 1, [&](int64_t begin, int64_t end) {
+    Scratch s;
+    fn(begin, end, s);
+  });
+}
+
+// The whole pipeline for output image `index`.
+template <typename in_t, typename out_t>
+void process_image(const in_t* in, out_t* out, const Geometry& g, const ImageParams& p,
+                   const float* mean, const float* stdev, int64_t index, bool parallel,
+                   ImageBuffers& buf, Scratch& own) {
+  const int64_t oh = g.out_h, n = oh * g.out_w, channels = g.channels;
+  buf.planes.resize(channels * n);
+  float* planes = buf.planes.data();
+  // Pixel ranges of whole rows, so the parallel split stays row-aligned.
+  const int64_t row = g.out_w;
+  over_range(parallel, oh, own, [&](int64_t y0, int64_t y1, Scratch& s) {
+    crop_flip(in, g, p, planes, y0, y1, s);
+  });
+  const bool rgb = channels == 3;
+  for (int k = 0; k < 4; ++k) {
+    const int64_t op = p.order[k];
+    const float f = p.factors[op];
+    const bool identity = op == kHue ? f == 0.f : f == 1.f;
+    if (identity || (!rgb && (op == kSaturation || op == kHue))) continue;
+    float mean_value = 0.f;
+    if (op == kContrast) {
+      double sum = 0;
+      if (parallel) {
+        sum = at::parallel_reduce(
+            0, oh, 1, 0.0,
+            [&](int64_t y0, int64_t y1, double acc) {
+              return acc + luma_sum(planes, n, channels, y0 * row, y1 * row);
+            },
+            std::plus<double>());
+      } else {
+        sum = luma_sum(planes, n, channels, 0, n);
+      }
+      mean_value = static_cast<float>(sum / static_cast<double>(n));
+    }
+    over_range(parallel, oh, own, [&](int64_t y0, int64_t y1, Scratch&) {
+      jitter_op(planes, n, channels, op, f, mean_value, y0 * row, y1 * row);
+    });
+  }
+  if (p.gray && rgb) {
+    over_range(parallel, oh, own, [&](int64_t y0, int64_t y1, Scratch&) {
+      to_gray(planes, n, y0 * row, y1 * row);
+    });
+  }
+  float weights[kMaxKernelSize];
+  if (p.sigma > 0) {
+    blur_weights(p, weights);
+    buf.blur_h.resize(channels * n);
+    over_range(parallel, oh, own, [&](int64_t y0, int64_t y1, Scratch& s) {
+      blur_rows(g, p, weights, planes, buf.blur_h.data(), y0, y1, s);
+    });
+  }
+  over_range(parallel, oh, own, [&](int64_t y0, int64_t y1, Scratch& s) {
+    finish_rows(out, g, p, weights, planes, buf.blur_h.data(), mean, stdev, index, y0, y1, s);
+  });
 }
 
 std::vector<ImageParams> gather_params(const Tensor& images, const Tensor& source_index,
@@ -268,13 +380,20 @@ Tensor augment_fused_cpu(const Tensor& images, const Tensor& source_index,
                          const Tensor& gray, const Tensor& blur_sigma,
                          const Tensor& blur_kernel_size, const Tensor& solarize_threshold,
                          const Tensor& mean, const Tensor& std, int64_t out_h, int64_t out_w,
-                         std::optional<at::ScalarType> out_dtype, bool channels_last) {
+                         std::optional<at::ScalarType> out_dtype, bool channels_last,
+                         int64_t blur_kernel_bound) {
   const int64_t n = check_fused_args(images, source_index, crop_boxes, flip, jitter_factors,
                                      jitter_order, gray, blur_sigma, blur_kernel_size,
                                      solarize_threshold, mean, std, out_h, out_w, out_dtype);
   const auto params = gather_params(images, source_index, crop_boxes, flip, jitter_factors,
                                     jitter_order, gray, blur_sigma, blur_kernel_size,
                                     solarize_threshold);
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(blur_kernel_bound < 0 || params[i].sigma == 0 ||
+                    params[i].ksize <= blur_kernel_bound,
+                "pyssl.augment_fused: blur_kernel_size[", i, "] = ", params[i].ksize,
+                " exceeds blur_kernel_bound = ", blur_kernel_bound);
+  }
   const int64_t channels = images.size(1);
   Tensor out = at::empty({n, channels, out_h, out_w},
                          images.options()
@@ -289,7 +408,6 @@ Tensor augment_fused_cpu(const Tensor& images, const Tensor& source_index,
   Tensor mean_c = mean.contiguous(), std_c = std.contiguous();
   const float* mean_p = mean.numel() ? mean_c.const_data_ptr<float>() : nullptr;
   const float* std_p = std.numel() ? std_c.const_data_ptr<float>() : nullptr;
-  const int64_t plane = out_h * out_w;
 
   AT_DISPATCH_FLOATING_TYPES_AND3(
       at::kByte, at::kHalf, at::kBFloat16, images.scalar_type(), "pyssl_augment_fused", [&] {
@@ -299,20 +417,21 @@ Tensor augment_fused_cpu(const Tensor& images, const Tensor& source_index,
             at::kHalf, at::kBFloat16, out.scalar_type(), "pyssl_augment_fused_out", [&] {
               using out_t = scalar_t;
               out_t* o = out.mutable_data_ptr<out_t>();
-              at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+              // Enough images for every thread: one image per thread at a time, all in
+              // cache. Fewer (a batch of 1 or 2): images one after the other, rows split.
+              if (n >= at::get_num_threads()) {
+                at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+                  ImageBuffers buf;
+                  Scratch s;
+                  for (int64_t i = begin; i < end; ++i)
+                    process_image(in, o, g, params[i], mean_p, std_p, i, false, buf, s);
+                });
+              } else {
+                ImageBuffers buf;
                 Scratch s;
-                s.planes.resize(channels * plane);
-                for (int64_t i = begin; i < end; ++i) {
-                  const ImageParams& p = params[i];
-                  crop_flip(in, g, p, s);
-                  jitter_and_gray(g, p, s);
-                  if (p.sigma > 0) {
-                    s.blur_h.resize(channels * plane);
-                    blur(g, p, s);
-                  }
-                  write_output(o, g, p, mean_p, std_p, i, s);
-                }
-              });
+                for (int64_t i = 0; i < n; ++i)
+                  process_image(in, o, g, params[i], mean_p, std_p, i, true, buf, s);
+              }
             });
       });
   return out;

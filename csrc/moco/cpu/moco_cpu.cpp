@@ -7,9 +7,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <tuple>
 
+#include "moco/moco_check.h"
 #include "moco/moco_math.h"
 
 namespace pyssl::moco {
@@ -24,24 +26,6 @@ constexpr int64_t kMaxRowBlock = 256;
 
 at::ScalarType accumulate_type(const Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_moco(const Tensor& query, const Tensor& key, const Tensor& queue, double temperature) {
-  const char* op = "pyssl.moco";
-  for (auto [t, name] : {std::pair{&query, "query"}, std::pair{&key, "key"}}) {
-    TORCH_CHECK(t->dim() == 2, op, ": ", name, " must be 2-D (batch, dim), got shape ", t->sizes());
-    TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": ", name, " must be a floating tensor, got ",
-                t->scalar_type());
-    TORCH_CHECK(t->size(0) > 0 && t->size(1) > 0, op, ": ", name, " must be non-empty, got shape ",
-                t->sizes());
-  }
-  TORCH_CHECK(query.sizes() == key.sizes(), op, ": query and key must have the same shape, got ",
-              query.sizes(), " and ", key.sizes());
-  TORCH_CHECK(queue.dim() == 2 && queue.size(1) == query.size(1), op,
-              ": queue must have shape (K, ", query.size(1), "), got ", queue.sizes());
-  TORCH_CHECK(at::isFloatingType(queue.scalar_type()), op, ": queue must be a floating tensor, got ",
-              queue.scalar_type());
-  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0, got ", temperature);
 }
 
 struct Normalized {
@@ -64,66 +48,68 @@ Tensor normalize_rows_backward(const Tensor& grad_unit, const Normalized& n) {
   return at::where(norm > kNormEps, projected, grad_unit / kNormEps);
 }
 
-// Largest queue row norm (the logit bound is 1/T times it; q_j are used as stored).
-double max_row_norm(const Tensor& queue, at::ScalarType acc) {
-  if (queue.size(0) == 0) return 0.0;
-  const at::ScalarType norm_type = at::promote_types(queue.scalar_type(), acc);
-  return at::linalg_vector_norm(queue, 2, {1}, /*keepdim=*/false, norm_type).max().item<double>();
-}
+// Partial softmax state of every row over a set of queue columns: running max (0 for the
+// unshifted sweep), sum of exp(logit - max) and A = sum of exp(logit - max) q_j.
+struct Partials {
+  Tensor max, sum, acc;  // (segments, rows), (segments, rows), (segments, rows, dim)
+};
 
-// (loss, lse, A): loss = mean_i (lse_i - S_i0), lse_i over the positive and the queue,
-// A_i = sum_j P_ij q_j over the queue only.
-std::tuple<Tensor, Tensor, Tensor> moco_forward_cpu(const Tensor& query, const Tensor& key,
-                                                    const Tensor& queue, double temperature) {
-  check_moco(query, key, queue, temperature);
-  const at::ScalarType acc = accumulate_type(query);
-  const int64_t rows = query.size(0), dim = query.size(1), keys = queue.size(0);
-  const double scale = 1.0 / temperature;
-  Normalized nq = normalize_rows(query, acc), nk = normalize_rows(key, acc);
-  Tensor positive = (nq.unit * nk.unit).sum(1) * scale;
-  Tensor scaled_u = nq.unit * scale;  // folds 1/T into the logit GEMM
+// One sweep over the queue. The columns of every row block are cut into segments (a few per
+// thread); threads claim (row block, segment) items from a shared counter, so a thread that
+// the OS delays simply does fewer items. Each item owns its partial state and items are
+// merged in a fixed order afterwards (flash-decoding), so results do not depend on which
+// thread ran what. Returns false if `unshifted` was asked for but a queue tile's logit bound
+// 1/T * max ||q_j|| exceeds the unshifted limit (the caller then sweeps again with a max).
+bool sweep_queue(const Tensor& scaled_u, const Tensor& queue, double scale, bool unshifted, Partials& out) {
+  const int64_t rows = scaled_u.size(0), dim = scaled_u.size(1), keys = queue.size(0);
   const at::TensorOptions opts = scaled_u.options();
-
-  const double bound = scale * max_row_norm(queue, acc);
+  const at::ScalarType acc = opts.dtype().toScalarType();
   const double limit = acc == at::kDouble ? unshifted_logit_limit<double>() : unshifted_logit_limit<float>();
-  // Unshifted: every partial keeps max = 0 and plain sums. Otherwise an online running max.
-  const bool unshifted = bound <= limit;
 
-  // Work items: (row block, column group). Few row blocks (MoCo's 256 queries) are split
-  // along the queue so every thread sweeps its own slice; the slices' (max, sum, A) triples
-  // are merged afterwards, as flash-decoding does.
   const int64_t row_block = std::min(rows, kMaxRowBlock);
   const int64_t tile_cols = std::max<int64_t>(256, kTileElems / row_block);
   const int64_t row_blocks = (rows + row_block - 1) / row_block;
   const int64_t col_tiles = (keys + tile_cols - 1) / tile_cols;
   const int64_t threads = at::get_num_threads();
-  const int64_t groups = row_blocks >= threads ? 1 : std::max<int64_t>(1, std::min(threads, col_tiles));
-  const int64_t tiles_per_group = col_tiles == 0 ? 0 : (col_tiles + groups - 1) / groups;
+  // ~4 items per thread balance the load without making the partial state large.
+  const int64_t wanted = (4 * threads + row_blocks - 1) / row_blocks;
+  const int64_t segments = std::max<int64_t>(1, std::min(col_tiles, wanted));
+  const int64_t tiles_per_segment = col_tiles == 0 ? 0 : (col_tiles + segments - 1) / segments;
+  const int64_t items = row_blocks * segments;
 
   const double init_max = unshifted ? 0.0 : -std::numeric_limits<double>::infinity();
-  Tensor part_max = at::full({groups, rows}, init_max, opts);
-  Tensor part_sum = at::zeros({groups, rows}, opts);
-  Tensor part_acc = at::zeros({groups, rows, dim}, opts);
+  out.max = at::full({segments, rows}, init_max, opts);
+  out.sum = at::zeros({segments, rows}, opts);
+  out.acc = at::zeros({segments, rows, dim}, opts);
   const bool convert_queue = queue.scalar_type() != acc;
+  std::atomic<int64_t> next_item{0};
+  std::atomic<bool> bound_exceeded{false};
 
-  at::parallel_for(0, row_blocks * groups, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, std::min(threads, items), 1, [&](int64_t, int64_t) {
     Tensor tile_buf = at::empty({row_block, tile_cols}, opts);
     Tensor queue_buf = convert_queue ? at::empty({tile_cols, dim}, opts) : Tensor();
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t rb = item / groups, g = item % groups;
+    for (int64_t item = next_item++; item < items && !bound_exceeded; item = next_item++) {
+      const int64_t rb = item / segments, seg = item % segments;
       const int64_t r0 = rb * row_block, br = std::min(row_block, rows - r0);
       Tensor u_r = scaled_u.narrow(0, r0, br);
-      Tensor m_r = part_max[g].narrow(0, r0, br);
-      Tensor l_r = part_sum[g].narrow(0, r0, br);
-      Tensor a_r = part_acc[g].narrow(0, r0, br);
-      const int64_t t_end = std::min(col_tiles, (g + 1) * tiles_per_group);
-      for (int64_t t = g * tiles_per_group; t < t_end; ++t) {
+      Tensor m_r = out.max[seg].narrow(0, r0, br);
+      Tensor l_r = out.sum[seg].narrow(0, r0, br);
+      Tensor a_r = out.acc[seg].narrow(0, r0, br);
+      const int64_t t_end = std::min(col_tiles, (seg + 1) * tiles_per_segment);
+      for (int64_t t = seg * tiles_per_segment; t < t_end; ++t) {
         const int64_t c0 = t * tile_cols, bc = std::min(tile_cols, keys - c0);
         Tensor q_t = queue.narrow(0, c0, bc);
         if (convert_queue) q_t = queue_buf.narrow(0, 0, bc).copy_(q_t);
         Tensor logits = tile_buf.narrow(0, 0, br).narrow(1, 0, bc);
         at::mm_out(logits, u_r, q_t.t());
         if (unshifted) {
+          // The tile is in cache: checking its rows' norms costs little next to the GEMMs.
+          // (A NaN norm also fails the test and is left to the running-max sweep.)
+          const double tile_bound = scale * at::linalg_vector_norm(q_t, 2, {1}).max().item<double>();
+          if (!(tile_bound <= limit)) {
+            bound_exceeded = true;
+            return;
+          }
           logits.exp_();
         } else {
           // New running max M = max(m, tile max); rescale the old sum and A by exp(m - M)
@@ -140,12 +126,32 @@ std::tuple<Tensor, Tensor, Tensor> moco_forward_cpu(const Tensor& query, const T
       }
     }
   });
+  return !bound_exceeded;
+}
 
-  // Merge the groups and the positive logit (max S_i0, sum 1, no contribution to A).
-  Tensor max_all = at::maximum(std::get<0>(part_max.max(0)), positive);
-  Tensor weight = (part_max - max_all.unsqueeze(0)).exp_();  // (groups, rows); -inf -> 0
-  Tensor sum = (part_sum * weight).sum(0) + (positive - max_all).exp();
-  Tensor expected_queue = (part_acc * weight.unsqueeze(2)).sum(0) / sum.unsqueeze(1);
+// (loss, lse, A): loss = mean_i (lse_i - S_i0), lse_i over the positive and the queue,
+// A_i = sum_j P_ij q_j over the queue only.
+std::tuple<Tensor, Tensor, Tensor> moco_forward_cpu(const Tensor& query, const Tensor& key,
+                                                    const Tensor& queue, double temperature) {
+  check_moco(query, key, queue, temperature);
+  const at::ScalarType acc = accumulate_type(query);
+  const double scale = 1.0 / temperature;
+  Normalized nq = normalize_rows(query, acc), nk = normalize_rows(key, acc);
+  Tensor positive = (nq.unit * nk.unit).sum(1) * scale;
+  Tensor scaled_u = nq.unit * scale;  // folds 1/T into the logit GEMM
+
+  // Unshifted sweep first (plain sums of exp(logit), no max pass, no rescaling); logits
+  // that could overflow it (small T, large queue rows) take the running-max sweep.
+  Partials part;
+  if (!sweep_queue(scaled_u, queue, scale, /*unshifted=*/true, part)) {
+    sweep_queue(scaled_u, queue, scale, /*unshifted=*/false, part);
+  }
+
+  // Merge the segments and the positive logit (max S_i0, sum 1, no contribution to A).
+  Tensor max_all = at::maximum(std::get<0>(part.max.max(0)), positive);
+  Tensor weight = (part.max - max_all.unsqueeze(0)).exp_();  // (segments, rows); -inf -> 0
+  Tensor sum = (part.sum * weight).sum(0) + (positive - max_all).exp();
+  Tensor expected_queue = (part.acc * weight.unsqueeze(2)).sum(0) / sum.unsqueeze(1);
   Tensor lse = max_all + sum.log();
   Tensor loss = (lse - positive).mean().to(query.scalar_type());
   return {loss, lse, expected_queue};

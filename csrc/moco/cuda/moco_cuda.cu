@@ -1,0 +1,338 @@
+// CUDA forward of the MoCo queue loss, flash-decoding style: MoCo's few queries (256) give
+// only a handful of row blocks, so the queue's columns are split across blocks too; every
+// block sweeps its column range with an online softmax and writes a partial (max, sum, A)
+// triple per row, A = sum_j exp(S_ij - max) q_j; a merge kernel combines them per row.
+// Same semantics, checks, outputs and dtypes as csrc/moco/cpu/moco_cpu.cpp (the backward is
+// the device-generic at:: function registered there: it needs no queue).
+//
+// Launch plan (kRows = 16 rows x kCols = 64 queue columns per tile, 256 threads):
+//   moco_prep    one warp per row: u_i = q_i / ||q_i|| / T (accumulation dtype), S_i0
+//   moco_sweep   grid (row blocks, column splits); dynamic shared memory
+//                (2 * kRows * d + kCols * (kChunk + 1) + kRows * kCols + 3 * kRows) accumulators:
+//                the block's u rows, its A rows, a queue chunk, the probability tile and the
+//                per-row (max, sum, rescale); 37 KiB for fp32 at d = 128.
+//   moco_merge   one block per row: merges the splits and the positive logit
+//   moco_mean    one block: the mean over rows, in a fixed order (deterministic)
+// Logits, max, sums and A stay in float32 (float64 for float64 input); fp16/bf16 queues and
+// queries are converted on load.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <type_traits>
+
+#include "moco/moco_check.h"
+#include "moco/moco_math.h"
+
+namespace pyssl::moco {
+namespace {
+
+using at::Tensor;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kRows = 16;   // query rows per block
+constexpr int kCols = 64;   // queue columns per tile
+constexpr int kChunk = 64;  // features per queue chunk in shared memory
+constexpr int kRowGroups = kThreads / kCols;           // 4: a thread owns rows g, g+4, g+8, g+12
+constexpr int kRowsPerThread = kRows / kRowGroups;     // 4
+static_assert(kCols == 64 && kRows % kRowGroups == 0, "the softmax step gives each lane 2 columns");
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+  for (int offset = 16; offset > 0; offset /= 2) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// u_i = q_i / max(||q_i||, eps) / T and S_i0 = u_i . k_i / max(||k_i||, eps): one warp per row.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    moco_prep_kernel(const scalar_t* __restrict__ query, const scalar_t* __restrict__ key, int64_t rows, int64_t dim,
+                     acc_t scale, acc_t* __restrict__ scaled_u, acc_t* __restrict__ positive) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (row >= rows) return;
+  const scalar_t* q = query + row * dim;
+  const scalar_t* k = key + row * dim;
+  acc_t qq = 0, kk = 0, qk = 0;
+  for (int64_t f = lane; f < dim; f += 32) {
+    const acc_t a = static_cast<acc_t>(q[f]), b = static_cast<acc_t>(k[f]);
+    qq += a * a;
+    kk += b * b;
+    qk += a * b;
+  }
+  qq = warp_sum(qq);
+  kk = warp_sum(kk);
+  qk = warp_sum(qk);
+  const acc_t eps = static_cast<acc_t>(kNormEps);
+  const acc_t q_norm = fmax(sqrt(qq), eps), k_norm = fmax(sqrt(kk), eps);
+  for (int64_t f = lane; f < dim; f += 32) scaled_u[row * dim + f] = static_cast<acc_t>(q[f]) / q_norm * scale;
+  if (lane == 0) positive[row] = qk / q_norm / k_norm * scale;
+}
+
+// Loads queue columns [col0, col0 + kCols) x features [f0, f0 + kChunk) into smem (zeros
+// past the queue's end or the feature dim), converted to acc_t. Row stride kChunk + 1 keeps
+// the column-wise reads of the logit step free of bank conflicts.
+template <typename queue_t, typename acc_t>
+__device__ __forceinline__ void load_queue_chunk(const queue_t* __restrict__ queue, int64_t keys, int64_t dim,
+                                                 int64_t col0, int64_t f0, acc_t* chunk) {
+  for (int idx = threadIdx.x; idx < kCols * kChunk; idx += kThreads) {
+    const int c = idx / kChunk, f = idx % kChunk;
+    const int64_t col = col0 + c, feat = f0 + f;
+    chunk[c * (kChunk + 1) + f] = (col < keys && feat < dim) ? static_cast<acc_t>(queue[col * dim + feat]) : acc_t(0);
+  }
+}
+
+// One block: kRows query rows against the tiles [tile_begin, tile_end) of the queue.
+template <typename queue_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    moco_sweep_kernel(const acc_t* __restrict__ scaled_u, const queue_t* __restrict__ queue, int64_t rows,
+                      int64_t keys, int64_t dim, int64_t tiles_per_split, acc_t* __restrict__ part_max,
+                      acc_t* __restrict__ part_sum, acc_t* __restrict__ part_acc) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* s_u = reinterpret_cast<acc_t*>(smem_raw);  // kRows x dim
+  acc_t* s_acc = s_u + kRows * dim;                 // kRows x dim
+  acc_t* s_q = s_acc + kRows * dim;                 // kCols x (kChunk + 1)
+  acc_t* s_p = s_q + kCols * (kChunk + 1);          // kRows x kCols: logits, then probabilities
+  acc_t* s_max = s_p + kRows * kCols;               // kRows
+  acc_t* s_sum = s_max + kRows;                     // kRows
+  acc_t* s_rescale = s_sum + kRows;                 // kRows
+
+  const int tid = threadIdx.x;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t split = blockIdx.y;
+  for (int64_t idx = tid; idx < kRows * dim; idx += kThreads) {
+    const int64_t r = idx / dim, f = idx % dim;
+    s_u[idx] = row0 + r < rows ? scaled_u[(row0 + r) * dim + f] : acc_t(0);  // padded rows: 0
+    s_acc[idx] = 0;
+  }
+  if (tid < kRows) {
+    s_max[tid] = -INFINITY;
+    s_sum[tid] = 0;
+  }
+  __syncthreads();
+
+  const int lane_col = tid % kCols;  // a column of the tile (logits) or a feature of the chunk (A)
+  const int group = tid / kCols;     // rows group, group + 4, group + 8, group + 12
+  const int warp = tid / 32, lane = tid % 32;
+  const int64_t num_tiles = (keys + kCols - 1) / kCols;
+  const int64_t tile_begin = split * tiles_per_split;
+  const int64_t tile_end = std::min(num_tiles, tile_begin + tiles_per_split);
+
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const int64_t col0 = tile * kCols;
+    // 1. logits S = U Q^T for the tile, chunk by chunk of features
+    acc_t logit[kRowsPerThread] = {};
+    for (int64_t f0 = 0; f0 < dim; f0 += kChunk) {
+      load_queue_chunk(queue, keys, dim, col0, f0, s_q);
+      __syncthreads();
+      const int fc = static_cast<int>(std::min<int64_t>(kChunk, dim - f0));
+      for (int f = 0; f < fc; ++f) {
+        const acc_t qv = s_q[lane_col * (kChunk + 1) + f];
+#pragma unroll
+        for (int i = 0; i < kRowsPerThread; ++i) logit[i] += s_u[(group + kRowGroups * i) * dim + f0 + f] * qv;
+      }
+      __syncthreads();
+    }
+    const bool col_valid = col0 + lane_col < keys;
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      s_p[(group + kRowGroups * i) * kCols + lane_col] = col_valid ? logit[i] : acc_t(-INFINITY);
+    }
+    __syncthreads();
+
+    // 2. online softmax per row: new max, rescale factor, probabilities (masked -> 0)
+    for (int r = warp; r < kRows; r += kWarps) {
+      const acc_t x0 = s_p[r * kCols + lane], x1 = s_p[r * kCols + lane + 32];
+      const acc_t tile_max = warp_max(fmax(x0, x1));
+      const acc_t old_max = s_max[r];
+      const acc_t new_max = fmax(old_max, tile_max);
+      acc_t rescale = 1, p0 = 0, p1 = 0;
+      if (new_max != -INFINITY) {  // every tile has a valid column, but never exp(-inf - -inf)
+        rescale = exp_acc(old_max - new_max);  // old_max = -inf: 0
+        p0 = exp_acc(x0 - new_max);
+        p1 = exp_acc(x1 - new_max);
+      }
+      s_p[r * kCols + lane] = p0;
+      s_p[r * kCols + lane + 32] = p1;
+      const acc_t tile_sum = warp_sum(p0 + p1);
+      if (lane == 0) {
+        s_max[r] = new_max;
+        s_sum[r] = s_sum[r] * rescale + tile_sum;
+        s_rescale[r] = rescale;
+      }
+    }
+    __syncthreads();
+
+    // 3. A <- A * rescale + P Q, chunk by chunk of features (the chunk is re-read, from L2)
+    for (int64_t f0 = 0; f0 < dim; f0 += kChunk) {
+      load_queue_chunk(queue, keys, dim, col0, f0, s_q);
+      __syncthreads();
+      if (f0 + lane_col < dim) {
+#pragma unroll
+        for (int i = 0; i < kRowsPerThread; ++i) {
+          const int r = group + kRowGroups * i;
+          acc_t a = s_acc[r * dim + f0 + lane_col] * s_rescale[r];
+          for (int c = 0; c < kCols; ++c) a += s_p[r * kCols + c] * s_q[c * (kChunk + 1) + lane_col];
+          s_acc[r * dim + f0 + lane_col] = a;
+        }
+      }
+      __syncthreads();
+    }
+  }
+
+  for (int64_t idx = tid; idx < kRows * dim; idx += kThreads) {
+    const int64_t r = idx / dim, f = idx % dim;
+    if (row0 + r < rows) part_acc[(split * rows + row0 + r) * dim + f] = s_acc[idx];
+  }
+  if (tid < kRows && row0 + tid < rows) {
+    part_max[split * rows + row0 + tid] = s_max[tid];
+    part_sum[split * rows + row0 + tid] = s_sum[tid];
+  }
+}
+
+// Per row: merge the splits' (max, sum, A) with the positive (S_i0, 1, 0).
+template <typename acc_t>
+__global__ void moco_merge_kernel(const acc_t* __restrict__ positive, const acc_t* __restrict__ part_max,
+                                  const acc_t* __restrict__ part_sum, const acc_t* __restrict__ part_acc,
+                                  int64_t rows, int64_t dim, int64_t splits, acc_t* __restrict__ lse,
+                                  acc_t* __restrict__ expected_queue, acc_t* __restrict__ row_loss) {
+  const int64_t row = blockIdx.x;
+  const acc_t pos = positive[row];
+  acc_t max_all = pos;
+  for (int64_t s = 0; s < splits; ++s) max_all = fmax(max_all, part_max[s * rows + row]);
+  acc_t sum = exp_acc(pos - max_all);
+  for (int64_t s = 0; s < splits; ++s) {
+    const acc_t m = part_max[s * rows + row];
+    if (m != -INFINITY) sum += part_sum[s * rows + row] * exp_acc(m - max_all);
+  }
+  for (int64_t f = threadIdx.x; f < dim; f += blockDim.x) {
+    acc_t a = 0;
+    for (int64_t s = 0; s < splits; ++s) {
+      const acc_t m = part_max[s * rows + row];
+      if (m != -INFINITY) a += part_acc[(s * rows + row) * dim + f] * exp_acc(m - max_all);
+    }
+    expected_queue[row * dim + f] = a / sum;
+  }
+  if (threadIdx.x == 0) {
+    const acc_t value = max_all + log_acc(sum);
+    lse[row] = value;
+    row_loss[row] = value - pos;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void moco_mean_kernel(const acc_t* __restrict__ row_loss, int64_t rows, scalar_t* __restrict__ loss) {
+  __shared__ acc_t partial[kThreads];
+  acc_t s = 0;
+  for (int64_t i = threadIdx.x; i < rows; i += kThreads) s += row_loss[i];
+  partial[threadIdx.x] = s;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) loss[0] = static_cast<scalar_t>(partial[0] / static_cast<acc_t>(rows));
+}
+
+template <typename acc_t>
+size_t sweep_smem_bytes(int64_t dim) {
+  return sizeof(acc_t) * static_cast<size_t>(2 * kRows * dim + kCols * (kChunk + 1) + kRows * kCols + 3 * kRows);
+}
+
+std::tuple<Tensor, Tensor, Tensor> moco_forward_cuda(const Tensor& query_in, const Tensor& key_in,
+                                                     const Tensor& queue_in, double temperature) {
+  check_moco(query_in, key_in, queue_in, temperature);
+  c10::cuda::CUDAGuard guard(query_in.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const Tensor query = query_in.contiguous(), key = key_in.contiguous(), queue = queue_in.contiguous();
+  const int64_t rows = query.size(0), dim = query.size(1), keys = queue.size(0);
+  const at::ScalarType acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_opts = query.options().dtype(acc);
+
+  int device = query.get_device(), sms = 0, smem_optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+
+  // Column splits: about 4 blocks per SM in all, no split without a tile.
+  const int64_t row_blocks = (rows + kRows - 1) / kRows;
+  const int64_t num_tiles = (keys + kCols - 1) / kCols;
+  int64_t splits = 0, tiles_per_split = 0;
+  if (num_tiles > 0) {
+    const int64_t wanted = std::max<int64_t>(1, (4 * static_cast<int64_t>(sms) + row_blocks - 1) / row_blocks);
+    tiles_per_split = (num_tiles + std::min(wanted, num_tiles) - 1) / std::min(wanted, num_tiles);
+    splits = (num_tiles + tiles_per_split - 1) / tiles_per_split;
+  }
+
+  Tensor scaled_u = at::empty({rows, dim}, acc_opts);
+  Tensor positive = at::empty({rows}, acc_opts);
+  Tensor part_max = at::empty({std::max<int64_t>(splits, 1), rows}, acc_opts);
+  Tensor part_sum = at::empty({std::max<int64_t>(splits, 1), rows}, acc_opts);
+  Tensor part_acc = at::empty({std::max<int64_t>(splits, 1), rows, dim}, acc_opts);
+  Tensor lse = at::empty({rows}, acc_opts);
+  Tensor expected_queue = at::empty({rows, dim}, acc_opts);
+  Tensor row_loss = at::empty({rows}, acc_opts);
+  Tensor loss = at::empty({}, query.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "pyssl_moco_forward_cuda", [&] {
+    using query_t = scalar_t;
+    using acc_t = std::conditional_t<std::is_same_v<query_t, double>, double, float>;
+    const unsigned prep_blocks = static_cast<unsigned>((rows + kWarps - 1) / kWarps);
+    moco_prep_kernel<query_t, acc_t><<<prep_blocks, kThreads, 0, stream>>>(
+        query.const_data_ptr<query_t>(), key.const_data_ptr<query_t>(), rows, dim,
+        static_cast<acc_t>(1.0 / temperature), scaled_u.mutable_data_ptr<acc_t>(), positive.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+    if (splits > 0) {
+      const size_t smem = sweep_smem_bytes<acc_t>(dim);
+      TORCH_CHECK(smem <= static_cast<size_t>(smem_optin), "pyssl.moco: feature dim ", dim,
+                  " is too large for the CUDA kernel (needs ", smem, " bytes of shared memory per block, the device has ",
+                  smem_optin, ")");
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queue.scalar_type(), "pyssl_moco_sweep_cuda", [&] {
+        auto kernel = &moco_sweep_kernel<scalar_t, acc_t>;
+        if (smem > 48 * 1024) {
+          C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+        }
+        const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(splits));
+        kernel<<<grid, kThreads, smem, stream>>>(scaled_u.const_data_ptr<acc_t>(), queue.const_data_ptr<scalar_t>(), rows,
+                                                 keys, dim, tiles_per_split, part_max.mutable_data_ptr<acc_t>(),
+                                                 part_sum.mutable_data_ptr<acc_t>(), part_acc.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+
+    moco_merge_kernel<acc_t><<<static_cast<unsigned>(rows), 128, 0, stream>>>(
+        positive.const_data_ptr<acc_t>(), part_max.const_data_ptr<acc_t>(), part_sum.const_data_ptr<acc_t>(),
+        part_acc.const_data_ptr<acc_t>(), rows, dim, splits, lse.mutable_data_ptr<acc_t>(),
+        expected_queue.mutable_data_ptr<acc_t>(), row_loss.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    moco_mean_kernel<query_t, acc_t><<<1, kThreads, 0, stream>>>(row_loss.const_data_ptr<acc_t>(), rows,
+                                                                 loss.mutable_data_ptr<query_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, lse, expected_queue};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyssl, CUDA, m) { m.impl("moco_forward", &moco_forward_cuda); }
+
+}  // namespace pyssl::moco
