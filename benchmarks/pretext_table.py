@@ -72,7 +72,7 @@ def run(name: str, epochs: int, seed: int, out_dir: str) -> dict:
     random_init = copy.deepcopy(method)
     d = cls.cli_defaults
     tc = TrainConfig(epochs=epochs, batch_size=d["batch_size"] if spec != "videos" else 32, optimizer="adamw",
-                     lr=d["lr"], weight_decay=cls.train_defaults["weight_decay"], device="cpu", seed=seed,
+                     lr=d["lr"]["*"], weight_decay=cls.train_defaults["weight_decay"], device="cpu", seed=seed,
                      out_dir=os.path.join(out_dir, name), knn_every=0, tensorboard=False, progress=False)
     t0 = time.time()
     Trainer(method, train, tc, test).fit()

@@ -85,7 +85,7 @@ class PretextMethod(nn.Module):
     train_defaults: dict = {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 1e-4, "momentum": 0.9}
     #: What ``pyssl train`` uses for these methods over the data set's defaults (which are
     #: tuned for the contrastive methods: SGD learning rates, projection widths, augmentation).
-    cli_defaults: dict = {"backbone": "small", "batch_size": 128, "lr": 2e-3, "warmup_epochs": 0.0,
+    cli_defaults: dict = {"backbone": "small", "batch_size": 128, "lr": {"*": 2e-3}, "warmup_epochs": 0.0,
                           "epochs": 20, "hidden_dim": None, "augment_kwargs": None}
 
     def __init__(self, image_size: int | None = None, in_channels: int = 3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
