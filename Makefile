@@ -43,7 +43,7 @@ demo: build
 	$(PY) -m pyssl.demo
 
 bench: build
-	$(PY) benchmarks/bench_infonce.py
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf build dist $(CPU_VENV)
