@@ -8,6 +8,7 @@
 #include <limits>
 #include <tuple>
 
+#include "infonce/infonce_check.h"
 #include "infonce/infonce_math.h"
 
 namespace pyssl::infonce {
@@ -21,14 +22,6 @@ constexpr int64_t kBlock = 512;
 
 at::ScalarType accumulate_type(const Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void check_embeddings(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D (batch, dim), got shape ", t.sizes());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
-              " must be a floating tensor, got ", t.scalar_type());
-  TORCH_CHECK(t.size(0) > 0 && t.size(1) > 0, op, ": ", name, " must be non-empty, got shape ",
-              t.sizes());
 }
 
 struct Normalized {
@@ -134,13 +127,6 @@ TileLse make_tile_lse(double scale, at::ScalarType acc) {
 
 // ---- NT-Xent ----------------------------------------------------------------------------------
 
-void check_ntxent(const Tensor& z, double temperature) {
-  check_embeddings(z, "pyssl.ntxent", "z");
-  TORCH_CHECK(z.size(0) % 2 == 0 && z.size(0) >= 2,
-              "pyssl.ntxent: z must hold two views of N >= 1 rows each (2N rows), got ", z.size(0));
-  TORCH_CHECK(temperature > 0, "pyssl.ntxent: temperature must be > 0, got ", temperature);
-}
-
 std::tuple<Tensor, Tensor> ntxent_forward_cpu(const Tensor& z, double temperature) {
   check_ntxent(z, temperature);
   const at::ScalarType acc = accumulate_type(z);
@@ -230,30 +216,10 @@ Tensor ntxent_backward_cpu(const Tensor& grad_loss, const Tensor& z, const Tenso
 
 // ---- InfoNCE / CLIP ---------------------------------------------------------------------------
 
-double check_infonce(const Tensor& query, const Tensor& key, const Tensor& logit_scale,
-                     bool symmetric) {
-  check_embeddings(query, "pyssl.infonce", "query");
-  check_embeddings(key, "pyssl.infonce", "key");
-  TORCH_CHECK(query.size(1) == key.size(1), "pyssl.infonce: query and key must have the same dim, got ",
-              query.sizes(), " and ", key.sizes());
-  if (symmetric) {
-    TORCH_CHECK(query.size(0) == key.size(0),
-                "pyssl.infonce: the symmetric (CLIP) loss needs as many keys as queries, got ",
-                query.size(0), " and ", key.size(0));
-  } else {
-    TORCH_CHECK(key.size(0) >= query.size(0), "pyssl.infonce: need at least one key per query, got ",
-                key.size(0), " keys for ", query.size(0), " queries");
-  }
-  TORCH_CHECK(logit_scale.numel() == 1, "pyssl.infonce: logit_scale must hold one value, got shape ",
-              logit_scale.sizes());
-  const double scale = logit_scale.item<double>();
-  TORCH_CHECK(scale > 0, "pyssl.infonce: logit_scale must be > 0, got ", scale);
-  return scale;
-}
-
 std::tuple<Tensor, Tensor, Tensor> infonce_forward_cpu(const Tensor& query, const Tensor& key,
                                                        const Tensor& logit_scale, bool symmetric) {
-  const double scale = check_infonce(query, key, logit_scale, symmetric);
+  check_infonce(query, key, logit_scale, symmetric);
+  const double scale = checked_logit_scale(logit_scale);
   const at::ScalarType acc = accumulate_type(query);
   const int64_t rows = query.size(0), keys = key.size(0);
   Normalized nq = normalize_rows(query, acc), nk = normalize_rows(key, acc);
@@ -288,7 +254,8 @@ std::tuple<Tensor, Tensor, Tensor> infonce_backward_cpu(const Tensor& grad_loss,
                                                         const Tensor& key, const Tensor& logit_scale,
                                                         const Tensor& lse_row, const Tensor& lse_col,
                                                         bool symmetric) {
-  const double scale = check_infonce(query, key, logit_scale, symmetric);
+  check_infonce(query, key, logit_scale, symmetric);
+  const double scale = checked_logit_scale(logit_scale);
   const at::ScalarType acc = accumulate_type(query);
   const int64_t rows = query.size(0), keys = key.size(0);
   TORCH_CHECK(lse_row.dim() == 1 && lse_row.size(0) == rows,

@@ -34,6 +34,7 @@
 #include <tuple>
 #include <utility>
 
+#include "infonce/infonce_check.h"
 #include "infonce/cuda/infonce_kernels.cuh"
 
 namespace pyssl::infonce {
@@ -73,12 +74,7 @@ std::pair<int64_t, int64_t> column_splits(int64_t col_tiles, int64_t other, int6
   return {ceil_div(col_tiles, per_split), per_split};
 }
 
-void check_embeddings(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D (batch, dim), got shape ", t.sizes());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
-              " must be a floating tensor, got ", t.scalar_type());
-  TORCH_CHECK(t.size(0) > 0 && t.size(1) > 0, op, ": ", name, " must be non-empty, got shape ",
-              t.sizes());
+void check_cuda(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
 }
 
@@ -289,15 +285,13 @@ Tensor grad_finalize(const GradSums& sums, const Normalized& x, const Tensor& gr
 
 // ---- NT-Xent ----------------------------------------------------------------------------------
 
-void check_ntxent(const Tensor& z, double temperature) {
-  check_embeddings(z, "pyssl.ntxent", "z");
-  TORCH_CHECK(z.size(0) % 2 == 0 && z.size(0) >= 2,
-              "pyssl.ntxent: z must hold two views of N >= 1 rows each (2N rows), got ", z.size(0));
-  TORCH_CHECK(temperature > 0, "pyssl.ntxent: temperature must be > 0, got ", temperature);
+void check_ntxent_cuda(const Tensor& z, double temperature) {
+  check_ntxent(z, temperature);
+  check_cuda(z, "pyssl.ntxent", "z");
 }
 
 std::tuple<Tensor, Tensor> ntxent_forward_cuda(const Tensor& z, double temperature) {
-  check_ntxent(z, temperature);
+  check_ntxent_cuda(z, temperature);
   c10::cuda::CUDAGuard guard(z.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::ScalarType acc = accumulate_type(z);
@@ -314,7 +308,7 @@ std::tuple<Tensor, Tensor> ntxent_forward_cuda(const Tensor& z, double temperatu
 
 Tensor ntxent_backward_cuda(const Tensor& grad_loss, const Tensor& z, const Tensor& lse,
                             double temperature) {
-  check_ntxent(z, temperature);
+  check_ntxent_cuda(z, temperature);
   const int64_t rows = z.size(0), pairs = rows / 2;
   TORCH_CHECK(lse.dim() == 1 && lse.size(0) == rows, "pyssl.ntxent_backward: lse must have shape (",
               rows, "), got ", lse.sizes());
@@ -335,32 +329,16 @@ Tensor ntxent_backward_cuda(const Tensor& grad_loss, const Tensor& z, const Tens
 
 // ---- InfoNCE / CLIP ---------------------------------------------------------------------------
 
-void check_infonce(const Tensor& query, const Tensor& key, const Tensor& logit_scale, bool symmetric) {
-  check_embeddings(query, "pyssl.infonce", "query");
-  check_embeddings(key, "pyssl.infonce", "key");
-  TORCH_CHECK(query.device() == key.device(), "pyssl.infonce: query and key must be on one device, got ",
-              query.device(), " and ", key.device());
-  TORCH_CHECK(query.size(1) == key.size(1), "pyssl.infonce: query and key must have the same dim, got ",
-              query.sizes(), " and ", key.sizes());
-  if (symmetric) {
-    TORCH_CHECK(query.size(0) == key.size(0),
-                "pyssl.infonce: the symmetric (CLIP) loss needs as many keys as queries, got ",
-                query.size(0), " and ", key.size(0));
-  } else {
-    TORCH_CHECK(key.size(0) >= query.size(0), "pyssl.infonce: need at least one key per query, got ",
-                key.size(0), " keys for ", query.size(0), " queries");
-  }
-  TORCH_CHECK(logit_scale.numel() == 1, "pyssl.infonce: logit_scale must hold one value, got shape ",
-              logit_scale.sizes());
-  if (!logit_scale.is_cuda()) {  // free to read without a device sync
-    const double scale = logit_scale.item<double>();
-    TORCH_CHECK(scale > 0, "pyssl.infonce: logit_scale must be > 0, got ", scale);
-  }
+void check_infonce_cuda(const Tensor& query, const Tensor& key, const Tensor& logit_scale, bool symmetric) {
+  check_infonce(query, key, logit_scale, symmetric);
+  check_cuda(query, "pyssl.infonce", "query");
+  check_cuda(key, "pyssl.infonce", "key");
+  if (!logit_scale.is_cuda()) checked_logit_scale(logit_scale);  // free to read without a device sync
 }
 
 std::tuple<Tensor, Tensor, Tensor> infonce_forward_cuda(const Tensor& query, const Tensor& key,
                                                         const Tensor& logit_scale, bool symmetric) {
-  check_infonce(query, key, logit_scale, symmetric);
+  check_infonce_cuda(query, key, logit_scale, symmetric);
   c10::cuda::CUDAGuard guard(query.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::ScalarType acc = accumulate_type(query);
@@ -384,7 +362,7 @@ std::tuple<Tensor, Tensor, Tensor> infonce_backward_cuda(const Tensor& grad_loss
                                                          const Tensor& key, const Tensor& logit_scale,
                                                          const Tensor& lse_row, const Tensor& lse_col,
                                                          bool symmetric) {
-  check_infonce(query, key, logit_scale, symmetric);
+  check_infonce_cuda(query, key, logit_scale, symmetric);
   const int64_t rows = query.size(0), keys = key.size(0);
   TORCH_CHECK(lse_row.dim() == 1 && lse_row.size(0) == rows,
               "pyssl.infonce_backward: lse_row must have shape (", rows, "), got ", lse_row.sizes());
