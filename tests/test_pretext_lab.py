@@ -124,3 +124,44 @@ def test_ab_quantizer():
     logits = torch.full((1, q.num_bins, 1, 1), -50.0)
     logits[0, 7] = 50.0
     assert torch.allclose(q.decode(logits, dim=1)[0, :, 0, 0], q.centers[7], atol=1e-4)
+
+
+def _ref_rebalance(counts, centers, lam, sigma):
+    # Straight from Zhang et al. (2016), eq. 4, in float64 with explicit loops.
+    q = len(counts)
+    p = counts / counts.sum()
+    smooth = np.zeros(q)
+    for i in range(q):
+        k = np.exp(-((centers - centers[i]) ** 2).sum(1) / (2 * sigma**2))
+        smooth += p[i] * k / k.sum()
+    w = 1.0 / ((1 - lam) * smooth + lam / q)
+    return w / (smooth * w).sum(), smooth
+
+
+@settings(max_examples=15, deadline=None)
+@given(lam=st.floats(0.01, 1.0), sigma=st.floats(1.0, 20.0), seed=st.integers(0, 2**16))
+def test_rebalance_weights_equal_reference(lam, sigma, seed):
+    q = ABQuantizer(10.0)
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 50, (q.num_bins,), generator=g).double() * (torch.rand(q.num_bins, generator=g) < 0.3)
+    if counts.sum() == 0:
+        counts[0] = 1
+    w = q.rebalance_weights(counts, lam, sigma)
+    ref, smooth = _ref_rebalance(counts.numpy(), q.centers.double().numpy(), lam, sigma)
+    np.testing.assert_allclose(w.double().numpy(), ref, rtol=1e-5)
+    assert abs((smooth * w.double().numpy()).sum() - 1) < 1e-5  # the loss keeps its size
+    # Rarer (smoothed) colours weigh more.
+    order = np.argsort(smooth)
+    assert (np.diff(w.double().numpy()[order]) <= 1e-6 * w.max().item()).all()
+
+
+def test_rebalance_weights_edge_cases():
+    q = ABQuantizer(10.0)
+    assert torch.equal(q.rebalance_weights(torch.zeros(q.num_bins)), torch.ones(q.num_bins))
+    counts = torch.rand(q.num_bins)
+    torch.testing.assert_close(q.rebalance_weights(counts, lam=1.0), torch.ones(q.num_bins))
+    with pytest.raises(ValueError, match="counts"):
+        q.rebalance_weights(torch.ones(3))
+    for lam in (0.0, 1.5):
+        with pytest.raises(ValueError, match="lam"):
+            q.rebalance_weights(counts, lam=lam)

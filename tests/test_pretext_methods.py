@@ -67,6 +67,28 @@ def test_relative_patch_learns_position_and_beats_random_probe():
     assert _probe(m, xtr, ytr, xte, yte) > _probe(random_init, xtr, ytr, xte, yte)
 
 
+def _fringe_images(n, size=32, seed=0):
+    # Grey noise (no edge or texture cue) plus a colour cast along the green-magenta axis that
+    # varies across the frame, so that its level gives away every grid cell: the only cue to a
+    # patch's position is the kind of colour fringe lenses make.
+    g = torch.Generator().manual_seed(seed)
+    grey = 0.5 + 0.2 * (2 * torch.rand(n, 1, size, size, generator=g) - 1)
+    u = torch.linspace(-1, 1, size)
+    cast = 0.03 * (u[None, :] + 3 * u[:, None])
+    return grey + cast * (torch.tensor([-1.0, 2.0, -1.0]) / 6**0.5).view(1, 3, 1, 1)
+
+
+def test_relative_patch_chromatic_guard_removes_the_colour_fringe_shortcut():
+    x = _fringe_images(1600, seed=int(torch.randint(0, 1000, ())))
+    acc = {}
+    for chromatic in ("none", "project"):
+        m = build_method("relative_patch", chromatic=chromatic)
+        quick_fit(m, x[:1200], steps=50, batch_size=64)
+        acc[chromatic] = _eval_metrics(m, x[1200:])["position_acc"]
+    assert acc["none"] > 0.5  # the shortcut is easy to learn
+    assert acc["project"] < 0.2  # chance is 0.125: nothing else tells positions apart
+
+
 def test_jigsaw_learns_permutation():
     x, _ = _colour()
     m = build_method("jigsaw", num_permutations=100)
@@ -91,6 +113,20 @@ def test_colorization_beats_best_constant_colour():
     assert r["bin_acc"] > 0.1  # 261 bins
     out = m.colorize(x[1200:1204])
     assert out.shape == (4, 3, 32, 32) and out.min() >= 0 and out.max() <= 1
+
+
+def test_colorization_rebalancing_raises_rare_colour_accuracy():
+    x, _ = _colour()
+    seed = int(torch.randint(0, 1000, ()))
+    r = {}
+    for rebalance in (None, 0.5):
+        torch.manual_seed(seed)
+        m = build_method("colorization", rebalance=rebalance)
+        quick_fit(m, x[:1200], steps=60, batch_size=64, seed=seed)
+        r[rebalance] = _eval_metrics(m, x[1200:])
+    # Weighting rare colours up raises the accuracy averaged over colours (not per pixel).
+    assert r[0.5]["bin_acc_balanced"] > 1.2 * r[None]["bin_acc_balanced"]
+    assert m.ab_counts.sum() == 60 * 64 * 8 * 8  # every training pixel counted (at 1/4 resolution)
 
 
 def test_split_brain_beats_most_frequent_bins():
@@ -167,6 +203,10 @@ def test_bad_configurations():
         build_method("colorization", backbone="resnet18")
     with pytest.raises(ValueError, match="num_permutations"):
         build_method("jigsaw", num_permutations=0)
+    with pytest.raises(ValueError, match="chromatic"):
+        build_method("relative_patch", chromatic="blur")
+    with pytest.raises(ValueError, match="rebalance"):
+        build_method("colorization", rebalance=2.0)
 
 
 # ---- the CLI -------------------------------------------------------------------------------------

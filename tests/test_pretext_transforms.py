@@ -5,11 +5,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyssl.pretext.transforms import (
+    drop_colour_channels,
     extract_patches,
     grid_geometry,
     grid_origins,
     maximal_hamming_permutations,
     min_pairwise_hamming,
+    project_out_green_magenta,
     region_masks,
     rotate_all4,
 )
@@ -87,3 +89,34 @@ def test_region_masks():
         region_masks(1, 8, "ring")
     with pytest.raises(ValueError, match="fraction"):
         region_masks(1, 8, "center", 1.5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 3), h=st.integers(1, 6), w=st.integers(1, 6))
+def test_green_magenta_projection_equals_float64_reference(n, h, w):
+    import numpy as np
+
+    x = torch.rand(n, 3, h, w, dtype=torch.float64)
+    a = np.array([-1.0, 2.0, -1.0]) / np.sqrt(6.0)
+    ref = np.einsum("dc,nchw->ndhw", np.eye(3) - np.outer(a, a), x.numpy())
+    got = project_out_green_magenta(x)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=0, atol=1e-12)
+    # Nothing green-magenta is left, greys are untouched, and projecting twice changes nothing.
+    assert torch.einsum("nchw,c->nhw", got, torch.tensor(a)).abs().max() < 1e-12
+    grey = torch.rand(n, 1, h, w, dtype=torch.float64).expand(-1, 3, -1, -1)
+    torch.testing.assert_close(project_out_green_magenta(grey), grey)
+    torch.testing.assert_close(project_out_green_magenta(got), got)
+    with pytest.raises(ValueError, match="3 channels"):
+        project_out_green_magenta(torch.rand(n, 1, h, w))
+
+
+def test_drop_colour_channels_keeps_one_channel_per_image():
+    x = torch.rand(64, 3, 9, 9)
+    out = drop_colour_channels(x, generator=torch.Generator().manual_seed(1))
+    kept = (out == x).flatten(2).all(-1)  # (N, C): channels passed through unchanged
+    assert (kept.sum(1) == 1).all()
+    assert set(kept.float().argmax(1).tolist()) == {0, 1, 2}  # every channel gets kept sometimes
+    filler_std = out[~kept].flatten(1).std(1)
+    assert (filler_std < 0.05 * x.flatten(2).std(-1).min()).all()  # faint noise, no structure
+    again = drop_colour_channels(x, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)

@@ -24,14 +24,19 @@ class Colorization(PretextMethod):
     uses cross-entropy against soft-encoded targets (each true ab spread over its ``soft_k``
     nearest bins with a Gaussian of width ``soft_sigma``), ``"regression"`` the L2 error,
     ``"both"`` the weighted sum. Colour predictions from the classifier are the annealed
-    mean of the bin distribution at ``temperature`` (0.38 in the paper). Class rebalancing
-    is not applied. The backbone is the encoder on L, global-average-pooled; it takes RGB
+    mean of the bin distribution at ``temperature`` (0.38 in the paper). With ``rebalance=lam``
+    each pixel's cross-entropy is weighted by the paper's class-rebalancing factor of its true
+    bin (:meth:`~pyssl.pretext.lab.ABQuantizer.rebalance_weights`: inverse of the smoothed
+    colour frequency mixed with ``lam`` of uniform), so rare saturated colours are not drowned
+    by greys; the frequencies are counted over the training batches seen so far (buffer
+    ``ab_counts``, saved in checkpoints). The backbone is the encoder on L, global-average-pooled; it takes RGB
     images (grey ones give ab = 0).
 
     Args:
         image_size, in_channels: the data (RGB 3 channels; grey works but has no colour).
         widths: encoder channels (the decoder mirrors them).
         loss, reg_weight, cls_weight: which losses and their weights.
+        rebalance: ``lam`` of the class rebalancing (0.5 in the paper), or ``None`` for none.
         grid, soft_k, soft_sigma, temperature: the ab quantisation.
         backbone: only ``"small"``: the method builds its own encoders on Lab channels.
         mean, std: accepted for the CLI and ignored (the Lab conversion needs raw [0, 1] RGB).
@@ -42,8 +47,8 @@ class Colorization(PretextMethod):
 
     def __init__(self, image_size: int = 32, in_channels: int = 3, widths: tuple[int, ...] = (16, 32, 64),
                  loss: str = "both", reg_weight: float = 1.0, cls_weight: float = 1.0, grid: float = 10.0,
-                 soft_k: int = 5, soft_sigma: float = 5.0, temperature: float = 0.38, backbone: str = "small",
-                 mean=None, std=None, hidden_dim: int | None = None):
+                 soft_k: int = 5, soft_sigma: float = 5.0, temperature: float = 0.38, rebalance: float | None = 0.5,
+                 backbone: str = "small", mean=None, std=None, hidden_dim: int | None = None):
         own_encoder_only("colorization", backbone)
         super().__init__(image_size, in_channels, mean=(0.0,) * 3, std=(1.0,) * 3)
         if loss not in _LOSSES:
@@ -53,6 +58,10 @@ class Colorization(PretextMethod):
         self.quantizer = ABQuantizer(grid)
         if not (soft_k >= 1 and soft_sigma > 0 and temperature > 0):
             raise MethodError(f"colorization: need soft_k >= 1, soft_sigma > 0, temperature > 0; got {soft_k}, {soft_sigma}, {temperature}")
+        if rebalance is not None and not 0.0 < float(rebalance) <= 1.0:
+            raise MethodError(f"colorization: rebalance must be in (0, 1] or None, got {rebalance!r}")
+        self.rebalance = None if rebalance is None else float(rebalance)
+        self.register_buffer("ab_counts", torch.zeros(self.quantizer.num_bins, dtype=torch.float64))
         widths = tuple(widths)
         self.encoder = ConvEncoder(1, widths)
         self.head = DenseHead(widths[-1], 2 + self.quantizer.num_bins, int(hidden_dim or 64))
@@ -96,17 +105,29 @@ class Colorization(PretextMethod):
         reg, logits = self.predict(x)
         reg_loss = F.mse_loss(reg / AB_RANGE, ab / AB_RANGE)
         target = self.quantizer.soft_encode(ab, self.soft_k, self.soft_sigma, dim=1)
-        cls_loss = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+        bins = self.quantizer.encode(ab, dim=1)
+        cls_per_pixel = -(target * F.log_softmax(logits, dim=1)).sum(1)
+        if self.rebalance is None:
+            cls_loss = cls_per_pixel.mean()
+        else:
+            if self.training:
+                self.ab_counts += torch.bincount(bins.flatten(), minlength=self.quantizer.num_bins).to(self.ab_counts)
+            weights = self.quantizer.rebalance_weights(self.ab_counts, self.rebalance, self.soft_sigma)
+            cls_loss = (weights[bins] * cls_per_pixel).mean()
         loss = {"regression": self.reg_weight * reg_loss, "classification": self.cls_weight * cls_loss,
                 "both": self.reg_weight * reg_loss + self.cls_weight * cls_loss}[self.loss_kind]
         with torch.no_grad():
-            bins = self.quantizer.encode(ab, dim=1)
+            hit = (logits.argmax(1) == bins).float().flatten()
+            per_bin = torch.zeros(self.quantizer.num_bins, device=hit.device).index_add_(0, bins.flatten(), hit)
+            seen = torch.bincount(bins.flatten(), minlength=self.quantizer.num_bins)
             mean_ab = ab.mean(dim=(0, 2, 3), keepdim=True)
             metrics = {
-                "bin_acc": float((logits.argmax(1) == bins).float().mean()),
+                "bin_acc": float(hit.mean()),
+                # Mean over the true colours present of their accuracy: what rebalancing raises.
+                "bin_acc_balanced": float((per_bin[seen > 0] / seen[seen > 0]).mean()),
                 "ab_rmse": float(((reg - ab) ** 2).sum(1).mean().sqrt()),
                 # The best constant colour (the batch mean): what a model that learned nothing reaches.
                 "ab_rmse_constant": float(((mean_ab - ab) ** 2).sum(1).mean().sqrt()),
-                "cls_loss": float(cls_loss),
+                "cls_loss": float(cls_per_pixel.mean()),
             }
         return loss, metrics

@@ -6,9 +6,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pyssl.methods import register
-from pyssl.methods._pretext import PretextMethod, accuracy, as_method_error, make_backbone
+from pyssl.methods._pretext import MethodError, PretextMethod, accuracy, as_method_error, make_backbone
 from pyssl.pretext.nets import mlp
-from pyssl.pretext.transforms import extract_patches, grid_geometry, grid_origins
+from pyssl.pretext.transforms import (drop_colour_channels, extract_patches, grid_geometry, grid_origins,
+                                      project_out_green_magenta)
+
+_CHROMATIC = ("project", "drop", "none")
 
 # Positions 0..8 of the 3x3 grid, row-major; 4 is the centre, the other 8 are the classes.
 _NEIGHBOURS = (0, 1, 2, 3, 5, 6, 7, 8)
@@ -25,10 +28,18 @@ class RelativePatch(PretextMethod):
     patches; an MLP on the concatenated features classifies the position. Images smaller
     than ``3 * (patch + gap + 2 * jitter)`` raise ``ValueError`` naming the minimum.
 
+    Chromatic aberration is the other shortcut the paper found: colour fringes along the
+    green-magenta axis grow towards the frame's edges and give away where a patch was.
+    ``chromatic="project"`` (default) removes that axis from the training patches,
+    ``"drop"`` keeps one random colour channel per patch (the others become faint noise),
+    ``"none"`` leaves them alone. Only the pretext task sees this; the backbone is evaluated
+    on unmodified images. Grey inputs (``in_channels=1``) have nothing to remove.
+
     Args:
         patch_size: side of a patch (default: the largest that fits the grid).
         gap, jitter: pixels between patches, and random shift per patch.
         hidden_dim: width of the MLP head (default 256).
+        chromatic: ``"project"``, ``"drop"`` or ``"none"`` (see above).
         backbone, image_size, in_channels, mean, std: as :class:`~pyssl.methods.rotnet.RotNet`.
     """
 
@@ -36,8 +47,11 @@ class RelativePatch(PretextMethod):
 
     def __init__(self, backbone: str | nn.Module = "small", image_size: int = 32, in_channels: int = 3,
                  patch_size: int | None = None, gap: int = 2, jitter: int = 1, hidden_dim: int | None = None,
-                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+                 chromatic: str = "project", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
         super().__init__(image_size, in_channels, mean, std)
+        if chromatic not in _CHROMATIC:
+            raise MethodError(f"relative_patch: chromatic must be one of {_CHROMATIC}, got {chromatic!r}")
+        self.chromatic = chromatic
         self.patch_size, self.gap, self.jitter = patch_size, gap, jitter
         patch = as_method_error(grid_geometry, image_size, patch_size, gap, jitter, task="relative_patch")
         self.backbone = make_backbone(backbone, in_channels, patch)
@@ -53,8 +67,14 @@ class RelativePatch(PretextMethod):
         n, size = images.shape[0], images.shape[-1]
         patch = grid_geometry(size, self.patch_size, self.gap, self.jitter, task="relative_patch")
         origins = grid_origins(n, size, patch, self.gap, self.jitter, device=images.device)
-        patches = extract_patches(self.normalize(images), origins, patch)  # (N, 9, C, p, p)
-        feats = self.backbone(patches.flatten(0, 1)).view(n, 9, -1)
+        x = self.to_float(images)
+        colour = x.shape[1] == 3
+        if colour and self.chromatic == "project":
+            x = project_out_green_magenta(x)
+        patches = extract_patches(x, origins, patch).flatten(0, 1)  # (N * 9, C, p, p)
+        if colour and self.chromatic == "drop":
+            patches = drop_colour_channels(patches)
+        feats = self.backbone(self.normalize(patches)).view(n, 9, -1)
         centre = feats[:, 4:5].expand(-1, 8, -1)
         neighbours = feats[:, list(_NEIGHBOURS)]
         logits = self.head(torch.cat([centre, neighbours], dim=-1).flatten(0, 1))

@@ -158,6 +158,29 @@ class ABQuantizer:
         out.scatter_(-1, idx, w)
         return out.movedim(-1, dim)
 
+    def rebalance_weights(self, counts: Tensor, lam: float = 0.5, sigma: float = 5.0) -> Tensor:
+        """Zhang et al.'s class-rebalancing weight of every bin, ``(Q,)``.
+
+        ``counts`` (``(Q,)``, how often each bin was the true colour) gives the empirical
+        distribution, smoothed with a Gaussian of width ``sigma`` over the bin centres; the
+        weight is ``1 / ((1 - lam) * p + lam / Q)``, scaled so its expectation under ``p``
+        is 1 (the loss keeps its size). ``lam = 1`` weighs every bin alike; small ``lam`` comes
+        near full inverse-frequency weighting (``lam > 0`` keeps unseen bins finite). Without counts yet, every weight is 1.
+        """
+        if counts.shape != (self.num_bins,):
+            raise ValueError(f"rebalance_weights: counts must have shape ({self.num_bins},), got {tuple(counts.shape)}")
+        if not 0.0 < lam <= 1.0 or not sigma > 0:
+            raise ValueError(f"rebalance_weights: need 0 < lam <= 1 and sigma > 0, got lam={lam}, sigma={sigma}")
+        total = counts.sum()
+        if total <= 0:
+            return torch.ones_like(counts, dtype=torch.float32)
+        centers = self.centers.to(device=counts.device, dtype=torch.float64)
+        kernel = torch.exp(-torch.cdist(centers, centers) ** 2 / (2 * sigma**2))
+        kernel = kernel / kernel.sum(dim=1, keepdim=True)  # each bin's mass spreads over its neighbours
+        p = (counts.double() / total) @ kernel
+        w = 1.0 / ((1 - lam) * p + lam / self.num_bins)
+        return (w / (p * w).sum()).float()
+
     def decode(self, logits: Tensor, temperature: float = 0.38, dim: int = -3) -> Tensor:
         """Annealed mean of the bin distribution: logits ``(..., Q, ...)`` -> ab ``(..., 2, ...)``."""
         p = torch.softmax(logits.movedim(dim, -1).float() / temperature, dim=-1)

@@ -117,6 +117,43 @@ def extract_patches(x: Tensor, origins: Tensor, patch: int) -> Tensor:
     return gathered.reshape(n, p, c, patch, patch)
 
 
+# --------------------------------------------------------------------------- chromatic aberration
+
+# Lenses focus green differently from red and blue, so a patch's colour fringes tell where in
+# the frame it was (Doersch et al., 2015): the fringes lie along this green-magenta axis.
+_GREEN_MAGENTA = (-1.0, 2.0, -1.0)
+
+
+def project_out_green_magenta(x: Tensor) -> Tensor:
+    """RGB images ``(N, 3, H, W)`` with the green-magenta component of every pixel removed.
+
+    Doersch et al.'s "projection": ``x - (a . x) a`` with ``a = (-1, 2, -1) / sqrt(6)``.
+    Grey levels (``a`` is orthogonal to ``(1, 1, 1)``) and the red-blue axis are kept.
+    """
+    _check_images("project_out_green_magenta", x)
+    if x.shape[1] != 3:
+        raise ValueError(f"project_out_green_magenta: expected RGB images (3 channels), got {x.shape[1]}")
+    a = x.new_tensor(_GREEN_MAGENTA) / 6**0.5
+    return x - torch.einsum("nchw,c->nhw", x, a)[:, None] * a.view(1, 3, 1, 1)
+
+
+def drop_colour_channels(x: Tensor, noise: float = 0.01, *, generator: torch.Generator | None = None) -> Tensor:
+    """Doersch et al.'s "colour dropping": every image keeps one random channel; the other
+    channels become Gaussian noise with ``noise`` times the kept channel's standard deviation
+    (around its mean), so no cross-channel fringe survives. ``(N, C, H, W)`` -> same shape.
+    """
+    _check_images("drop_colour_channels", x)
+    n, c = x.shape[:2]
+    keep = torch.randint(0, c, (n,), device=x.device, generator=generator)
+    kept = x[torch.arange(n, device=x.device), keep][:, None]  # (N, 1, H, W)
+    mean = kept.mean(dim=(2, 3), keepdim=True)
+    std = kept.std(dim=(2, 3), keepdim=True, unbiased=False)
+    z = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    filler = mean + noise * std * z
+    is_kept = torch.arange(c, device=x.device)[None, :] == keep[:, None]
+    return torch.where(is_kept[:, :, None, None], x, filler)
+
+
 # --------------------------------------------------------------------------- jigsaw permutations
 
 
