@@ -12,14 +12,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import run_benchmark  # noqa: E402
+from harness import embedding_pair, run_benchmark  # noqa: E402
 
 
 def _inputs(config, device):
-    dtype = getattr(torch, config.get("dtype", "float32"))
-    n, d = config["n"], config["d"]
-    image = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
-    text = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
+    image, text = embedding_pair(config, device)
     scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
     return image, text, scale
 

@@ -11,15 +11,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import run_benchmark  # noqa: E402
-
-
-def _views(config, device):
-    dtype = getattr(torch, config.get("dtype", "float32"))
-    n, d = config["n"], config["d"]
-    z0 = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
-    z1 = torch.randn(n, d, device=device, dtype=dtype, requires_grad=True)
-    return z0, z1
+from harness import embedding_pair, run_benchmark  # noqa: E402
 
 
 def _step(loss_fn, z0, z1):
@@ -33,7 +25,7 @@ def _step(loss_fn, z0, z1):
 def pyssl_candidate(config, device):
     import pyssl
 
-    return _step(pyssl.losses.NTXentLoss(config["temperature"]), *_views(config, device))
+    return _step(pyssl.losses.NTXentLoss(config["temperature"]), *embedding_pair(config, device))
 
 
 def eager_candidate(config, device):
@@ -47,13 +39,13 @@ def eager_candidate(config, device):
         target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
         return F.cross_entropy(logits, target)
 
-    return _step(ntxent, *_views(config, device))
+    return _step(ntxent, *embedding_pair(config, device))
 
 
 def lightly_candidate(config, device):
     from lightly.loss import NTXentLoss
 
-    return _step(NTXentLoss(temperature=config["temperature"]), *_views(config, device))
+    return _step(NTXentLoss(temperature=config["temperature"]), *embedding_pair(config, device))
 
 
 CANDIDATES = {"pyssl": pyssl_candidate, "eager": eager_candidate, "lightly": lightly_candidate}

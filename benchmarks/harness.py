@@ -29,6 +29,14 @@ import time
 import torch
 
 
+def embedding_pair(config: dict, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two random ``(config["n"], config["d"])`` leaf embeddings in ``config["dtype"]`` (float32
+    by default): the inputs of the paired losses (two views, or image and text)."""
+    dtype = getattr(torch, config.get("dtype", "float32"))
+    n, d = config["n"], config["d"]
+    return tuple(torch.randn(n, d, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -114,7 +122,7 @@ def run_benchmark(script: str, candidates: dict, configs: list[dict], *, referen
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timed calls per candidate")
     parser.add_argument("--max-iters", type=int, default=20)
     parser.add_argument("--only", default="", help="comma-separated candidate names")
-    parser.add_argument("--quick", action="store_true", help="first config only")
+    parser.add_argument("--quick", action="store_true", help="first config only (written to *_quick.json, which git ignores)")
     parser.add_argument("--out", default="", help="JSON output path")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--config", default="", help=argparse.SUPPRESS)
@@ -164,7 +172,7 @@ def run_benchmark(script: str, candidates: dict, configs: list[dict], *, referen
                 f"{(f'{tr:.2f}x' if tr else '-'):>16}{(f'{mr:.2f}x' if mr else '-'):>16}"
             )
         report["results"].append({"config": config, "candidates": rows})
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(script)), "results", f"{bench_name}_{args.device.split(':')[0]}.json")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(script)), "results", f"{bench_name}_{args.device.split(':')[0]}{'_quick' if args.quick else ''}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=2)

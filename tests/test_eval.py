@@ -86,3 +86,29 @@ def test_features_finetune_and_evaluate():
     assert "linear probe" in table and "kNN (k=5" in table and "10%" in table and "pixels" in table
     with pytest.raises(ValueError, match="protocol"):
         evaluate_encoders({"enc": enc}, transform, data, data, protocols=("svm",))
+
+
+def test_extract_features_of_an_intermediate_layer():
+    from pyssl.pretext.nets import ConvEncoder
+
+    torch.manual_seed(0)
+    enc = ConvEncoder(3, (4, 6, 8), depth=2)
+    images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
+    transform = lambda x: x.float() / 255  # noqa: E731
+    layer = enc.stage_name(-2)
+    assert layer == "features.3"
+    got = extract_features(enc, images, transform, batch_size=2, layer=layer, grid=2)
+    assert enc.training  # left as it was found
+    enc.eval()
+    with torch.no_grad():
+        mid = enc.features[:4](transform(images))  # (5, 6, 8, 8)
+    want = mid.view(5, 6, 2, 4, 2, 4).mean(dim=(3, 5)).flatten(1)  # 2x2 cells of 4x4 pixels
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(extract_features(enc, images, transform), enc.eval()(transform(images)))
+    assert not enc.features[3]._forward_hooks  # the hook is gone
+    with pytest.raises(ValueError, match="no layer 'layer9'.*features"):
+        extract_features(enc, images, transform, layer="layer9")
+    with pytest.raises(ValueError, match="grid"):
+        extract_features(enc, images, transform, layer=layer, grid=0)
+    with pytest.raises(ValueError, match="stage"):
+        enc.stage_name(3)

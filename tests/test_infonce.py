@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import pyssl
 from pyssl.losses import ClipLoss, InfoNCELoss, NTXentLoss
+from tolerances import TOL, assert_close, leaf  # noqa: E402
 
 # ---- float64 references --------------------------------------------------------------------
 
@@ -32,31 +33,13 @@ def ref_infonce(query, key, logit_scale, symmetric):
     return loss
 
 
-def leaf(shape, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype).requires_grad_()
-
-
 def grads_of(loss, *inputs):
     return torch.autograd.grad(loss, inputs)
 
 
-TOL = {
-    torch.float64: dict(rtol=1e-9, atol=1e-11),
-    torch.float32: dict(rtol=2e-4, atol=2e-5),
-    torch.float16: dict(rtol=2e-2, atol=2e-3),
-    torch.bfloat16: dict(rtol=5e-2, atol=1e-2),
-}
-
 # N = 600 gives 1200 rows: several 512-row tiles, a partial last tile.
 SHAPES = [(1, 1), (1, 7), (3, 7), (97, 128), (600, 16), (1000, 300)]
 TEMPERATURES = [0.01, 0.07, 0.5, 1.0]
-
-
-def assert_close(actual, expected, dtype, scale=1.0):
-    tol = TOL[dtype]
-    torch.testing.assert_close(
-        actual.double(), expected.double(), rtol=tol["rtol"], atol=tol["atol"] * max(1.0, scale)
-    )
 
 
 # ---- NT-Xent ---------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pyssl
 from pyssl.losses import MoCoLoss
 
 from conftest import cuda_ready
+from tolerances import TOL, assert_close, leaf  # noqa: E402
 
 # ---- float64 reference -----------------------------------------------------------------------
 
@@ -26,25 +27,8 @@ def unit_queue(k, d, dtype=torch.float32):
     return F.normalize(torch.randn(k, d, dtype=torch.float64), dim=1).to(dtype)
 
 
-def leaf(shape, dtype=torch.float32):
-    return torch.randn(*shape, dtype=torch.float64).to(dtype).requires_grad_()
-
-
 def grads(loss, *inputs):
     return torch.autograd.grad(loss, inputs)
-
-
-TOL = {
-    torch.float64: dict(rtol=1e-9, atol=1e-11),
-    torch.float32: dict(rtol=2e-4, atol=2e-5),
-    torch.float16: dict(rtol=2e-2, atol=2e-3),
-    torch.bfloat16: dict(rtol=5e-2, atol=1e-2),
-}
-
-
-def assert_close(actual, expected, dtype, scale=1.0):
-    tol = TOL[dtype]
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol["rtol"], atol=tol["atol"] * max(1.0, scale))
 
 
 # (N, K, d): K = 0 (only the positive), K < N, K not a multiple of the 1024-column tile,

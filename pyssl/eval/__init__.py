@@ -24,8 +24,26 @@ PROTOCOLS = ("linear", "knn", "finetune")
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module | None, images: Tensor, transform: Callable[[Tensor], Tensor],
-                     batch_size: int = 512) -> Tensor:
-    """Features (N, D) of uint8 images; ``encoder=None`` gives the (normalised) raw pixels."""
+                     batch_size: int = 512, layer: str | None = None, grid: int = 1) -> Tensor:
+    """Features (N, D) of uint8 images; ``encoder=None`` gives the (normalised) raw pixels.
+
+    ``layer`` probes an intermediate layer instead of the encoder's output (as VISSL and the
+    pretext-task papers do): the output of the submodule of that name (``named_modules()``,
+    e.g. ``"features.1"`` or ``"layer3"``), average-pooled to ``grid x grid`` cells and
+    flattened.
+    """
+    if grid < 1:
+        raise ValueError(f"extract_features: grid must be >= 1, got {grid}")
+    captured: list[Tensor] = []
+    hook = None
+    if layer is not None:
+        if encoder is None:
+            raise ValueError("extract_features: layer needs an encoder")
+        modules = dict(encoder.named_modules())
+        if layer not in modules or layer == "":
+            names = [n for n in modules if n][:12]
+            raise ValueError(f"extract_features: the encoder has no layer {layer!r}; some of its layers: {names}")
+        hook = modules[layer].register_forward_hook(lambda mod, args, out: captured.append(out))
     out = []
     was = encoder.training if encoder is not None else False
     if encoder is not None:
@@ -33,8 +51,15 @@ def extract_features(encoder: nn.Module | None, images: Tensor, transform: Calla
     try:
         for i in range(0, len(images), batch_size):
             x = transform(images[i: i + batch_size])
-            out.append((encoder(x) if encoder is not None else x).flatten(1).float())
+            f = encoder(x) if encoder is not None else x
+            if layer is not None:
+                f = captured.pop()
+                if f.dim() == 4:
+                    f = F.adaptive_avg_pool2d(f, grid)
+            out.append(f.flatten(1).float())
     finally:
+        if hook is not None:
+            hook.remove()
         if encoder is not None:
             encoder.train(was)
     return torch.cat(out)

@@ -42,6 +42,15 @@ class ConvEncoder(nn.Module):
         self.in_channels = in_channels
         self.feature_dim = self.out_dim = widths[-1]
         self.downsample = 2 ** (len(widths) - 1)
+        self.depth = depth
+
+    def stage_name(self, stage: int) -> str:
+        """Name (within this module) of the last layer of ``stage`` (negative counts from the end),
+        for :func:`pyssl.eval.extract_features`'s ``layer``."""
+        stages = len(self.features) // self.depth
+        if not -stages <= stage < stages:
+            raise ValueError(f"ConvEncoder: stage must be in [{-stages}, {stages}), got {stage}")
+        return f"features.{(stage % stages) * self.depth + self.depth - 1}"
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last feature map ``(N, widths[-1], H / downsample, W / downsample)``."""
