@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default=None,
                    help="digits | colour_digits | videos | cifar10:PATH | cifar100:PATH | stl10:PATH | folder:PATH "
                         "(default: the method's, digits for most)")
-    t.add_argument("--backbone", help="convnet, convnet-small, resnet-tiny, resnet10-small, resnet18, resnet34, "
+    t.add_argument("--backbone", help="small, convnet, convnet-small, resnet-tiny, resnet10-small, resnet18, resnet34, "
                                       "tv:NAME, timm:NAME (default per data set)")
     t.add_argument("--image-size", type=int, help="images are resized to this (default per data set)")
     t.add_argument("--epochs", type=int)

@@ -7,7 +7,7 @@ from pyssl.models import (BACKBONES, ModelError, PredictionHead, ProjectionHead,
                           mlp_head)
 
 
-@pytest.mark.parametrize("name", ["convnet-small", "resnet-tiny", "resnet10-small"])
+@pytest.mark.parametrize("name", ["small", "convnet-small", "resnet-tiny", "resnet10-small"])
 @pytest.mark.parametrize("size", [8, 16, 33])
 def test_small_backbones_any_size(name, size):
     net = build_backbone(name, in_channels=3, image_size=size)
@@ -66,3 +66,29 @@ def test_heads():
 
 def test_registry_lists_backbones():
     assert {"resnet18", "resnet34", "convnet"} <= set(BACKBONES)
+
+
+@pytest.mark.parametrize("name,channels,stride", [
+    ("small", 32, 2),            # ConvEncoder 16-32-64: stage 1 halves once
+    ("convnet-small", 32, 4),    # ConvNet 16-32-64: stage 1 ends with its second max-pool
+    ("resnet18", 256, 4),        # CIFAR ResNet-18: layer3
+    ("resnet-tiny", 32, 2),
+])
+def test_middle_layer_is_the_second_to_last_stage(name, channels, stride):
+    from pyssl.eval import extract_features, middle_layer
+
+    net = build_backbone(name, in_channels=3, image_size=32)
+    layer = middle_layer(net)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    seen = []
+    handle = dict(net.named_modules())[layer].register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    extract_features(net, images, lambda x: x.float() / 255)
+    handle.remove()
+    assert seen == [(2, channels, 32 // stride, 32 // stride)]
+    assert extract_features(net, images, lambda x: x.float() / 255, layer=layer, grid=2).shape == (2, 4 * channels)
+
+
+def test_middle_layer_of_an_unstaged_encoder_is_none():
+    from pyssl.eval import middle_layer
+
+    assert middle_layer(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())) is None

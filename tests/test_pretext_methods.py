@@ -9,7 +9,7 @@ import torch
 
 from pyssl.data import load_digits
 from pyssl.data.colour import colour_digits, load_colour_digits, synthetic_videos
-from pyssl.eval import extract_features, linear_probe
+from pyssl.eval import balanced_subset, extract_features, linear_probe, middle_layer
 from pyssl.methods import MethodError, available_methods, build_method
 from pyssl.pretext.fit import quick_fit
 
@@ -36,35 +36,47 @@ def _eval_metrics(method, images, batches=3, batch=128):
     return acc
 
 
-def _probe(method, xtr, ytr, xte, yte):
-    tr = extract_features(method.backbone, xtr, method.normalize)
-    te = extract_features(method.backbone, xte, method.normalize)
-    return linear_probe(tr, ytr, te, yte, num_classes=10)
+def _mid_probe(method, xtr, ytr, xte, yte, subsets=3):
+    """The protocol the pretext-task papers use: a linear probe on the middle conv stage pooled to
+    2x2, with 10% of the labels (mean over a few class-balanced subsets, to tame their noise)."""
+    layer = middle_layer(method.backbone)
+    tr = extract_features(method.backbone, xtr, method.normalize, layer=layer, grid=2)
+    te = extract_features(method.backbone, xte, method.normalize, layer=layer, grid=2)
+    accs = []
+    for s in range(subsets):
+        keep = balanced_subset(ytr, 0.1, seed=s)
+        accs.append(linear_probe(tr[keep], ytr[keep], te, yte, num_classes=10))
+    return sum(accs) / subsets
+
+
+def _train_and_probe(name, x, y, steps, lr=2e-3, **kwargs):
+    """Train ``name`` on 1200 images; its held-out pretext metrics and mid-layer probe accuracy,
+    and the same probe of the identical network before training."""
+    xtr, ytr, xte, yte = _split(x, y, 1200)
+    m = build_method(name, **kwargs)
+    random_init = copy.deepcopy(m)
+    quick_fit(m, xtr, steps=steps, batch_size=64, lr=lr, seed=int(torch.randint(0, 1000, ())))
+    return m, _eval_metrics(m, xte), _mid_probe(m, xtr, ytr, xte, yte), _mid_probe(random_init, xtr, ytr, xte, yte)
 
 
 def test_all_registered():
     assert set(PRETEXT) <= set(available_methods())
 
 
-# ---- the pretext task is learned (held-out images, eval mode) -------------------------------------
+# ---- the pretext task is learned (held-out images, eval mode), and its features beat random init --
 
 
-def test_rotnet_learns_rotation():
-    ds = load_digits("all", size=8, channels=1)
-    xtr, _, xte, _ = _split(ds.images, ds.labels, 1200)
-    m = build_method("rotnet", image_size=8, in_channels=1)
-    quick_fit(m, xtr, steps=40, batch_size=64, lr=3e-3)
-    assert _eval_metrics(m, xte)["rotation_acc"] > 0.5  # chance 0.25
+def test_rotnet_learns_rotation_and_beats_random_probe():
+    ds = load_digits("all", size=16, channels=1)
+    _, r, probe, probe_random = _train_and_probe("rotnet", ds.images, ds.labels, 100, image_size=16, in_channels=1)
+    assert r["rotation_acc"] > 0.5  # chance 0.25
+    assert probe > probe_random
 
 
 def test_relative_patch_learns_position_and_beats_random_probe():
-    x, y = _colour()
-    xtr, ytr, xte, yte = _split(x, y, 1200)
-    m = build_method("relative_patch")
-    random_init = copy.deepcopy(m)
-    quick_fit(m, xtr, steps=50, batch_size=64)
-    assert _eval_metrics(m, xte)["position_acc"] > 0.25  # chance 0.125
-    assert _probe(m, xtr, ytr, xte, yte) > _probe(random_init, xtr, ytr, xte, yte)
+    _, r, probe, probe_random = _train_and_probe("relative_patch", *_colour(), 100)
+    assert r["position_acc"] > 0.25  # chance 0.125
+    assert probe > probe_random
 
 
 def _fringe_images(n, size=32, seed=0):
@@ -89,28 +101,24 @@ def test_relative_patch_chromatic_guard_removes_the_colour_fringe_shortcut():
     assert acc["project"] < 0.2  # chance is 0.125: nothing else tells positions apart
 
 
-def test_jigsaw_learns_permutation():
-    x, _ = _colour()
-    m = build_method("jigsaw", num_permutations=100)
-    quick_fit(m, x[:1200], steps=50, batch_size=64)
-    assert _eval_metrics(m, x[1200:])["permutation_acc"] > 0.05  # chance 0.01
+def test_jigsaw_learns_permutation_and_beats_random_probe():
+    _, r, probe, probe_random = _train_and_probe("jigsaw", *_colour(), 200, num_permutations=100)
+    assert r["permutation_acc"] > 0.05  # chance 0.01
+    assert probe > probe_random
 
 
-def test_inpainting_beats_context_mean_fill():
-    x, _ = _colour()
-    m = build_method("inpainting")
-    quick_fit(m, x[:1200], steps=40, batch_size=64)
-    r = _eval_metrics(m, x[1200:])
+def test_inpainting_beats_context_mean_fill_and_random_probe():
+    _, r, probe, probe_random = _train_and_probe("inpainting", *_colour(), 100)
     assert r["rec_mse"] < 0.7 * r["rec_mse_context_mean"]
+    assert probe > probe_random
 
 
-def test_colorization_beats_best_constant_colour():
-    x, _ = _colour()
-    m = build_method("colorization")
-    quick_fit(m, x[:1200], steps=60, batch_size=64)
-    r = _eval_metrics(m, x[1200:])
+def test_colorization_beats_best_constant_colour_and_random_probe():
+    x, y = _colour()
+    m, r, probe, probe_random = _train_and_probe("colorization", x, y, 100)
     assert r["ab_rmse"] < 0.9 * r["ab_rmse_constant"]
     assert r["bin_acc"] > 0.1  # 261 bins
+    assert probe > probe_random
     out = m.colorize(x[1200:1204])
     assert out.shape == (4, 3, 32, 32) and out.min() >= 0 and out.max() <= 1
 
@@ -129,14 +137,12 @@ def test_colorization_rebalancing_raises_rare_colour_accuracy():
     assert m.ab_counts.sum() == 60 * 64 * 8 * 8  # every training pixel counted (at 1/4 resolution)
 
 
-def test_split_brain_beats_most_frequent_bins():
+def test_split_brain_beats_most_frequent_bins_and_random_probe():
     x, y = _colour()
-    xtr, ytr, xte, yte = _split(x, y, 1200)
-    m = build_method("split_brain")
-    quick_fit(m, xtr, steps=60, batch_size=64)
-    r = _eval_metrics(m, xte)
+    m, r, probe, probe_random = _train_and_probe("split_brain", x, y, 100)
     assert r["ab_bin_acc"] > r["ab_bin_acc_constant"] + 0.02
     assert r["l_bin_acc"] > 1.5 * r["l_bin_acc_constant"]
+    assert probe > probe_random
     assert m.backbone(m.normalize(x[:2])).shape == (2, 128)  # both halves, concatenated
 
 

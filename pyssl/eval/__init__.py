@@ -2,6 +2,8 @@
 
 - :func:`knn_predict`: weighted kNN on cosine similarity, votes ``exp(sim / t)`` (InstDisc;
   k=200, t=0.1 as in lightly's CIFAR-10 benchmark).
+- :func:`extract_features` (with ``layer=``, :func:`middle_layer`): frozen features of the
+  output or of an intermediate layer.
 - :func:`linear_probe`: a linear classifier on frozen, standardised features (full-batch L-BFGS
   with L2 regularisation: deterministic and quick).
 - :func:`fine_tune`: the encoder plus a linear layer trained end to end.
@@ -20,6 +22,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 PROTOCOLS = ("linear", "knn", "finetune")
+
+
+def middle_layer(encoder: nn.Module) -> str | None:
+    """The name (for :func:`extract_features`'s ``layer``) of the second-to-last stage of the
+    first staged encoder inside ``encoder`` (pyssl's ResNet, ConvNet and pretext ConvEncoder
+    name their stages), or ``None`` for an encoder without stages. The pretext-task papers
+    probe this depth: the last stage specialises in the pretext task (Gidaris et al. 2018)."""
+    for name, module in encoder.named_modules():
+        if callable(getattr(module, "stage_name", None)) and getattr(module, "num_stages", 0) >= 2:
+            return ".".join(filter(None, (name, module.stage_name(-2))))
+    return None
 
 
 @torch.no_grad()

@@ -52,8 +52,6 @@ def make_backbone(backbone: str | nn.Module, in_channels: int, image_size: int) 
     The result has ``out_dim`` (feature width)."""
     if isinstance(backbone, nn.Module):
         module = backbone
-    elif backbone == "small":
-        module = ConvEncoder(in_channels, (16, 32, 64))
     elif isinstance(backbone, str):
         from pyssl.models import build_backbone
 
@@ -99,15 +97,6 @@ class PretextMethod(nn.Module):
         self.std = tuple(float(s) for s in std)[:in_channels]
         self.last_metrics: dict[str, float] = {}
         self.step, self.max_steps = 0, 1
-
-    def mid_layer(self) -> str | None:
-        """Name in ``backbone`` of the middle of its (first) conv encoder: the second-to-last
-        stage, where rotation and jigsaw features generalise best (Gidaris et al. 2018 found
-        the same); ``None`` when the backbone has no :class:`~pyssl.pretext.nets.ConvEncoder`."""
-        for name, module in self.backbone.named_modules():
-            if isinstance(module, ConvEncoder) and len(module.features) // module.depth >= 2:
-                return ".".join(filter(None, (name, module.stage_name(-2))))
-        return None
 
     def set_progress(self, step: int, max_steps: int) -> None:
         self.step, self.max_steps = step, max_steps

@@ -11,6 +11,12 @@ from pyssl.pretext.nets import mlp
 from pyssl.pretext.transforms import extract_patches, grid_geometry, grid_origins, maximal_hamming_permutations
 
 
+def standardize(x: Tensor) -> Tensor:
+    """Every image (or tile) of ``(N, C, H, W)`` to zero mean and unit variance over all its values."""
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) / (x.std(dim=(1, 2, 3), keepdim=True) + 1e-2)
+
+
 @register("jigsaw")
 class Jigsaw(PretextMethod):
     """Shuffle 3x3 tiles by one of ``num_permutations`` permutations; predict its index.
@@ -43,6 +49,11 @@ class Jigsaw(PretextMethod):
         self.backbone = make_backbone(backbone, in_channels, patch)
         self.head = mlp(9 * self.backbone.out_dim, int(hidden_dim or 512), int(num_permutations))
 
+    def normalize(self, images: Tensor) -> Tensor:
+        """Each image standardised on its own, as the tiles are in training, so the backbone
+        sees the same statistics downstream (its BatchNorm statistics come from the tiles)."""
+        return standardize(super().normalize(images))
+
     def check_images(self, images: Tensor) -> None:
         super().check_images(images)
         if images.shape[-1] != images.shape[-2]:
@@ -57,9 +68,6 @@ class Jigsaw(PretextMethod):
         origins = grid_origins(n, size, patch, self.gap, self.jitter, device=images.device)
         order = self.permutations[labels]  # (N, 9)
         origins = torch.gather(origins, 1, order.unsqueeze(-1).expand(-1, -1, 2))
-        tiles = extract_patches(self.normalize(images), origins, patch).flatten(0, 1)
-        mean = tiles.mean(dim=(1, 2, 3), keepdim=True)
-        std = tiles.std(dim=(1, 2, 3), keepdim=True)
-        tiles = (tiles - mean) / (std + 1e-2)
+        tiles = standardize(extract_patches(super().normalize(images), origins, patch).flatten(0, 1))
         logits = self.head(self.backbone(tiles).view(n, -1))
         return F.cross_entropy(logits, labels), {"permutation_acc": accuracy(logits, labels)}

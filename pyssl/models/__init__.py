@@ -17,6 +17,14 @@ class ModelError(ValueError):
     """Unknown backbone name or impossible head configuration."""
 
 
+def check_stage(encoder: nn.Module, stage: int) -> int:
+    """``stage`` of an encoder with ``num_stages``, negative counting from the end, as 0.."""
+    n = encoder.num_stages
+    if not -n <= stage < n:
+        raise ValueError(f"{type(encoder).__name__}: stage must be in [{-n}, {n}), got {stage}")
+    return stage % n
+
+
 # ---- ResNet --------------------------------------------------------------------------------------
 
 
@@ -63,12 +71,17 @@ class ResNet(nn.Module):
         self.layers = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.out_dim = cin
+        self.num_stages, self._stage_ends = len(layers), [sum(layers[: i + 1]) - 1 for i in range(len(layers))]
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pool(self.layers(self.stem(x))).flatten(1)
+
+    def stage_name(self, stage: int) -> str:
+        """Name of the last block of ``stage`` (``layer1..4`` of torchvision are stages 0..3)."""
+        return f"layers.{self._stage_ends[check_stage(self, stage)]}"
 
 
 class ConvNet(nn.Module):
@@ -87,6 +100,12 @@ class ConvNet(nn.Module):
         self.features = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.out_dim = cin
+        self.num_stages = len(widths)
+
+    def stage_name(self, stage: int) -> str:
+        """Name of ``stage``'s output layer: its max-pool, or the last ReLU for the last stage."""
+        stage = check_stage(self, stage)
+        return f"features.{7 * stage + (5 if stage == self.num_stages - 1 else 6)}"
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pool(self.features(x)).flatten(1)
@@ -105,7 +124,16 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "resnet-tiny": _resnet((1, 1, 1), (16, 32, 64)),
     "convnet": lambda in_channels=3, image_size=32, stem=None: ConvNet((32, 64, 128), in_channels),
     "convnet-small": lambda in_channels=3, image_size=32, stem=None: ConvNet((16, 32, 64), in_channels),
+    # The pretext methods' default: one conv per stage (16-32-64), so other methods can be
+    # compared with them on the same network.
+    "small": lambda in_channels=3, image_size=32, stem=None: _pretext_encoder(in_channels),
 }
+
+
+def _pretext_encoder(in_channels: int) -> nn.Module:
+    from pyssl.pretext.nets import ConvEncoder  # pretext.nets imports this module
+
+    return ConvEncoder(in_channels, (16, 32, 64))
 
 
 class _ExternalBackbone(nn.Module):

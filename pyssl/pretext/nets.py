@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from pyssl.models import check_stage
 from pyssl.pretext.lab import rgb_to_lab
 
 
@@ -42,15 +43,12 @@ class ConvEncoder(nn.Module):
         self.in_channels = in_channels
         self.feature_dim = self.out_dim = widths[-1]
         self.downsample = 2 ** (len(widths) - 1)
-        self.depth = depth
+        self.depth, self.num_stages = depth, len(widths)
 
     def stage_name(self, stage: int) -> str:
         """Name (within this module) of the last layer of ``stage`` (negative counts from the end),
         for :func:`pyssl.eval.extract_features`'s ``layer``."""
-        stages = len(self.features) // self.depth
-        if not -stages <= stage < stages:
-            raise ValueError(f"ConvEncoder: stage must be in [{-stages}, {stages}), got {stage}")
-        return f"features.{(stage % stages) * self.depth + self.depth - 1}"
+        return f"features.{(check_stage(self, stage) + 1) * self.depth - 1}"
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last feature map ``(N, widths[-1], H / downsample, W / downsample)``."""
