@@ -7,3 +7,10 @@
 #else
 #define PYSSL_HOST_DEVICE inline
 #endif
+
+namespace pyssl {
+
+// F.normalize's eps: rows with a smaller norm are divided by eps instead.
+constexpr double kNormEps = 1e-12;
+
+}  // namespace pyssl

@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=int, default=None, help="kNN neighbours (default 200; 20 on digits)")
     e.add_argument("--t", type=float, default=0.1, help="kNN temperature (default 0.1)")
     e.add_argument("--finetune-steps", type=int, default=300)
+    e.add_argument("--layer", default=None,
+                   help="probe an intermediate layer: 'mid' (the second-to-last stage) or a module name of the backbone")
+    e.add_argument("--grid", type=int, default=2, help="with --layer: average-pool its map to GRID x GRID (default 2)")
     e.add_argument("--no-baselines", action="store_true", help="skip the random-init encoder and raw pixels")
     e.add_argument("--device", default=None)
     e.add_argument("--seed", type=int, default=0)
@@ -255,7 +258,7 @@ def load_run(path: str, device: str):
 
 def cmd_eval(args) -> int:
     from pyssl.data import load_data
-    from pyssl.eval import PROTOCOLS, evaluate_encoders, format_table
+    from pyssl.eval import PROTOCOLS, evaluate_encoders, format_table, middle_layer
 
     device = args.device or _default_device()
     protocols = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
@@ -271,11 +274,20 @@ def cmd_eval(args) -> int:
     encoders = {f"{extra.get('method', 'trained')} encoder": method.backbone}
     if not args.no_baselines:
         encoders.update({"random-init encoder": random_init.backbone, "raw pixels": None})
+    if args.grid < 1:
+        raise CLIError(f"--grid must be >= 1, got {args.grid}")
+    if args.layer == "mid" and middle_layer(method.backbone) is None:
+        raise CLIError("--layer mid: this backbone has no named stages; give a module name of the backbone")
+    if args.layer not in (None, "mid") and args.layer not in dict(method.backbone.named_modules()):
+        names = [n for n, _ in method.backbone.named_modules() if n][:8]
+        raise CLIError(f"--layer: the backbone has no module {args.layer!r} (some of its modules: {', '.join(names)})")
+    where = f", features of {args.layer!r} pooled to {args.grid}x{args.grid}" if args.layer else ""
     print(f"pyssl eval: {spec}, {len(train)} train / {len(test)} test images, label fractions "
-          f"{', '.join(f'{f:.0%}' for f in args.fractions)}", file=sys.stderr)
+          f"{', '.join(f'{f:.0%}' for f in args.fractions)}{where}", file=sys.stderr)
     results = evaluate_encoders(encoders, method.normalize, train, test, fractions=args.fractions,
                                 protocols=protocols, k=k, t=args.t, finetune_steps=args.finetune_steps,
-                                seed=args.seed, log=lambda s: print("  " + s, file=sys.stderr))
+                                seed=args.seed, log=lambda s: print("  " + s, file=sys.stderr),
+                                layer=args.layer, grid=args.grid)
     print(format_table(results, k=k, t=args.t))
     run_dir = args.run if os.path.isdir(args.run) else os.path.dirname(args.run)
     with open(os.path.join(run_dir, "eval.json"), "w") as f:

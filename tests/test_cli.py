@@ -88,6 +88,13 @@ def test_train_eval_plot_end_to_end(tmp_path, capsys):
     for row in ("mocov2 encoder", "random-init encoder", "raw pixels", "kNN (k=20", "fine-tune"):
         assert row in out
     assert os.path.exists(run / "eval.json")
+    capsys.readouterr()
+    assert main(["eval", str(run), "--protocols", "linear", "--fractions", "100%", "--layer", "mid", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "features of 'mid' pooled to 2x2" in captured.err and "mocov2 encoder" in captured.out
+    assert main(["eval", str(run), "--layer", "no.such.layer", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no module 'no.such.layer'" in err[0]
     assert main(["plot", str(run), "--device", "cpu"]) == 0
     for png in ("loss.png", "knn.png", "embedding.png"):
         with open(run / png, "rb") as f:

@@ -7,9 +7,6 @@
 
 namespace pyssl::infonce {
 
-// F.normalize's eps: rows with a smaller norm are divided by eps instead.
-constexpr double kNormEps = 1e-12;
-
 PYSSL_HOST_DEVICE float exp_acc(float x) { return expf(x); }
 PYSSL_HOST_DEVICE double exp_acc(double x) { return exp(x); }
 PYSSL_HOST_DEVICE float log_acc(float x) { return logf(x); }

@@ -4,9 +4,6 @@
 
 namespace pyssl::moco {
 
-// F.normalize's eps: rows with a smaller norm are divided by eps instead.
-constexpr double kNormEps = 1e-12;
-
 // Largest logit bound B (|logit| <= B) for which exp(logit) needs no shift at all: with
 // B <= 40, exp stays within [4e-18, 2.4e17] and a sum over 2^31 queue entries stays far below
 // the float32 maximum, so the sweep keeps plain sums (no running max, no rescaling).

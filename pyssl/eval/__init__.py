@@ -187,10 +187,13 @@ def fine_tune(encoder: nn.Module, transform: Callable[[Tensor], Tensor], train_i
 
 def evaluate_encoders(encoders: dict[str, nn.Module | None], transform: Callable[[Tensor], Tensor], train, test,
                       fractions=(0.01, 0.1, 1.0), protocols=PROTOCOLS, k: int = 200, t: float = 0.1,
-                      finetune_steps: int = 300, seed: int = 0, log: Callable[[str], None] | None = None) -> dict:
+                      finetune_steps: int = 300, seed: int = 0, log: Callable[[str], None] | None = None,
+                      layer: str | None = None, grid: int = 1) -> dict:
     """``{encoder_name: {protocol: {fraction: accuracy}}}``.  ``None`` as an encoder means raw
     pixels (fine-tuning is then skipped: it would be the linear probe again).  ``train``/``test``
-    are :class:`pyssl.data.ImageDataset` on the evaluation device."""
+    are :class:`pyssl.data.ImageDataset` on the evaluation device.  ``layer`` (a module name, or
+    ``"mid"`` for each encoder's :func:`middle_layer`) and ``grid`` choose the features of the
+    linear probe and kNN (see :func:`extract_features`); fine-tuning always uses the output."""
     for p in protocols:
         if p not in PROTOCOLS:
             raise ValueError(f"unknown protocol {p!r} (choose from {', '.join(PROTOCOLS)})")
@@ -200,8 +203,11 @@ def evaluate_encoders(encoders: dict[str, nn.Module | None], transform: Callable
     for name, enc in encoders.items():
         res = results[name] = {p: {} for p in protocols}
         if "linear" in protocols or "knn" in protocols:
-            tr = extract_features(enc, train.images, transform)
-            te = extract_features(enc, test.images, transform)
+            at = None if enc is None else (middle_layer(enc) if layer == "mid" else layer)
+            if at is None and layer == "mid" and enc is not None:
+                raise ValueError(f"evaluate_encoders: {name} has no named stages; give layer= a module name")
+            tr = extract_features(enc, train.images, transform, layer=at, grid=grid if at else 1)
+            te = extract_features(enc, test.images, transform, layer=at, grid=grid if at else 1)
         for f in fractions:
             idx = subsets[f]
             if "linear" in protocols:

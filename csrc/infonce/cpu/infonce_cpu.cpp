@@ -8,6 +8,7 @@
 #include <limits>
 #include <tuple>
 
+#include "common_cpu.h"
 #include "infonce/infonce_check.h"
 #include "infonce/infonce_math.h"
 
@@ -20,21 +21,9 @@ using at::Tensor;
 // with d = 128 is still large enough for BLAS to run near its peak.
 constexpr int64_t kBlock = 512;
 
-at::ScalarType accumulate_type(const Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-struct Normalized {
-  Tensor unit;  // z / max(||z||, eps) in the accumulation dtype, contiguous
-  Tensor norm;  // ||z|| per row
-};
-
-Normalized normalize_rows(const Tensor& z, at::ScalarType acc) {
-  Tensor z_acc = z.to(acc).contiguous();
-  Tensor norm = at::linalg_vector_norm(z_acc, 2, {1});
-  Tensor unit = z_acc / norm.clamp_min(kNormEps).unsqueeze(1);
-  return {unit, norm};
-}
+using cpu::accumulate_type;
+using cpu::Normalized;
+using cpu::normalize_rows;
 
 // grad_z from grad_u through the normalisation (see normalize_backward in infonce_math.h).
 Tensor normalize_rows_backward(const Tensor& grad_unit, const Normalized& n) {

@@ -11,6 +11,7 @@
 #include <limits>
 #include <tuple>
 
+#include "common_cpu.h"
 #include "moco/moco_check.h"
 #include "moco/moco_math.h"
 
@@ -24,20 +25,9 @@ using at::Tensor;
 constexpr int64_t kTileElems = int64_t(1) << 18;
 constexpr int64_t kMaxRowBlock = 256;
 
-at::ScalarType accumulate_type(const Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-struct Normalized {
-  Tensor unit;  // z / max(||z||, eps) in the accumulation dtype, contiguous
-  Tensor norm;  // ||z|| per row
-};
-
-Normalized normalize_rows(const Tensor& z, at::ScalarType acc) {
-  Tensor z_acc = z.to(acc).contiguous();
-  Tensor norm = at::linalg_vector_norm(z_acc, 2, {1});
-  return {z_acc / norm.clamp_min(kNormEps).unsqueeze(1), norm};
-}
+using cpu::accumulate_type;
+using cpu::Normalized;
+using cpu::normalize_rows;
 
 // grad_z from grad_u through u = z / max(||z||, eps): (g - (g.u) u) / ||z||, or g / eps for a
 // row whose norm was clamped (the clamp passes no gradient to the norm).
