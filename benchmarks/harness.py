@@ -3,8 +3,9 @@ against pyssl and written as JSON.
 
 A benchmark script defines ``CANDIDATES``: a dict name -> factory(config, device) that returns a
 zero-argument callable running one step (forward + backward, say). Inputs are built by the
-factory, before measurement. On CPU each candidate runs in a fresh subprocess, so its peak
-resident-set growth during the first call is its extra memory; on CUDA the peak of
+factory, before measurement. On CPU each candidate runs in a fresh subprocess whose peak-RSS
+mark is reset after set-up (``/proc/self/clear_refs``), so the peak resident-set growth during
+the first call is its extra memory; on CUDA the peak of
 ``torch.cuda.max_memory_allocated`` above the allocation before the call is used.
 
 Usage inside a benchmark script::
@@ -42,7 +43,25 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM; Linux >= 4.0), so memory the candidate's setup
+    used and freed does not count as the step's. False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -62,6 +81,7 @@ def measure(step, device: str, min_time: float, max_iters: int) -> dict:
         torch.cuda.synchronize()
         extra = torch.cuda.max_memory_allocated() - before
     else:
+        _reset_peak_rss()
         before = _rss_bytes()
         step()
         extra = max(0, _peak_rss_bytes() - before)
