@@ -2,6 +2,10 @@
 
 Configuration errors (unknown method, batch larger than the data set, missing or corrupt data
 files, bad checkpoints) are reported as one line, ``pyssl: error: ...``, before training starts.
+
+Data-parallel training: under ``torchrun --nproc-per-node N -m pyssl train ...`` every worker
+joins the process group from torchrun's environment; ``pyssl train --nproc N`` starts N local
+workers itself (Gloo on the CPU, NCCL on CUDA, one GPU each).
 """
 from __future__ import annotations
 
@@ -102,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--knn-k", type=int, default=None, help="kNN neighbours (default 200; 20 on digits)")
     t.add_argument("--knn-t", type=float, default=0.1)
     t.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    t.add_argument("--nproc", type=int, default=None,
+                   help="data-parallel worker processes on this machine (one GPU each on CUDA); the batch size "
+                        "is the global one and must be divisible by N. Under torchrun, leave it out")
+    t.add_argument("--sync-bn", choices=("auto", "on", "off"), default="auto",
+                   help="SyncBatchNorm across processes (CUDA only; auto: on when distributed on CUDA)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
 
@@ -202,7 +211,8 @@ def prepare_training(args):
         clip_grad=args.clip_grad, amp=args.amp, device=device, seed=args.seed, out_dir=out,
         checkpoint_every=args.checkpoint_every,
         knn_every=args.knn_every if args.knn_every is not None else d["knn_every"],
-        knn_k=args.knn_k or d.get("knn_k", 200), knn_t=args.knn_t, tensorboard=not args.no_tensorboard, progress=not args.no_progress)
+        knn_k=args.knn_k or d.get("knn_k", 200), knn_t=args.knn_t, tensorboard=not args.no_tensorboard,
+        progress=not args.no_progress, sync_bn={"auto": None, "on": True, "off": False}[args.sync_bn])
     callbacks = []
     crash_at = os.environ.get("PYSSL_CRASH_AT_STEP")  # crash tests: SIGKILL ourselves mid-run
     if crash_at:
@@ -218,20 +228,120 @@ def prepare_training(args):
 
 
 def cmd_train(args) -> int:
+    from pyssl import distributed
+
+    if args.nproc is not None:
+        if distributed.launched_by_torchrun():
+            raise CLIError("--nproc starts its own workers; under torchrun, leave it out")
+        return spawn_workers(args)
+    if distributed.launched_by_torchrun():
+        device_type = (args.device or _default_device()).partition(":")[0]
+        try:
+            args.device = str(distributed.init_from_env(device_type))
+        except (RuntimeError, ValueError) as e:
+            raise CLIError(str(e)) from None
+    try:
+        return _train(args, distributed.is_main_process())
+    finally:
+        distributed.shutdown()
+
+
+def _train(args, is_main: bool) -> int:
+    from dataclasses import asdict
+
+    from pyssl import distributed
+
     trainer = prepare_training(args)
     cfg = trainer.cfg
-    print(f"pyssl train: {trainer.extra['method']} on {trainer.extra['data']} ({len(trainer.train_data)} images, "
-          f"{trainer.train_data.image_size}px), {cfg.epochs} epochs x {trainer.steps_per_epoch} steps of "
-          f"{cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g}, device {cfg.device} -> {cfg.out_dir}", file=sys.stderr)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump({"args": vars(args), "train": trainer.state_dict()["config"], "method": trainer.method_spec}, f,
-                  indent=1, default=str)
+    if is_main:
+        ranks = f" x {trainer.world_size} processes" if trainer.world_size > 1 else ""
+        print(f"pyssl train: {trainer.extra['method']} on {trainer.extra['data']} ({len(trainer.train_data)} images, "
+              f"{trainer.train_data.image_size}px), {cfg.epochs} epochs x {trainer.steps_per_epoch} steps of "
+              f"{cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g}, device {cfg.device}{ranks} -> {cfg.out_dir}",
+              file=sys.stderr)
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump({"args": vars(args), "train": asdict(cfg), "method": trainer.method_spec,
+                       "world_size": trainer.world_size}, f, indent=1, default=str)
+    distributed.barrier()  # the run directory exists before any rank writes into it
     result = trainer.fit(resume=args.resume)
-    last = result.losses[-1] if result.losses else float("nan")
-    knn = f", kNN accuracy {result.knn[-1][1] * 100:.2f}%" if result.knn else ""
-    print(f"done: {result.steps} steps, last loss {last:.4f}{knn}; checkpoint {trainer.ckpt_path}", file=sys.stderr)
+    if is_main:
+        last = result.losses[-1] if result.losses else float("nan")
+        knn = f", kNN accuracy {result.knn[-1][1] * 100:.2f}%" if result.knn else ""
+        print(f"done: {result.steps} steps, last loss {last:.4f}{knn}; checkpoint {trainer.ckpt_path}", file=sys.stderr)
     return 0
+
+
+# ---- pyssl train --nproc N: local worker processes --------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_workers(args) -> int:
+    """Runs ``pyssl train`` in ``args.nproc`` local processes with torchrun's environment. The
+    first worker to fail is reported as one line (the others are stopped); exit code 2 for a
+    configuration error, 1 for anything else."""
+    import logging
+
+    import torch
+    import torch.multiprocessing as mp
+
+    nproc = args.nproc
+    if nproc < 1:
+        raise CLIError(f"--nproc must be >= 1, got {nproc}")
+    device_type = (args.device or _default_device()).partition(":")[0]
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--nproc {nproc} on CUDA requested but CUDA is not available")
+        if nproc > torch.cuda.device_count():
+            raise CLIError(f"--nproc {nproc} needs {nproc} GPUs, {torch.cuda.device_count()} visible")
+    args.nproc, args.device = None, device_type
+    # torch logs a line per worker it stops after a failure; the failure itself is our one line
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nproc)}
+    errors = mp.get_context("spawn").SimpleQueue()
+    context = mp.start_processes(_worker, args=(args, env, errors), nprocs=nproc, join=False, start_method="spawn")
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as e:
+        if not errors.empty():
+            message = errors.get()
+        elif e.signal_name:
+            message = f"worker {e.error_index} was killed by {e.signal_name}"
+        else:
+            message = f"worker {e.error_index} exited with code {e.exit_code}"
+        print(f"pyssl: error: {message}", file=sys.stderr)
+        return 2 if e.exit_code == 2 else 1
+    except mp.ProcessRaisedException as e:  # not expected: _worker reports everything itself
+        print(f"pyssl: error: worker {e.error_index}: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _worker(local_rank: int, args, env: dict, errors) -> None:
+    import torch
+
+    os.environ.update(env, RANK=str(local_rank), LOCAL_RANK=str(local_rank))
+    if args.device == "cpu":  # the workers share the cores, as torchrun's OMP_NUM_THREADS does
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(env["WORLD_SIZE"])))
+    try:
+        rc = cmd_train(args)
+    except _expected_errors() as e:
+        errors.put(str(e))
+        rc = 2
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        errors.put(f"worker {local_rank}: {type(e).__name__}: {first}")
+        rc = 1
+    if rc:
+        sys.exit(rc)
 
 
 # ---- eval ----------------------------------------------------------------------------------------

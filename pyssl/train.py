@@ -9,6 +9,11 @@ so a resumed run's losses equal an uninterrupted run's step for step.
 
 Logs: ``metrics.csv`` (step, epoch, loss, lr, images/s), ``knn.csv`` (epoch, kNN accuracy),
 TensorBoard events when tensorboard is installed, a tqdm progress bar when tqdm is installed.
+
+Data parallel (inside an initialised ``torch.distributed`` group, see :mod:`pyssl.distributed`):
+each global batch of ``batch_size`` images is cut into one contiguous shard per rank; all ranks
+start from rank 0's parameters and buffers, draw their own augmentations (seed offset by rank),
+and average their gradients after each backward; only rank 0 writes checkpoints and logs.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pyssl import distributed
 from pyssl.data import ImageDataset, batches
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -60,6 +66,8 @@ class TrainConfig:
     knn_t: float = 0.1
     tensorboard: bool = True
     progress: bool = True
+    # SyncBatchNorm across ranks; None: on when distributed on CUDA (NCCL only: not on the CPU).
+    sync_bn: bool | None = None
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -84,6 +92,12 @@ class TrainConfig:
             raise ConfigError(f"bad device {self.device!r}") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {self.device} requested but CUDA is not available")
+        ranks = distributed.world_size()
+        if self.batch_size % ranks:
+            raise ConfigError(f"batch size {self.batch_size} must be divisible by the number of processes "
+                              f"({ranks}): each process trains on an equal shard of every batch")
+        if self.sync_bn and dev.type != "cuda":
+            raise ConfigError(f"sync_bn needs CUDA devices (SyncBatchNorm does not run on {dev.type})")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -259,6 +273,13 @@ class Trainer:
         self.test_data = test.to(self.device) if test is not None else None
         self.steps_per_epoch = len(train) // config.batch_size
         self.total_steps = self.steps_per_epoch * config.epochs
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
+        self.sync_bn = config.sync_bn if config.sync_bn is not None else (
+            self.world_size > 1 and self.device.type == "cuda")
+        if self.sync_bn and self.world_size > 1:
+            # In place below the root (a method is never a BatchNorm itself).
+            nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
         self.method.to(self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest convolutions once
@@ -277,6 +298,7 @@ class Trainer:
     # -- state --
 
     def state_dict(self) -> dict:
+        """The checkpoint's content. Distributed, a collective: every rank must call it."""
         return {
             "format": "pyssl-checkpoint-1",
             "method": self.method_spec,
@@ -287,12 +309,21 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "rng": _rng_state(),
+            # each rank draws its own augmentations: an exact resume needs every rank's RNG
+            "rng_per_rank": distributed.all_gather_objects(_rng_state()),
+            # lets anyone check (e.g. the tests) that the ranks trained in lockstep
+            "parameter_digest_per_rank": distributed.all_gather_objects(distributed.parameter_digest(self.method)),
             "config": asdict(self.cfg),
             "extra": self.extra,
         }
 
     def save(self) -> str:
-        save_atomic(self.state_dict(), self.ckpt_path)
+        """Writes the checkpoint (rank 0). Distributed: every rank must call it (the RNG states
+        are gathered), and returns once the file is complete."""
+        state = self.state_dict()
+        if self.is_main:
+            save_atomic(state, self.ckpt_path)
+        distributed.barrier()
         return self.ckpt_path
 
     def load(self, path: str | None = None) -> None:
@@ -311,9 +342,14 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
-        _set_rng_state(ckpt["rng"])
+        per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]
+        if len(per_rank) == self.world_size:
+            _set_rng_state(per_rank[self.rank])
+        else:  # another number of processes: the shards differ anyway, so no exact resume
+            self._seed_rngs(self.cfg.seed + 7919 * self.step)
         self._loaded_from = path
-        self._truncate_logs(self.step)
+        if self.is_main:
+            self._truncate_logs(self.step)
 
     # -- logs --
 
@@ -346,25 +382,33 @@ class Trainer:
 
     # -- training --
 
+    def _seed_rngs(self, seed: int) -> None:
+        seed += self.rank  # ranks share the parameters (broadcast), not the augmentations
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+
     def fit(self, resume: bool = False) -> TrainResult:
         cfg = self.cfg
-        os.makedirs(cfg.out_dir, exist_ok=True)
+        if self.is_main:
+            os.makedirs(cfg.out_dir, exist_ok=True)
         if resume and self._loaded_from is None and os.path.exists(self.ckpt_path):
             self.load()
         elif self._loaded_from is None:  # a fresh run (resume without a checkpoint starts one too)
-            torch.manual_seed(cfg.seed)
-            random.seed(cfg.seed)
-            np.random.seed(cfg.seed % 2**32)
+            self._seed_rngs(cfg.seed)
             for name in ("metrics.csv", "knn.csv"):
-                if os.path.exists(os.path.join(cfg.out_dir, name)):
+                if self.is_main and os.path.exists(os.path.join(cfg.out_dir, name)):
                     os.remove(os.path.join(cfg.out_dir, name))
+        distributed.broadcast_module(self.method)
         result = TrainResult(steps=self.step)
-        writer = self._tensorboard()
-        mfile, mcsv = self._csv("metrics.csv", ["step", "epoch", "loss", "lr", "images_per_s"])
-        kfile, kcsv = self._csv("knn.csv", ["step", "epoch", "knn_accuracy"])
-        bar = self._progress()
+        writer = self._tensorboard() if self.is_main else None
+        mfile, mcsv = self._csv("metrics.csv", ["step", "epoch", "loss", "lr", "images_per_s"]) if self.is_main else (None, None)
+        kfile, kcsv = self._csv("knn.csv", ["step", "epoch", "knn_accuracy"]) if self.is_main else (None, None)
+        bar = self._progress() if self.is_main else None
         self.method.train()
         images = self.train_data.images
+        shard = cfg.batch_size // self.world_size
+        own_rows = slice(self.rank * shard, (self.rank + 1) * shard)
         try:
             t_last, n_last, ips = time.perf_counter(), 0, 0.0
             pending: list[tuple[int, int, Tensor, float]] = []
@@ -372,7 +416,7 @@ class Trainer:
                 epoch, first = divmod(self.step, self.steps_per_epoch)
                 order = batches(len(images), cfg.batch_size, epoch, cfg.seed)
                 for index in order[first:]:
-                    loss = self._train_step(images[index.to(self.device)])
+                    loss = self._train_step(images[index[own_rows].to(self.device)])
                     self.step += 1
                     lr = self.optimizer.param_groups[0]["lr"]
                     pending.append((self.step, epoch, loss.detach(), lr))
@@ -385,14 +429,16 @@ class Trainer:
                         for (s, e, _, r), v in zip(pending, values):
                             if not math.isfinite(v):
                                 raise FloatingPointError(f"loss is {v} at step {s}; lower the learning rate or disable AMP")
-                            mcsv.writerow([s, e, repr(v), f"{r:.6g}", f"{ips:.1f}"])
+                            if mcsv is not None:
+                                mcsv.writerow([s, e, repr(v), f"{r:.6g}", f"{ips:.1f}"])
                             result.losses.append(v)
                             if writer is not None:
                                 writer.add_scalar("train/loss", v, s)
                                 writer.add_scalar("train/lr", r, s)
                         if writer is not None:
                             writer.add_scalar("train/images_per_s", ips, self.step)
-                        mfile.flush()
+                        if mfile is not None:
+                            mfile.flush()
                         if bar is not None:
                             bar.update(len(pending))
                             bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{ips:.0f}", epoch=epoch + 1)
@@ -402,10 +448,11 @@ class Trainer:
                     for cb in self.callbacks:
                         cb(self, self.step, result.losses[-1])
                 epoch_done = self.step // self.steps_per_epoch
-                if bar is None and cfg.progress and result.losses:
+                if bar is None and cfg.progress and result.losses and self.is_main:
                     print(f"epoch {epoch_done}/{cfg.epochs}: step {self.step}, loss {result.losses[-1]:.4f}, "
                           f"lr {self.optimizer.param_groups[0]['lr']:.4g}, {ips:.0f} images/s", file=sys.stderr, flush=True)
-                if cfg.knn_every and self.test_data is not None and (epoch_done % cfg.knn_every == 0 or self.step == self.total_steps):
+                if (self.is_main and cfg.knn_every and self.test_data is not None
+                        and (epoch_done % cfg.knn_every == 0 or self.step == self.total_steps)):
                     acc = self.knn_accuracy()
                     result.knn.append((epoch_done, acc))
                     kcsv.writerow([self.step, epoch_done, f"{acc:.6f}"])
@@ -418,8 +465,9 @@ class Trainer:
         except StopTraining:
             result.stopped = True
         finally:
-            mfile.close()
-            kfile.close()
+            for f in (mfile, kfile):
+                if f is not None:
+                    f.close()
             if bar is not None:
                 bar.close()
             if writer is not None:
@@ -433,13 +481,16 @@ class Trainer:
             loss = self.method.training_step(batch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        # Before clipping: the norm to clip is the averaged gradient's, the same on every rank.
+        distributed.all_reduce_gradients(self.method.parameters())
         if self.cfg.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return loss
+        # every rank logs (and checks for NaN) the same value, so all stop together
+        return distributed.mean_over_ranks(loss)
 
     @torch.no_grad()
     def knn_accuracy(self) -> float:

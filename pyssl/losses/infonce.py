@@ -3,12 +3,21 @@
 None of these modules materialises the (batch x batch) similarity matrix: the forward keeps
 one log-sum-exp per row (and per column for CLIP), the backward recomputes similarity tiles.
 Inputs are unnormalised embeddings; the L2 normalisation is part of the fused op.
+
+With ``gather_distributed=True`` in a process group of more than one rank, both inputs are
+all-gathered (with gradient, :func:`pyssl.distributed.gather_with_grad`) so that every rank
+computes the loss over the global batch, the other ranks' samples serving as extra negatives.
+The trade-off: every rank redoes the whole loss over batch x world-size rows (cheap beside the
+encoders) and in exchange gets exactly the single-process gradient once parameter gradients are
+averaged over ranks, as DDP and the pyssl trainer do. Every rank must pass the same shapes.
+The flag is ignored in a single process.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from pyssl import ops
+from pyssl import distributed, ops
 
 
 class NTXentLoss(nn.Module):
@@ -27,6 +36,7 @@ class NTXentLoss(nn.Module):
     Args:
         temperature: :math:`\tau > 0`.
         check_inputs_finite: raise on NaN/inf embeddings (costs a device synchronisation).
+        gather_distributed: compute the loss over the batches of all ranks (see the module's doc).
 
     Shape:
         - z0, z1: :math:`(N, D)`, any floating dtype (fp16/bf16 accumulate in float32).
@@ -37,16 +47,19 @@ class NTXentLoss(nn.Module):
         >>> loss = loss_fn(projector(backbone(view0)), projector(backbone(view1)))
     """
 
-    def __init__(self, temperature: float = 0.5, check_inputs_finite: bool = False):
+    def __init__(self, temperature: float = 0.5, check_inputs_finite: bool = False, gather_distributed: bool = False):
         super().__init__()
         self.temperature = ops.check_positive("NTXentLoss", "temperature", temperature)
         self.check_inputs_finite = check_inputs_finite
+        self.gather_distributed = gather_distributed
 
     def forward(self, z0: Tensor, z1: Tensor) -> Tensor:
+        if self.gather_distributed:
+            z0, z1 = distributed.gather_with_grad(z0), distributed.gather_with_grad(z1)
         return ops.ntxent(z0, z1, self.temperature, check_inputs_finite=self.check_inputs_finite)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
+        return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"
 
 
 class InfoNCELoss(nn.Module):
@@ -62,24 +75,43 @@ class InfoNCELoss(nn.Module):
     Args:
         temperature: :math:`\tau > 0`.
         check_inputs_finite: raise on NaN/inf embeddings (costs a device synchronisation).
+        gather_distributed: compute the loss over the queries and keys of all ranks (see the
+            module's doc); the gathered keys are ordered so that positives still come first.
 
     Shape:
         - query: :math:`(N, D)`; key: :math:`(K, D)` with :math:`K \ge N`.
         - output: scalar.
     """
 
-    def __init__(self, temperature: float = 0.1, check_inputs_finite: bool = False):
+    def __init__(self, temperature: float = 0.1, check_inputs_finite: bool = False, gather_distributed: bool = False):
         super().__init__()
         self.temperature = ops.check_positive("InfoNCELoss", "temperature", temperature)
         self.check_inputs_finite = check_inputs_finite
+        self.gather_distributed = gather_distributed
 
     def forward(self, query: Tensor, key: Tensor) -> Tensor:
+        if self.gather_distributed and distributed.is_distributed():
+            query, key = _gather_queries_and_keys(query, key)
         return ops.infonce(
             query, key, 1.0 / self.temperature, symmetric=False, check_inputs_finite=self.check_inputs_finite
         )
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
+        return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"
+
+
+def _gather_queries_and_keys(query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+    """Gathered queries and keys with each gathered query's positive at its own row: the keys
+    beyond the local batch (extra negatives) go after all ranks' positives, not between them."""
+    if key.dim() != 2 or query.dim() != 2 or key.shape[0] < query.shape[0]:
+        return query, key  # the op raises its own shape error
+    rows = query.shape[0]
+    positives = distributed.gather_with_grad(key[:rows])
+    if key.shape[0] > rows:
+        key = torch.cat([positives, distributed.gather_with_grad(key[rows:])])
+    else:
+        key = positives
+    return distributed.gather_with_grad(query), key
 
 
 class ClipLoss(nn.Module):
@@ -94,17 +126,26 @@ class ClipLoss(nn.Module):
     normalised features. ``logit_scale`` :math:`s` is the multiplier itself (already
     exponentiated, as open_clip passes it): a float, or a tensor that may require grad.
 
+    Args:
+        check_inputs_finite: raise on NaN/inf embeddings (costs a device synchronisation).
+        gather_distributed: compute the loss over the pairs of all ranks (see the module's doc);
+            a ``logit_scale`` tensor is not gathered (it is the same parameter on every rank).
+
     Shape:
         - image_features, text_features: :math:`(N, D)`.
         - logit_scale: float or a one-element tensor.
         - output: scalar.
     """
 
-    def __init__(self, check_inputs_finite: bool = False):
+    def __init__(self, check_inputs_finite: bool = False, gather_distributed: bool = False):
         super().__init__()
         self.check_inputs_finite = check_inputs_finite
+        self.gather_distributed = gather_distributed
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale) -> Tensor:
+        if self.gather_distributed:
+            image_features = distributed.gather_with_grad(image_features)
+            text_features = distributed.gather_with_grad(text_features)
         return ops.infonce(
             image_features,
             text_features,
@@ -112,3 +153,6 @@ class ClipLoss(nn.Module):
             symmetric=True,
             check_inputs_finite=self.check_inputs_finite,
         )
+
+    def extra_repr(self) -> str:
+        return f"gather_distributed={self.gather_distributed}"

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyssl import ops
+from pyssl import distributed, ops
 
 
 class MoCoLoss(nn.Module):
@@ -47,6 +47,11 @@ class MoCoLoss(nn.Module):
         queue_dtype: dtype of the stored queue; float32 by default, bfloat16 halves its memory
             (logits still accumulate in float32).
         check_inputs_finite: raise on NaN/inf inputs (costs a device synchronisation).
+        gather_distributed: in a process group of more than one rank, enqueue the keys of all
+            ranks (in rank order) rather than this rank's only, as MoCo does on several GPUs, so
+            that the queues of all ranks stay identical (they must start identical: same seed,
+            or parameters and buffers broadcast from rank 0 as the pyssl trainer does). The
+            loss itself stays local: each query against its own key and the shared queue.
 
     Shape:
         - query, key: :math:`(N, D)`, any floating dtype (fp16/bf16 accumulate in float32).
@@ -73,6 +78,7 @@ class MoCoLoss(nn.Module):
         queue_init: str = "random",
         queue_dtype: torch.dtype = torch.float32,
         check_inputs_finite: bool = False,
+        gather_distributed: bool = False,
     ):
         super().__init__()
         self.temperature = ops.check_positive("MoCoLoss", "temperature", temperature)
@@ -87,6 +93,7 @@ class MoCoLoss(nn.Module):
             raise TypeError(f"MoCoLoss: queue_dtype must be a floating torch.dtype, got {queue_dtype}")
         self.queue_size, self.dim = queue_size, dim
         self.check_inputs_finite = check_inputs_finite
+        self.gather_distributed = gather_distributed
         if queue_init == "random":
             # normalised in place: no second (K, d) temporary at construction
             queue = torch.randn(queue_size, dim)
@@ -134,7 +141,9 @@ class MoCoLoss(nn.Module):
         if update is None:
             update = query.requires_grad
         if update:
-            self.enqueue(key)
+            # The op never writes the queue (its backward does not read it either), so the
+            # gathered keys can simply go through the same ring-buffer write.
+            self.enqueue(distributed.gather(key.detach()) if self.gather_distributed else key)
         return loss
 
     @torch.no_grad()
@@ -154,4 +163,5 @@ class MoCoLoss(nn.Module):
         self.queue_len.fill_(self._len)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, queue_size={self.queue_size}, dim={self.dim}, queue_dtype={self.queue.dtype}"
+        return (f"temperature={self.temperature}, queue_size={self.queue_size}, dim={self.dim}, "
+                f"queue_dtype={self.queue.dtype}, gather_distributed={self.gather_distributed}")

@@ -31,7 +31,9 @@ class MoCo(Method):
             from ``momentum`` to ``momentum_end`` over training (BYOL-style).
         queue_size: negatives kept; should be a multiple of the batch size.
 
-    (Shuffle-BN needs several devices; on one device it is a no-op and is omitted.)
+    Shuffle-BN is omitted (on one device it is a no-op); with several processes on CUDA the
+    trainer converts BatchNorm to SyncBatchNorm by default instead. Distributed, every rank
+    enqueues the keys of all ranks, so the queues stay identical.
     """
 
     train_defaults = {"optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4, "momentum": 0.9}
@@ -60,7 +62,8 @@ class MoCo(Method):
             p.requires_grad_(False)
         if temperature is None:
             temperature = 0.07 if version == 1 else 0.2
-        self.criterion = MoCoLoss(temperature=temperature, queue_size=queue_size, dim=out_dim)
+        # Inert in a single process; under torch.distributed every rank enqueues all ranks' keys.
+        self.criterion = MoCoLoss(temperature=temperature, queue_size=queue_size, dim=out_dim, gather_distributed=True)
         self.momentum, self.momentum_end = momentum, momentum_end
 
     def augment_defaults(self, image_size: int) -> dict:

@@ -16,7 +16,8 @@ class SimCLR(Method):
 
     Both views go through the backbone as one batch (one BN statistic over 2N images, as on one
     device in the paper), then through the MLP head (Linear-BN-ReLU-Linear, SimCLR v2), then into
-    the fused NT-Xent loss, which never builds the 2N x 2N similarity matrix.
+    the fused NT-Xent loss, which never builds the 2N x 2N similarity matrix. Distributed, the
+    loss gathers the embeddings of all ranks, so the negatives are those of the global batch.
 
     Args:
         backbone: a name for :func:`pyssl.models.build_backbone` or a module with ``out_dim``.
@@ -33,7 +34,8 @@ class SimCLR(Method):
                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), augment=None, augment_kwargs=None):
         super().__init__(backbone, image_size, in_channels, mean, std, augment, augment_kwargs)
         self.projection_head = ProjectionHead(self.backbone.out_dim, hidden_dim, out_dim, 2, batch_norm=True)
-        self.criterion = NTXentLoss(temperature)
+        # Inert in a single process; under torch.distributed every rank's loss covers the global batch.
+        self.criterion = NTXentLoss(temperature, gather_distributed=True)
 
     def augment_defaults(self, image_size: int) -> dict:
         return {"scale": (0.08, 1.0), "jitter": (0.4, 0.4, 0.4, 0.1), "p_jitter": 0.8, "p_gray": 0.2,
