@@ -102,13 +102,13 @@ def test_relative_patch_chromatic_guard_removes_the_colour_fringe_shortcut():
 
 
 def test_jigsaw_learns_permutation_and_beats_random_probe():
-    _, r, probe, probe_random = _train_and_probe("jigsaw", *_colour(), 200, num_permutations=100)
+    _, r, probe, probe_random = _train_and_probe("jigsaw", *_colour(), 400, num_permutations=100)
     assert r["permutation_acc"] > 0.05  # chance 0.01
     assert probe > probe_random
 
 
 def test_inpainting_beats_context_mean_fill_and_random_probe():
-    _, r, probe, probe_random = _train_and_probe("inpainting", *_colour(), 100)
+    _, r, probe, probe_random = _train_and_probe("inpainting", *_colour(), 200)
     assert r["rec_mse"] < 0.7 * r["rec_mse_context_mean"]
     assert probe > probe_random
 
@@ -139,7 +139,7 @@ def test_colorization_rebalancing_raises_rare_colour_accuracy():
 
 def test_split_brain_beats_most_frequent_bins_and_random_probe():
     x, y = _colour()
-    m, r, probe, probe_random = _train_and_probe("split_brain", x, y, 100)
+    m, r, probe, probe_random = _train_and_probe("split_brain", x, y, 200)
     assert r["ab_bin_acc"] > r["ab_bin_acc_constant"] + 0.02
     assert r["l_bin_acc"] > 1.5 * r["l_bin_acc_constant"]
     assert probe > probe_random
