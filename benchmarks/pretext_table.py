@@ -29,7 +29,7 @@ from pyssl.data.colour import load_videos
 from pyssl.eval import balanced_subset, extract_features, linear_probe, middle_layer
 
 METHODS = ("rotnet", "relative_patch", "jigsaw", "inpainting", "colorization", "split_brain", "video_colorization",
-           "simclr", "mocov2")
+           "cpc", "simclr", "mocov2")
 
 # The metric that shows the pretext task was learned, and what it is compared with.
 PRETEXT = {
@@ -40,6 +40,7 @@ PRETEXT = {
     "colorization": ("ab_rmse", "best constant ab", lambda m: m["ab_rmse_constant"]),
     "split_brain": ("ab_bin_acc", "most frequent bin", lambda m: m["ab_bin_acc_constant"]),
     "video_colorization": ("colour_acc", "copy same location", lambda m: m["colour_acc_copy"]),
+    "cpc": ("cpc_acc", "chance", lambda m: m["chance"]),
 }
 
 

@@ -67,6 +67,7 @@ from pyssl.methods.inpainting import Inpainting  # noqa: E402
 from pyssl.methods.colorization import Colorization  # noqa: E402
 from pyssl.methods.split_brain import SplitBrain  # noqa: E402
 from pyssl.methods.video_colorization import VideoColorization  # noqa: E402
+from pyssl.methods.cpc import CPC  # noqa: E402
 
 __all__ = ["Method", "MethodError", "register", "build_method", "available_methods", "method_class",
            "method_preset", "SimCLR", "MoCo", "RotNet", "RelativePatch", "Jigsaw", "Inpainting", "Colorization",

@@ -117,6 +117,33 @@ def extract_patches(x: Tensor, origins: Tensor, patch: int) -> Tensor:
     return gathered.reshape(n, p, c, patch, patch)
 
 
+def sliding_grid(size: int, patch: int, stride: int, min_grid: int, *, task: str) -> int:
+    """Validate overlapping ``patch``-pixel patches every ``stride`` pixels; return the grid side G.
+
+    G = ``(size - patch) // stride + 1`` patches fit along each side. Raises ``ValueError``
+    naming the image size and the smallest one that fits when fewer than ``min_grid`` do.
+    """
+    if patch < 2 or stride < 1:
+        raise ValueError(f"{task}: patch size must be >= 2 and stride >= 1, got patch={patch}, stride={stride}")
+    need = patch + (min_grid - 1) * stride
+    if size < need:
+        raise ValueError(
+            f"{task}: images of {size}x{size} are too small for a {min_grid}x{min_grid} grid of "
+            f"{patch}-pixel patches at stride {stride}; the minimum image size is {need}x{need}"
+        )
+    return (size - patch) // stride + 1
+
+
+def sliding_origins(n: int, size: int, patch: int, stride: int, *, device=None) -> Tensor:
+    """Top-left corners ``(N, G*G, 2)`` (row-major) of the overlapping patches of
+    :func:`sliding_grid`, centred in the image when the stride leaves pixels over."""
+    grid = (size - patch) // stride + 1
+    margin = (size - patch - (grid - 1) * stride) // 2
+    idx = torch.arange(grid, device=device) * stride + margin
+    base = torch.stack(torch.meshgrid(idx, idx, indexing="ij"), dim=-1).reshape(-1, 2)
+    return base.expand(n, grid * grid, 2)
+
+
 # --------------------------------------------------------------------------- chromatic aberration
 
 # Lenses focus green differently from red and blue, so a patch's colour fringes tell where in
