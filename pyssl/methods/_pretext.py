@@ -13,7 +13,6 @@ import torch
 from torch import Tensor, nn
 
 from pyssl.methods.base import MethodError
-from pyssl.pretext.nets import ConvEncoder
 
 
 def batch_images(batch: Any) -> Tensor:

@@ -17,12 +17,24 @@ class ModelError(ValueError):
     """Unknown backbone name or impossible head configuration."""
 
 
-def check_stage(encoder: nn.Module, stage: int) -> int:
-    """``stage`` of an encoder with ``num_stages``, negative counting from the end, as 0.."""
-    n = encoder.num_stages
-    if not -n <= stage < n:
-        raise ValueError(f"{type(encoder).__name__}: stage must be in [{-n}, {n}), got {stage}")
-    return stage % n
+class StagedEncoder:
+    """Mixin of the encoders built as a sequence of stages in one ``nn.Sequential``: each records,
+    while it is built, the index of every stage's last layer in ``_stage_ends``, so that a stage's
+    output can be named for :func:`pyssl.eval.extract_features` (``layer=``)."""
+
+    _stage_container: str  # attribute name of the nn.Sequential holding the stages
+    _stage_ends: list[int]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self._stage_ends)
+
+    def stage_name(self, stage: int) -> str:
+        """Name (within this module) of the last layer of ``stage`` (negative counts from the end)."""
+        n = self.num_stages
+        if not -n <= stage < n:
+            raise ValueError(f"{type(self).__name__}: stage must be in [{-n}, {n}), got {stage}")
+        return f"{self._stage_container}.{self._stage_ends[stage]}"
 
 
 # ---- ResNet --------------------------------------------------------------------------------------
@@ -48,7 +60,7 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class ResNet(StagedEncoder, nn.Module):
     """ResNet of basic blocks.  ``stem="cifar"``: 3x3 conv stride 1, no max-pool (the CIFAR
     variant of SimCLR/MoCo papers); ``stem="imagenet"``: 7x7 conv stride 2 + 3x3 max-pool."""
 
@@ -64,14 +76,15 @@ class ResNet(nn.Module):
             self.stem = nn.Sequential(nn.Conv2d(in_channels, w0, 7, 2, 3, bias=False), nn.BatchNorm2d(w0),
                                       nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
         blocks, cin = [], w0
+        self._stage_container, self._stage_ends = "layers", []
         for i, (n, w) in enumerate(zip(layers, widths)):
             for j in range(n):
                 blocks.append(BasicBlock(cin, w, 2 if (j == 0 and i > 0) else 1))
                 cin = w
+            self._stage_ends.append(len(blocks) - 1)
         self.layers = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.out_dim = cin
-        self.num_stages, self._stage_ends = len(layers), [sum(layers[: i + 1]) - 1 for i in range(len(layers))]
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -79,33 +92,26 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.pool(self.layers(self.stem(x))).flatten(1)
 
-    def stage_name(self, stage: int) -> str:
-        """Name of the last block of ``stage`` (``layer1..4`` of torchvision are stages 0..3)."""
-        return f"layers.{self._stage_ends[check_stage(self, stage)]}"
 
 
-class ConvNet(nn.Module):
+class ConvNet(StagedEncoder, nn.Module):
     """A small VGG-like encoder: ``len(widths)`` stages of conv-BN-ReLU, each halving the image
     (the last stage pools globally).  Fast on a CPU; the demo's default."""
 
     def __init__(self, widths=(32, 64, 128), in_channels: int = 3):
         super().__init__()
         stages, cin = [], in_channels
+        self._stage_container, self._stage_ends = "features", []
         for i, w in enumerate(widths):
             stages += [nn.Conv2d(cin, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
             stages += [nn.Conv2d(w, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
             if i < len(widths) - 1:
                 stages.append(nn.MaxPool2d(2))
+            self._stage_ends.append(len(stages) - 1)  # a stage ends at its max-pool (the last at its ReLU)
             cin = w
         self.features = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.out_dim = cin
-        self.num_stages = len(widths)
-
-    def stage_name(self, stage: int) -> str:
-        """Name of ``stage``'s output layer: its max-pool, or the last ReLU for the last stage."""
-        stage = check_stage(self, stage)
-        return f"features.{7 * stage + (5 if stage == self.num_stages - 1 else 6)}"
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pool(self.features(x)).flatten(1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pyssl.models import check_stage
+from pyssl.models import StagedEncoder
 from pyssl.pretext.lab import rgb_to_lab
 
 
@@ -21,7 +21,7 @@ def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     )
 
 
-class ConvEncoder(nn.Module):
+class ConvEncoder(StagedEncoder, nn.Module):
     """Conv stages; every stage after the first halves the resolution.
 
     Args:
@@ -34,21 +34,17 @@ class ConvEncoder(nn.Module):
     def __init__(self, in_channels: int = 3, widths: tuple[int, ...] = (16, 32, 64), pool: bool = True, depth: int = 1):
         super().__init__()
         layers, cin = [], in_channels
+        self._stage_container, self._stage_ends = "features", []
         for i, w in enumerate(widths):
             layers.append(conv_bn_relu(cin, w, stride=1 if i == 0 else 2))
             layers += [conv_bn_relu(w, w) for _ in range(depth - 1)]
+            self._stage_ends.append(len(layers) - 1)
             cin = w
         self.features = nn.Sequential(*layers)
         self.pool = pool
         self.in_channels = in_channels
         self.feature_dim = self.out_dim = widths[-1]
         self.downsample = 2 ** (len(widths) - 1)
-        self.depth, self.num_stages = depth, len(widths)
-
-    def stage_name(self, stage: int) -> str:
-        """Name (within this module) of the last layer of ``stage`` (negative counts from the end),
-        for :func:`pyssl.eval.extract_features`'s ``layer``."""
-        return f"features.{(check_stage(self, stage) + 1) * self.depth - 1}"
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last feature map ``(N, widths[-1], H / downsample, W / downsample)``."""
