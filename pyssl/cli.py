@@ -368,7 +368,7 @@ def load_run(path: str, device: str):
 
 def cmd_eval(args) -> int:
     from pyssl.data import load_data
-    from pyssl.eval import PROTOCOLS, evaluate_encoders, format_table, middle_layer
+    from pyssl.eval import PROTOCOLS, evaluate_encoders, format_table, resolve_layer
 
     device = args.device or _default_device()
     protocols = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
@@ -386,11 +386,10 @@ def cmd_eval(args) -> int:
         encoders.update({"random-init encoder": random_init.backbone, "raw pixels": None})
     if args.grid < 1:
         raise CLIError(f"--grid must be >= 1, got {args.grid}")
-    if args.layer == "mid" and middle_layer(method.backbone) is None:
-        raise CLIError("--layer mid: this backbone has no named stages; give a module name of the backbone")
-    if args.layer not in (None, "mid") and args.layer not in dict(method.backbone.named_modules()):
-        names = [n for n, _ in method.backbone.named_modules() if n][:8]
-        raise CLIError(f"--layer: the backbone has no module {args.layer!r} (some of its modules: {', '.join(names)})")
+    try:  # checked before any feature is extracted, so a typo costs nothing
+        resolve_layer(method.backbone, args.layer)
+    except ValueError as e:
+        raise CLIError(f"--layer: {e}") from None
     where = f", features of {args.layer!r} pooled to {args.grid}x{args.grid}" if args.layer else ""
     print(f"pyssl eval: {spec}, {len(train)} train / {len(test)} test images, label fractions "
           f"{', '.join(f'{f:.0%}' for f in args.fractions)}{where}", file=sys.stderr)

@@ -2,8 +2,8 @@
 
 - :func:`knn_predict`: weighted kNN on cosine similarity, votes ``exp(sim / t)`` (InstDisc;
   k=200, t=0.1 as in lightly's CIFAR-10 benchmark).
-- :func:`extract_features` (with ``layer=``, :func:`middle_layer`): frozen features of the
-  output or of an intermediate layer.
+- :func:`extract_features` (with ``layer=``, :func:`resolve_layer`, :func:`middle_layer`): frozen
+  features of the output or of an intermediate layer.
 - :func:`linear_probe`: a linear classifier on frozen, standardised features (full-batch L-BFGS
   with L2 regularisation: deterministic and quick).
 - :func:`fine_tune`: the encoder plus a linear layer trained end to end.
@@ -21,18 +21,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pyssl.models import StagedEncoder
+
 PROTOCOLS = ("linear", "knn", "finetune")
 
 
 def middle_layer(encoder: nn.Module) -> str | None:
     """The name (for :func:`extract_features`'s ``layer``) of the second-to-last stage of the
-    first staged encoder inside ``encoder`` (pyssl's ResNet, ConvNet and pretext ConvEncoder
-    name their stages), or ``None`` for an encoder without stages. The pretext-task papers
+    first :class:`~pyssl.models.StagedEncoder` inside ``encoder`` (pyssl's ResNet, ConvNet and
+    pretext ConvEncoder), or ``None`` for an encoder without stages. The pretext-task papers
     probe this depth: the last stage specialises in the pretext task (Gidaris et al. 2018)."""
     for name, module in encoder.named_modules():
-        if callable(getattr(module, "stage_name", None)) and getattr(module, "num_stages", 0) >= 2:
+        if isinstance(module, StagedEncoder) and module.num_stages >= 2:
             return ".".join(filter(None, (name, module.stage_name(-2))))
     return None
+
+
+def resolve_layer(encoder: nn.Module, layer: str | None) -> str | None:
+    """The module name ``layer`` stands for in ``encoder``: ``None`` (the output) stays ``None``,
+    ``"mid"`` becomes :func:`middle_layer`, any other name must be one of ``named_modules()``.
+    Raises ``ValueError`` (naming the layer) otherwise."""
+    if layer is None:
+        return None
+    if layer == "mid":
+        name = middle_layer(encoder)
+        if name is None:
+            raise ValueError("layer 'mid': the encoder has no named stages (pyssl's ResNet, ConvNet and "
+                             "pretext encoder have them); give a module name instead")
+        return name
+    modules = dict(encoder.named_modules())
+    if layer not in modules or layer == "":
+        names = [n for n in modules if n][:12]
+        raise ValueError(f"no layer {layer!r}: the encoder has no module {layer!r} (some of its modules: "
+                         f"{', '.join(names)})")
+    return layer
 
 
 @torch.no_grad()
@@ -42,8 +64,8 @@ def extract_features(encoder: nn.Module | None, images: Tensor, transform: Calla
 
     ``layer`` probes an intermediate layer instead of the encoder's output (as VISSL and the
     pretext-task papers do): the output of the submodule of that name (``named_modules()``,
-    e.g. ``"features.1"`` or ``"layer3"``), average-pooled to ``grid x grid`` cells and
-    flattened.
+    e.g. ``"features.1"`` or ``"layer3"``, or ``"mid"``: see :func:`resolve_layer`),
+    average-pooled to ``grid x grid`` cells and flattened.
     """
     if grid < 1:
         raise ValueError(f"extract_features: grid must be >= 1, got {grid}")
@@ -52,11 +74,11 @@ def extract_features(encoder: nn.Module | None, images: Tensor, transform: Calla
     if layer is not None:
         if encoder is None:
             raise ValueError("extract_features: layer needs an encoder")
-        modules = dict(encoder.named_modules())
-        if layer not in modules or layer == "":
-            names = [n for n in modules if n][:12]
-            raise ValueError(f"extract_features: the encoder has no layer {layer!r}; some of its layers: {names}")
-        hook = modules[layer].register_forward_hook(lambda mod, args, out: captured.append(out))
+        try:
+            layer = resolve_layer(encoder, layer)
+        except ValueError as e:
+            raise ValueError(f"extract_features: {e}") from None
+        hook = encoder.get_submodule(layer).register_forward_hook(lambda mod, args, out: captured.append(out))
     out = []
     was = encoder.training if encoder is not None else False
     if encoder is not None:
@@ -203,9 +225,7 @@ def evaluate_encoders(encoders: dict[str, nn.Module | None], transform: Callable
     for name, enc in encoders.items():
         res = results[name] = {p: {} for p in protocols}
         if "linear" in protocols or "knn" in protocols:
-            at = None if enc is None else (middle_layer(enc) if layer == "mid" else layer)
-            if at is None and layer == "mid" and enc is not None:
-                raise ValueError(f"evaluate_encoders: {name} has no named stages; give layer= a module name")
+            at = None if enc is None else layer  # raw pixels have no layers
             tr = extract_features(enc, train.images, transform, layer=at, grid=grid if at else 1)
             te = extract_features(enc, test.images, transform, layer=at, grid=grid if at else 1)
         for f in fractions:
