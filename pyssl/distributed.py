@@ -94,13 +94,17 @@ def barrier() -> None:
 # ---- differentiable all-gather ---------------------------------------------------------------
 
 
+def _all_gather(x: Tensor) -> Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
         ctx.rows = x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
+        return _all_gather(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
@@ -131,11 +135,7 @@ def gather_with_grad(x: Tensor) -> Tensor:
 @torch.no_grad()
 def gather(x: Tensor) -> Tensor:
     """All-gather along dim 0 in rank order, without gradient (e.g. keys to enqueue)."""
-    if not is_distributed():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    return _all_gather(x) if is_distributed() else x
 
 
 def mean_over_ranks(value: Tensor) -> Tensor:

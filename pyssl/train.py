@@ -308,8 +308,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
-            "rng": _rng_state(),
             # each rank draws its own augmentations: an exact resume needs every rank's RNG
+            # (one process: a list of one)
             "rng_per_rank": distributed.all_gather_objects(_rng_state()),
             # lets anyone check (e.g. the tests) that the ranks trained in lockstep
             "parameter_digest_per_rank": distributed.all_gather_objects(distributed.parameter_digest(self.method)),
@@ -342,7 +342,7 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
-        per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]
+        per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]  # "rng": checkpoints from before rng_per_rank
         if len(per_rank) == self.world_size:
             _set_rng_state(per_rank[self.rank])
         else:  # another number of processes: the shards differ anyway, so no exact resume
