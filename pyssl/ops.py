@@ -45,12 +45,24 @@ def check_finite(op: str, **tensors: Tensor) -> None:
             raise ValueError(f"{op}: {name} contains NaN or inf")
 
 
-def check_positive(op: str, name: str, value) -> float:
+def check_real(op: str, name: str, value) -> float:
+    """``value`` as a float; bools and non-numbers raise ``TypeError`` naming the argument."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    return float(value)
+
+
+def check_positive(op: str, name: str, value) -> float:
+    value = check_real(op, name, value)
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{op}: {name} must be a finite number > 0, got {value}")
+    return value
+
+
+def check_non_negative(op: str, name: str, value) -> float:
+    value = check_real(op, name, value)
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{op}: {name} must be a finite number >= 0, got {value}")
     return value
 
 
@@ -271,9 +283,7 @@ def ema_update_(ema: list[Tensor], online: list[Tensor], momentum: float) -> Non
     ema, online = list(ema), list(online)
     if len(ema) != len(online):
         raise ValueError(f"{op}: ema and online must have the same length, got {len(ema)} and {len(online)}")
-    if isinstance(momentum, bool) or not isinstance(momentum, Real):
-        raise TypeError(f"{op}: momentum must be a real number, got {type(momentum).__name__}")
-    momentum = float(momentum)
+    momentum = check_real(op, "momentum", momentum)
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"{op}: momentum must be in [0, 1], got {momentum}")
     for i, (e, o) in enumerate(zip(ema, online)):

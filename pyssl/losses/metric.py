@@ -11,7 +11,6 @@ in the input dtype.
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 import torch.nn.functional as F
@@ -25,15 +24,6 @@ _GATHER_BUDGET = 1 << 22
 
 
 # ---- argument checks ---------------------------------------------------------------------------
-
-
-def _check_non_negative(op: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{op}: {name} must be a finite number >= 0, got {value}")
-    return value
 
 
 def _check_choice(op: str, name: str, value, choices: tuple[str, ...]) -> str:
@@ -186,8 +176,8 @@ class ContrastiveLoss(_LabelledBatchLoss):
     ):
         super().__init__(normalize_embeddings, check_inputs_finite, reduction)
         op = "ContrastiveLoss"
-        self.pos_margin = _check_non_negative(op, "pos_margin", pos_margin)
-        self.neg_margin = _check_non_negative(op, "neg_margin", neg_margin)
+        self.pos_margin = ops.check_non_negative(op, "pos_margin", pos_margin)
+        self.neg_margin = ops.check_non_negative(op, "neg_margin", neg_margin)
         if self.neg_margin <= self.pos_margin:
             raise ValueError(
                 f"{op}: neg_margin must be > pos_margin, got neg_margin={self.neg_margin}, pos_margin={self.pos_margin}"
@@ -282,7 +272,7 @@ class TripletLoss(_LabelledBatchLoss):
         check_inputs_finite: bool = False,
     ):
         super().__init__(normalize_embeddings, check_inputs_finite, reduction)
-        self.margin = _check_non_negative("TripletLoss", "margin", margin)
+        self.margin = ops.check_non_negative("TripletLoss", "margin", margin)
         self.mining = _check_choice("TripletLoss", "mining", mining, ("all", "batch_hard"))
         self.squared = bool(squared)
 
@@ -374,8 +364,8 @@ class LiftedStructureLoss(_LabelledBatchLoss):
         check_inputs_finite: bool = False,
     ):
         super().__init__(normalize_embeddings, check_inputs_finite)
-        self.neg_margin = _check_non_negative("LiftedStructureLoss", "neg_margin", neg_margin)
-        self.pos_margin = _check_non_negative("LiftedStructureLoss", "pos_margin", pos_margin)
+        self.neg_margin = ops.check_non_negative("LiftedStructureLoss", "neg_margin", neg_margin)
+        self.pos_margin = ops.check_non_negative("LiftedStructureLoss", "pos_margin", pos_margin)
 
     def _loss(self, x: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
         dist = _euclidean_distances(x, squared=False)
@@ -482,7 +472,7 @@ class NPairLoss(nn.Module):
 
     def __init__(self, l2_reg: float = 0.002, *, check_inputs_finite: bool = False):
         super().__init__()
-        self.l2_reg = _check_non_negative("NPairLoss", "l2_reg", l2_reg)
+        self.l2_reg = ops.check_non_negative("NPairLoss", "l2_reg", l2_reg)
         self.check_inputs_finite = check_inputs_finite
 
     def forward(self, anchors: Tensor, positives: Tensor) -> Tensor:
