@@ -133,6 +133,7 @@ class ABQuantizer:
         cells = torch.arange(-half, half + 1, dtype=torch.float32) * self._step
         grid_ab = torch.stack(torch.meshgrid(cells, cells, indexing="ij"), dim=-1).reshape(-1, 2)
         self._lut = torch.cdist(grid_ab, self.centers).argmin(dim=1).reshape(2 * half + 1, 2 * half + 1)
+        self._kernels: dict[tuple[float, torch.device], Tensor] = {}
 
     @property
     def num_bins(self) -> int:
@@ -174,12 +175,18 @@ class ABQuantizer:
         total = counts.sum()
         if total <= 0:
             return torch.ones_like(counts, dtype=torch.float32)
-        centers = self.centers.to(device=counts.device, dtype=torch.float64)
-        kernel = torch.exp(-torch.cdist(centers, centers) ** 2 / (2 * sigma**2))
-        kernel = kernel / kernel.sum(dim=1, keepdim=True)  # each bin's mass spreads over its neighbours
-        p = (counts.double() / total) @ kernel
+        p = (counts.double() / total) @ self._smoothing_kernel(float(sigma), counts.device)
         w = 1.0 / ((1 - lam) * p + lam / self.num_bins)
         return (w / (p * w).sum()).float()
+
+    def _smoothing_kernel(self, sigma: float, device: torch.device) -> Tensor:
+        # Fixed by the bins and sigma: built once, not at every training step that rebalances.
+        key = (sigma, device)
+        if key not in self._kernels:
+            centers = self.centers.to(device=device, dtype=torch.float64)
+            kernel = torch.exp(-torch.cdist(centers, centers) ** 2 / (2 * sigma**2))
+            self._kernels[key] = kernel / kernel.sum(dim=1, keepdim=True)  # each bin's mass spreads over its neighbours
+        return self._kernels[key]
 
     def decode(self, logits: Tensor, temperature: float = 0.38, dim: int = -3) -> Tensor:
         """Annealed mean of the bin distribution: logits ``(..., Q, ...)`` -> ab ``(..., 2, ...)``."""
