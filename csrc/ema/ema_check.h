@@ -28,4 +28,14 @@ inline bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
   return a.is_non_overlapping_and_dense() && b.is_non_overlapping_and_dense() && a.strides() == b.strides();
 }
 
+// What the fused kernels leave out: an empty tensor needs nothing, and strided views that do not
+// share a dense layout are updated by TensorIterator (still in place, per element). True when
+// ``ema`` is done and the caller should skip it.
+inline bool update_outside_kernel(const at::Tensor& ema, const at::Tensor& online, double momentum) {
+  if (ema.numel() == 0) return true;
+  if (same_dense_layout(ema, online)) return false;
+  ema.mul_(momentum).add_(online, 1.0 - momentum);
+  return true;
+}
+
 }  // namespace pyssl::ema

@@ -80,12 +80,7 @@ void ema_update_cpu(at::TensorList ema, at::TensorList online, double momentum) 
   for (size_t i = 0; i < ema.size(); ++i) {
     const Tensor& e = ema[i];
     const Tensor& o = online[i];
-    if (e.numel() == 0) continue;
-    if (!same_dense_layout(e, o)) {
-      // Strided views: TensorIterator handles the indexing, still in place and per element.
-      e.mul_(momentum).add_(o, 1.0 - momentum);
-      continue;
-    }
+    if (update_outside_kernel(e, o, momentum)) continue;
     const int32_t job = static_cast<int32_t>(jobs.size());
     jobs.push_back({select_kernel(e.scalar_type(), o.scalar_type()), static_cast<char*>(e.data_ptr()),
                     static_cast<const char*>(o.const_data_ptr()), e.numel(),

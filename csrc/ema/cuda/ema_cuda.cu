@@ -105,12 +105,7 @@ void ema_update_cuda(at::TensorList ema, at::TensorList online, double momentum)
   for (size_t i = 0; i < ema.size(); ++i) {
     const Tensor& e = ema[i];
     const Tensor& o = online[i];
-    if (e.numel() == 0) continue;
-    if (!same_dense_layout(e, o)) {
-      // Strided views: TensorIterator does the indexing (in place, a couple of kernels).
-      e.mul_(momentum).add_(o, 1.0 - momentum);
-      continue;
-    }
+    if (update_outside_kernel(e, o, momentum)) continue;
     table.push_back({e.data_ptr(), o.const_data_ptr(), e.numel(), num_chunks, dtype_code(e.scalar_type()),
                      dtype_code(o.scalar_type())});
     num_chunks += (e.numel() + kChunk - 1) / kChunk;
