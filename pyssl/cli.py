@@ -27,6 +27,9 @@ DATA_DEFAULTS = {
     # The embedded colour data of the pretext methods (pyssl.data.colour); videos have no labels.
     "colour_digits": {"backbone": "convnet-small", "image_size": 32, "batch_size": 128, "epochs": 20, "knn_every": 5,
                       "hidden_dim": 512, "knn_k": 20},
+    # CLIP's image-text pairs; the "small" pretext encoder is too weak to learn the digits from captions.
+    "captioned_digits": {"backbone": "resnet10-small", "image_size": 32, "batch_size": 128, "epochs": 20,
+                         "knn_every": 5, "hidden_dim": 512, "knn_k": 20},
     "videos": {"backbone": "convnet-small", "image_size": 32, "batch_size": 32, "epochs": 20, "knn_every": 0,
                "hidden_dim": 512},
     "cifar10": {"backbone": "resnet18", "image_size": 32, "batch_size": 512, "epochs": 200, "knn_every": 5,
@@ -162,6 +165,9 @@ def prepare_training(args):
     d = {**DATA_DEFAULTS.get(kind, DATA_DEFAULTS["folder"]), **getattr(cls, "cli_defaults", {})}
     image_size = args.image_size or d["image_size"]
     train, test = load_data(args.data, image_size)
+    if getattr(cls, "needs_texts", False) and train.texts is None:
+        raise ConfigError(f"{args.method} trains on image-text pairs and {kind} has no captions "
+                          f"(use --data {cls.default_data})")
     batch_size = args.batch_size or min(d["batch_size"], len(train))
     if batch_size > len(train):
         raise ConfigError(f"batch size {batch_size} is larger than the data set ({len(train)} images)")
@@ -381,7 +387,8 @@ def cmd_eval(args) -> int:
     train, test = load_data(spec, extra.get("image_size"))
     train, test = train.to(device), test.to(device)
     k = args.k or DATA_DEFAULTS.get(spec.partition(":")[0].lower(), {}).get("knn_k", 200)
-    encoders = {f"{extra.get('method', 'trained')} encoder": method.backbone}
+    trained_name = f"{extra.get('method', 'trained')} encoder"
+    encoders = {trained_name: method.backbone}
     if not args.no_baselines:
         encoders.update({"random-init encoder": random_init.backbone, "raw pixels": None})
     if args.grid < 1:
@@ -398,6 +405,17 @@ def cmd_eval(args) -> int:
                                 seed=args.seed, log=lambda s: print("  " + s, file=sys.stderr),
                                 layer=args.layer, grid=args.grid)
     print(format_table(results, k=k, t=args.t))
+    if spec.partition(":")[0].lower() == "captioned_digits" and hasattr(method, "digit_prompts"):
+        from pyssl.eval import zero_shot_accuracy
+
+        # The prompts' own classifier: no label is used, so there is no fraction.
+        zero_shot = {trained_name: zero_shot_accuracy(method, test.images, test.labels, method.digit_prompts()),
+                     "random-init encoder": zero_shot_accuracy(random_init, test.images, test.labels,
+                                                               random_init.digit_prompts())}
+        print(f"zero-shot digit accuracy (prompts, no labels): {zero_shot[trained_name] * 100:.1f}% "
+              f"(random init {zero_shot['random-init encoder'] * 100:.1f}%, chance 10.0%)")
+        for name, acc in zero_shot.items():
+            results.setdefault(name, {})["zero_shot"] = {0.0: acc}
     run_dir = args.run if os.path.isdir(args.run) else os.path.dirname(args.run)
     with open(os.path.join(run_dir, "eval.json"), "w") as f:
         json.dump({n: {p: {str(fr): a for fr, a in r.items()} for p, r in v.items()} for n, v in results.items()},

@@ -406,7 +406,7 @@ class Trainer:
         kfile, kcsv = self._csv("knn.csv", ["step", "epoch", "knn_accuracy"]) if self.is_main else (None, None)
         bar = self._progress() if self.is_main else None
         self.method.train()
-        images = self.train_data.images
+        images, texts = self.train_data.images, self.train_data.texts
         shard = cfg.batch_size // self.world_size
         own_rows = slice(self.rank * shard, (self.rank + 1) * shard)
         try:
@@ -416,7 +416,9 @@ class Trainer:
                 epoch, first = divmod(self.step, self.steps_per_epoch)
                 order = batches(len(images), cfg.batch_size, epoch, cfg.seed)
                 for index in order[first:]:
-                    loss = self._train_step(images[index[own_rows].to(self.device)])
+                    rows = index[own_rows].to(self.device)
+                    # image-text data (CLIP) trains on (images, captions) pairs
+                    loss = self._train_step(images[rows] if texts is None else (images[rows], texts[rows]))
                     self.step += 1
                     lr = self.optimizer.param_groups[0]["lr"]
                     pending.append((self.step, epoch, loss.detach(), lr))
@@ -475,7 +477,7 @@ class Trainer:
         result.steps = self.step
         return result
 
-    def _train_step(self, batch: Tensor) -> Tensor:
+    def _train_step(self, batch: Tensor | tuple[Tensor, Tensor]) -> Tensor:
         self.method.set_progress(self.step, self.total_steps)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.amp):
             loss = self.method.training_step(batch)

@@ -22,12 +22,15 @@ class DataError(ValueError):
 
 @dataclass
 class ImageDataset:
-    """``images``: uint8 (N, C, H, W); ``labels``: int64 (N,) (-1 where unlabelled)."""
+    """``images``: uint8 (N, C, H, W); ``labels``: int64 (N,) (-1 where unlabelled);
+    ``texts``: for image-text data, one caption per image as token rows int64 (N, L)
+    (:func:`pyssl.data.captions.tokenize`), else None."""
 
     images: Tensor
     labels: Tensor
     classes: list[str] = field(default_factory=list)
     name: str = ""
+    texts: Tensor | None = None
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -37,6 +40,10 @@ class ImageDataset:
             raise DataError(f"{self.name or 'dataset'}: {self.images.shape[0]} images but "
                             f"{tuple(self.labels.shape)} labels")
         self.labels = self.labels.long()
+        if self.texts is not None and (self.texts.dim() != 2 or self.texts.shape[0] != self.images.shape[0]
+                                       or self.texts.dtype != torch.long):
+            raise DataError(f"{self.name or 'dataset'}: texts must be int64 token rows ({self.images.shape[0]}, L), "
+                            f"got {self.texts.dtype} {tuple(self.texts.shape)}")
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -54,11 +61,13 @@ class ImageDataset:
         return len(self.classes) if self.classes else int(self.labels.max()) + 1
 
     def to(self, device) -> "ImageDataset":
-        return ImageDataset(self.images.to(device), self.labels.to(device), self.classes, self.name)
+        texts = self.texts.to(device) if self.texts is not None else None
+        return ImageDataset(self.images.to(device), self.labels.to(device), self.classes, self.name, texts)
 
     def subset(self, index: Tensor) -> "ImageDataset":
         index = index.to(self.images.device)
-        return ImageDataset(self.images[index], self.labels[index], self.classes, self.name)
+        texts = self.texts[index.to(self.texts.device)] if self.texts is not None else None
+        return ImageDataset(self.images[index], self.labels[index], self.classes, self.name, texts)
 
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std in [0, 1] units (for normalisation)."""
@@ -270,8 +279,9 @@ def load_image_folder(path: str, size: int = 32, channels: int = 3) -> ImageData
 
 # ---- "name:path" specs used by the CLI -----------------------------------------------------------
 
-# colour_digits and videos: the embedded colour data of the pretext tasks (pyssl.data.colour).
-DATA_KINDS = ("digits", "colour_digits", "videos", "cifar10", "cifar100", "stl10", "folder")
+# colour_digits and videos: the embedded colour data of the pretext tasks (pyssl.data.colour);
+# captioned_digits: its image-text pairs (CLIP).
+DATA_KINDS = ("digits", "colour_digits", "captioned_digits", "videos", "cifar10", "cifar100", "stl10", "folder")
 
 
 def load_data(spec: str, image_size: int | None = None) -> tuple[ImageDataset, ImageDataset]:
@@ -285,7 +295,7 @@ def load_data(spec: str, image_size: int | None = None) -> tuple[ImageDataset, I
     if kind == "digits":
         size = image_size or 16
         return load_digits("train", size=size), load_digits("test", size=size)
-    if kind in ("colour_digits", "videos"):
+    if kind in ("colour_digits", "captioned_digits", "videos"):
         from pyssl.data.colour import load_colour_data
 
         return load_colour_data(kind, image_size)

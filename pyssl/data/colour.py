@@ -100,15 +100,9 @@ def _digits_cpu() -> tuple[Tensor, Tensor]:
     return torch.from_numpy(d.images).float() / 16.0, torch.from_numpy(d.target).long()
 
 
-def colour_digits(size: int = 32, seed: int = 0, device=None) -> tuple[Tensor, Tensor]:
-    """All 1797 scikit-learn digits rendered in colour: ``(images uint8 (N, 3, S, S), labels (N,))``.
-
-    The digit (bilinearly upsampled from 8x8) is painted in a bright colour whose hue is
-    ``class / 10`` plus Gaussian jitter (sd 0.03), over a photo crop dimmed to the middle
-    of the range, and the result is shifted by a few pixels at random.
-    """
-    _check_size("colour_digits", size)
-    gen = torch.Generator().manual_seed(seed)
+def _render_digits(size: int, gen: torch.Generator, hue_of) -> tuple[Tensor, Tensor, Tensor]:
+    # The scikit-learn digits painted in the hue ``hue_of(labels)`` picks (drawing from ``gen``),
+    # over dimmed photo crops: (images uint8, labels, photo index of each background).
     digits, labels = _digits_cpu()
     n = digits.shape[0]
     alpha = F.interpolate(digits[:, None], size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
@@ -124,7 +118,7 @@ def colour_digits(size: int = 32, seed: int = 0, device=None) -> tuple[Tensor, T
         theta[:, 1, 2] = -2 * dy.float() / size
         grid = F.affine_grid(theta, [n, 1, size, size], align_corners=False)
         alpha = F.grid_sample(alpha, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    hue = (labels.float() / 10 + 0.03 * torch.randn(n, generator=gen)) % 1.0
+    hue = hue_of(labels)
     sat = 0.65 + 0.35 * torch.rand(n, generator=gen)
     val = 0.85 + 0.15 * torch.rand(n, generator=gen)
     fg = _hsv_to_rgb(hue, sat, val)[:, :, None, None]
@@ -133,7 +127,48 @@ def colour_digits(size: int = 32, seed: int = 0, device=None) -> tuple[Tensor, T
     bg = 0.2 + 0.45 * bg
     img = alpha * fg + (1 - alpha) * bg
     images = (img * 255).round().clamp(0, 255).to(torch.uint8)
+    return images, labels, which
+
+
+def colour_digits(size: int = 32, seed: int = 0, device=None) -> tuple[Tensor, Tensor]:
+    """All 1797 scikit-learn digits rendered in colour: ``(images uint8 (N, 3, S, S), labels (N,))``.
+
+    The digit (bilinearly upsampled from 8x8) is painted in a bright colour whose hue is
+    ``class / 10`` plus Gaussian jitter (sd 0.03), over a photo crop dimmed to the middle
+    of the range, and the result is shifted by a few pixels at random.
+    """
+    _check_size("colour_digits", size)
+    gen = torch.Generator().manual_seed(seed)
+    images, labels, _ = _render_digits(
+        size, gen, lambda labels: (labels.float() / 10 + 0.03 * torch.randn(len(labels), generator=gen)) % 1.0)
     return images.to(device), labels.to(device)
+
+
+def captioned_digits(size: int = 32, seed: int = 0, device=None) -> tuple[Tensor, Tensor, list[str], dict[str, Tensor]]:
+    """Image-text pairs: all 1797 digits, each painted in one of eight named colours (chosen
+    independently of the class, hue jitter sd 0.015) over a crop of one of the two photographs,
+    with a caption naming the digit and sometimes its colour and background
+    (:func:`pyssl.data.captions.digit_captions`).
+
+    Returns ``(images uint8 (N, 3, S, S), labels (N,), captions, {"colour": (N,), "background": (N,)})``;
+    the attribute tensors index :data:`~pyssl.data.captions.COLOUR_NAMES` and
+    :data:`~pyssl.data.captions.BACKGROUND_NAMES`.
+    """
+    from pyssl.data.captions import COLOUR_HUES, digit_captions
+
+    _check_size("captioned_digits", size)
+    gen = torch.Generator().manual_seed(seed)
+    colours = torch.empty(0, dtype=torch.long)
+
+    def hue_of(labels: Tensor) -> Tensor:
+        nonlocal colours
+        colours = torch.randint(0, len(COLOUR_HUES), (len(labels),), generator=gen)
+        return (torch.tensor(COLOUR_HUES)[colours] + 0.015 * torch.randn(len(labels), generator=gen)) % 1.0
+
+    images, labels, which = _render_digits(size, gen, hue_of)
+    captions = digit_captions(labels, colours, which, gen)
+    attributes = {"colour": colours.to(device), "background": which.to(device)}
+    return images.to(device), labels.to(device), captions, attributes
 
 
 def synthetic_videos(
@@ -231,6 +266,25 @@ def load_colour_digits(split: str = "train", size: int = 32, test_fraction: floa
     return ImageDataset(images.contiguous(), labels, [str(i) for i in range(10)], "colour_digits")
 
 
+def load_captioned_digits(split: str = "train", size: int = 32, test_fraction: float = 0.3, seed: int = 0):
+    """:func:`captioned_digits` as a :class:`pyssl.data.ImageDataset` whose ``texts`` are the
+    tokenised captions (split like ``load_colour_digits``)."""
+    from pyssl.data import DataError, ImageDataset
+    from pyssl.data.captions import tokenize
+
+    if split not in ("train", "test", "all"):
+        raise DataError(f"captioned_digits: split must be train, test or all, got {split!r}")
+    if not isinstance(size, int) or size < 8:
+        raise DataError(f"captioned_digits: size must be an int >= 8, got {size!r}")
+    images, labels, captions, _ = captioned_digits(size)
+    texts = tokenize(captions)
+    if split != "all":
+        test = _stratified_test_mask(labels, test_fraction, seed)
+        keep = test if split == "test" else ~test
+        images, labels, texts = images[keep], labels[keep], texts[keep]
+    return ImageDataset(images.contiguous(), labels, [str(i) for i in range(10)], "captioned_digits", texts)
+
+
 def load_videos(split: str = "train", size: int = 32, frames: int = 4, num_videos: int | None = None,
                 with_masks: bool = False):
     """:func:`synthetic_videos` stored as images ``(N, frames * 3, S, S)`` (frame-major) with labels -1.
@@ -251,15 +305,17 @@ def load_videos(split: str = "train", size: int = 32, frames: int = 4, num_video
 
 
 def load_colour_data(kind: str, image_size: int | None = None):
-    """(train, test) for the embedded colour data sets: ``colour_digits`` or ``videos``."""
+    """(train, test) for the embedded colour data sets: ``colour_digits``, ``captioned_digits`` or ``videos``."""
     size = image_size or 32
     if kind == "colour_digits":
         return load_colour_digits("train", size), load_colour_digits("test", size)
+    if kind == "captioned_digits":
+        return load_captioned_digits("train", size), load_captioned_digits("test", size)
     if kind == "videos":
         return load_videos("train", size), load_videos("test", size)
     from pyssl.data import DataError
 
-    raise DataError(f"unknown colour data set {kind!r} (colour_digits or videos)")
+    raise DataError(f"unknown colour data set {kind!r} (colour_digits, captioned_digits or videos)")
 
 
-COLOUR_KINDS = ("colour_digits", "videos")
+COLOUR_KINDS = ("colour_digits", "captioned_digits", "videos")

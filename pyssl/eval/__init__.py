@@ -244,6 +244,29 @@ def evaluate_encoders(encoders: dict[str, nn.Module | None], transform: Callable
     return results
 
 
+@torch.no_grad()
+def zero_shot_accuracy(model: nn.Module, images: Tensor, labels: Tensor, prompts, batch_size: int = 512) -> float:
+    """Accuracy of classifying ``images`` with no labelled example: each image goes to the class
+    whose prompts' embedding (``model.zero_shot_classifier(prompts)``, one list of prompts per
+    class, in label order) is the most cosine-similar to its own (``model.encode_image``).
+    ``model`` is an image-text method such as :class:`pyssl.methods.CLIP`."""
+    if not hasattr(model, "zero_shot_classifier") or not hasattr(model, "encode_image"):
+        raise ValueError(f"zero-shot classification needs an image-text model, got {type(model).__name__}")
+    if len(images) != len(labels) or len(images) == 0:
+        raise ValueError(f"zero_shot_accuracy: {len(images)} images and {len(labels)} labels (need as many, > 0)")
+    classifier = model.zero_shot_classifier(prompts)
+    was = model.training
+    model.eval()
+    try:
+        hits = 0
+        for i in range(0, len(images), batch_size):
+            scores = model.encode_image(images[i: i + batch_size]) @ classifier.T
+            hits += int((scores.argmax(1) == labels[i: i + batch_size].to(scores.device)).sum())
+    finally:
+        model.train(was)
+    return hits / len(images)
+
+
 def format_table(results: dict, k: int = 200, t: float = 0.1) -> str:
     """A fixed-width table: one row per encoder, one column group per protocol and fraction."""
     names = list(results)
@@ -266,4 +289,4 @@ def format_table(results: dict, k: int = 200, t: float = 0.1) -> str:
 
 
 __all__ = ["extract_features", "knn_predict", "balanced_subset", "linear_probe", "fine_tune", "evaluate_encoders",
-           "format_table", "PROTOCOLS"]
+           "format_table", "zero_shot_accuracy", "PROTOCOLS"]

@@ -68,7 +68,8 @@ from pyssl.methods.colorization import Colorization  # noqa: E402
 from pyssl.methods.split_brain import SplitBrain  # noqa: E402
 from pyssl.methods.video_colorization import VideoColorization  # noqa: E402
 from pyssl.methods.cpc import CPC  # noqa: E402
+from pyssl.methods.clip import CLIP  # noqa: E402  (image-text pairs)
 
 __all__ = ["Method", "MethodError", "register", "build_method", "available_methods", "method_class",
            "method_preset", "SimCLR", "MoCo", "RotNet", "RelativePatch", "Jigsaw", "Inpainting", "Colorization",
-           "SplitBrain", "VideoColorization"]
+           "SplitBrain", "VideoColorization", "CPC", "CLIP"]

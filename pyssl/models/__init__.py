@@ -233,5 +233,7 @@ class PredictionHead(ProjectionHead):
         super().__init__(in_dim, hidden_dim, out_dim, num_layers=2, batch_norm=True)
 
 
+from pyssl.models.text import TextTransformer  # noqa: E402  (CLIP's text tower)
+
 __all__ = ["ResNet", "ConvNet", "BasicBlock", "BACKBONES", "build_backbone", "ProjectionHead", "PredictionHead",
-           "linear_head", "mlp_head", "ModelError"]
+           "linear_head", "mlp_head", "ModelError", "TextTransformer"]
