@@ -32,6 +32,9 @@ DATA_DEFAULTS = {
                          "knn_every": 5, "hidden_dim": 512, "knn_k": 20},
     "videos": {"backbone": "convnet-small", "image_size": 32, "batch_size": 32, "epochs": 20, "knn_every": 0,
                "hidden_dim": 512},
+    # Your own image-text pairs (pyssl.data.load_caption_file); labels are optional, so no kNN.
+    "captions": {"backbone": "resnet18", "image_size": 64, "batch_size": 256, "epochs": 100, "knn_every": 0,
+                 "hidden_dim": 2048},
     "cifar10": {"backbone": "resnet18", "image_size": 32, "batch_size": 512, "epochs": 200, "knn_every": 5,
                 "hidden_dim": 2048},
     "cifar100": {"backbone": "resnet18", "image_size": 32, "batch_size": 512, "epochs": 200, "knn_every": 5,
@@ -84,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         "standard protocol (ResNet-18 CIFAR variant, batch 512, 200 epochs, kNN k=200)."))
     t.add_argument("--method", default="simclr", help="simclr, moco (v1), mocov2, ... (default simclr)")
     t.add_argument("--data", default=None,
-                   help="digits | colour_digits | videos | cifar10:PATH | cifar100:PATH | stl10:PATH | folder:PATH "
+                   help="digits | colour_digits | captioned_digits | videos | cifar10:PATH | cifar100:PATH | "
+                        "stl10:PATH | folder:PATH | captions:FILE.csv (image-text pairs, for clip) "
                         "(default: the method's, digits for most)")
     t.add_argument("--backbone", help="small, convnet, convnet-small, resnet-tiny, resnet10-small, resnet18, resnet34, "
                                       "tv:NAME, timm:NAME (default per data set)")
@@ -200,6 +204,10 @@ def prepare_training(args):
             mcfg["momentum"] = args.key_momentum
     elif args.queue_size is not None or args.key_momentum is not None:
         raise ConfigError(f"--queue-size/--key-momentum apply to MoCo only, not {args.method}")
+    if getattr(cls, "needs_texts", False):  # the text tower fits the data's tokens
+        mcfg["context_length"] = train.texts.shape[1]
+        if train.vocab is not None:
+            mcfg["vocab"] = list(train.vocab)
     torch.manual_seed(args.seed)
     method = build_method(args.method, **mcfg)
     if args.lr is not None:

@@ -221,6 +221,12 @@ def test_clip_rejects_bad_batches_and_settings():
         build_method("clip", text_width=30, text_heads=4)
     with pytest.raises(MethodError, match="max_logit_scale"):
         build_method("clip", temperature=0.07, max_logit_scale=10.0)
+    with pytest.raises(MethodError, match="vocab must be a list of words starting with"):
+        build_method("clip", vocab=["a", "red", "square"])
+    with pytest.raises(MethodError, match="vocab holds a word twice"):
+        build_method("clip", vocab=list(cap.SPECIALS) + ["red", "red"])
+    with pytest.raises(MethodError, match="vocab_size 9 but vocab has 6 words"):
+        build_method("clip", vocab=list(cap.SPECIALS) + ["red", "blue"], vocab_size=9)
     with pytest.raises(ValueError, match="image-text model"):
         zero_shot_accuracy(nn.Linear(2, 2), images, torch.zeros(4, dtype=torch.long), [["a one"]])
     with pytest.raises(ValueError, match="prompts"):
@@ -243,3 +249,95 @@ def test_cli_trains_clip_on_captioned_digits_and_refuses_data_without_captions(t
                                      "--out", str(tmp_path / "bad")])
     with pytest.raises(ConfigError, match="image-text pairs.*--data captioned_digits"):
         prepare_training(bad)
+
+
+# ---- your own image-text pairs: captions:FILE ----------------------------------------------------
+
+
+def _write_pairs(root, n=40, sep="\t", header=("filepath", "caption", "label"), split=None):
+    import csv
+
+    from PIL import Image
+
+    colours = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+    name = "pairs.tsv" if sep == "\t" else "pairs.csv"
+    with open(root / name, "w", newline="") as f:
+        writer = csv.writer(f, delimiter=sep)
+        writer.writerow(header + (("split",) if split else ()))
+        for i in range(n):
+            colour, shape = ("red", "blue")[i % 2], ("square", "stripe")[(i // 2) % 2]
+            pixels = torch.randint(0, 60, (16, 16, 3), dtype=torch.uint8)
+            if shape == "square":
+                pixels[4:12, 4:12] = torch.tensor(colours[colour], dtype=torch.uint8)
+            else:
+                pixels[:, 6:10] = torch.tensor(colours[colour], dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(root / f"im{i}.png")
+            # the comma needs the CSV quoting of a real caption file
+            writer.writerow([f"im{i}.png", f"A {colour} {shape}, seen from above", shape] + ([split(i)] if split else []))
+    return root / name
+
+
+def test_caption_file_gives_pairs_labels_and_a_training_vocabulary(tmp_path):
+    from pyssl.data import load_caption_file
+
+    path = _write_pairs(tmp_path, sep=",", split=lambda i: "train" if i < 30 else "test")
+    train, test = load_caption_file(str(path), size=16)
+    assert (len(train), len(test)) == (30, 10)
+    assert train.texts.shape[1] == len("a red square seen from above".split()) + 2
+    assert cap.decode(train.texts[:3], train.vocab) == ["a red square seen from above", "a blue square seen from above",
+                                                        "a red stripe seen from above"]
+    assert train.classes == ["square", "stripe"] and train.labels[:4].tolist() == [0, 0, 1, 1]
+    assert test.vocab == train.vocab and cap.decode(test.texts[:1], test.vocab) == ["a red stripe seen from above"]  # row 30
+    assert train.images.shape == (30, 3, 16, 16) and train.images.dtype == torch.uint8
+    # without a split column: a fixed random 80/20 split
+    train, test = load_caption_file(str(_write_pairs(tmp_path)), size=16)
+    assert (len(train), len(test)) == (32, 8)
+
+
+def test_caption_file_words_only_in_test_captions_are_unknown(tmp_path):
+    from pyssl.data import load_caption_file
+
+    path = _write_pairs(tmp_path, split=lambda i: "train" if i < 30 else "val")
+    lines = path.read_text().splitlines()
+    lines[-1] = lines[-1].replace("seen from above", "seen from below")
+    path.write_text("\n".join(lines) + "\n")
+    train, test = load_caption_file(str(path), size=16)
+    assert "below" not in train.vocab
+    assert cap.decode(test.texts[-1:], test.vocab)[0].endswith("seen from <unk>")
+
+
+def test_caption_file_errors_name_the_problem(tmp_path):
+    from pyssl.data import load_caption_file
+
+    path = _write_pairs(tmp_path, header=("image_name", "caption", "label"))
+    with pytest.raises(DataError, match=r"needs an image column .*header is \['image_name'"):
+        load_caption_file(str(path))
+    path = _write_pairs(tmp_path)
+    (tmp_path / "im3.png").unlink()
+    with pytest.raises(DataError, match="missing data file .*im3.png"):
+        load_caption_file(str(path))
+    path = _write_pairs(tmp_path, split=lambda i: "holdout")
+    with pytest.raises(DataError, match="split must be train, val or test, got 'holdout'"):
+        load_caption_file(str(path))
+    with pytest.raises(DataError, match="is not a file"):
+        load_caption_file(str(tmp_path / "nope.csv"))
+
+
+def test_cli_trains_clip_on_a_caption_file_and_eval_rebuilds_its_vocabulary(tmp_path):
+    from pyssl.cli import build_parser, load_run, prepare_training
+
+    path = _write_pairs(tmp_path)
+    out = tmp_path / "run"
+    args = build_parser().parse_args(["train", "--method", "clip", "--data", f"captions:{path}", "--epochs", "2",
+                                      "--batch-size", "16", "--image-size", "16", "--backbone", "convnet-small",
+                                      "--out", str(out), "--no-progress", "--no-tensorboard"])
+    trainer = prepare_training(args)
+    assert trainer.method.vocab == trainer.train_data.vocab
+    assert trainer.method.text_encoder.context_length == trainer.train_data.texts.shape[1]
+    result = trainer.fit()
+    assert result.steps == 2 * (len(trainer.train_data) // 16) and all(map(math.isfinite, result.losses))
+    method, _, _ = load_run(str(out), "cpu")
+    assert method.vocab == trainer.train_data.vocab
+    for name, p in method.state_dict().items():
+        torch.testing.assert_close(p, trainer.method.state_dict()[name].cpu())
+    assert method.encode_text(["a red square", "a blue stripe seen from above"]).shape == (2, 128)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -24,13 +24,15 @@ class DataError(ValueError):
 class ImageDataset:
     """``images``: uint8 (N, C, H, W); ``labels``: int64 (N,) (-1 where unlabelled);
     ``texts``: for image-text data, one caption per image as token rows int64 (N, L)
-    (:func:`pyssl.data.captions.tokenize`), else None."""
+    (:func:`pyssl.data.captions.tokenize`), else None; ``vocab``: the word list those tokens
+    index, None for the captioned digits' own (:data:`pyssl.data.captions.VOCAB`)."""
 
     images: Tensor
     labels: Tensor
     classes: list[str] = field(default_factory=list)
     name: str = ""
     texts: Tensor | None = None
+    vocab: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -62,12 +64,12 @@ class ImageDataset:
 
     def to(self, device) -> "ImageDataset":
         texts = self.texts.to(device) if self.texts is not None else None
-        return ImageDataset(self.images.to(device), self.labels.to(device), self.classes, self.name, texts)
+        return replace(self, images=self.images.to(device), labels=self.labels.to(device), texts=texts)
 
     def subset(self, index: Tensor) -> "ImageDataset":
         index = index.to(self.images.device)
         texts = self.texts[index.to(self.texts.device)] if self.texts is not None else None
-        return ImageDataset(self.images[index], self.labels[index], self.classes, self.name, texts)
+        return replace(self, images=self.images[index], labels=self.labels[index], texts=texts)
 
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std in [0, 1] units (for normalisation)."""
@@ -238,56 +240,127 @@ def load_stl10(path: str, split: str = "train", size: int | None = None) -> Imag
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-def load_image_folder(path: str, size: int = 32, channels: int = 3) -> ImageDataset:
-    """Every image under ``path/<class>/...``, resized (shorter side, then centre crop) to
-    ``size`` x ``size``; classes are the sorted sub-directory names."""
+def _read_image(path: str, size: int, channels: int) -> np.ndarray:
+    """One image file -> uint8 (C, size, size): shorter side resized to ``size``, centre crop."""
     try:
         from PIL import Image
     except ImportError as e:  # pragma: no cover
-        raise DataError("ImageFolder data needs Pillow (pip install pillow)") from e
+        raise DataError("image files need Pillow (pip install pillow)") from e
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB" if channels == 3 else "L")
+            w, h = im.size
+            s = size / min(w, h)
+            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
+            w, h = im.size
+            left, top = (w - size) // 2, (h - size) // 2
+            a = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"missing data file {path}") from None
+    except Exception as e:
+        raise DataError(f"corrupt data file {path}: {type(e).__name__}: {e}") from None
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def load_image_folder(path: str, size: int = 32, channels: int = 3) -> ImageDataset:
+    """Every image under ``path/<class>/...``, resized (shorter side, then centre crop) to
+    ``size`` x ``size``; classes are the sorted sub-directory names."""
     if not os.path.isdir(path):
         raise DataError(f"folder: data path {path} does not exist or is not a directory")
     classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
     if not classes:
         raise DataError(f"folder: {path} has no class sub-directories")
     arrays, labels = [], []
-    mode = "RGB" if channels == 3 else "L"
     for ci, cname in enumerate(classes):
         for dirpath, _, files in sorted(os.walk(os.path.join(path, cname))):
             for fname in sorted(files):
                 if not fname.lower().endswith(IMAGE_EXTENSIONS):
                     continue
-                full = os.path.join(dirpath, fname)
-                try:
-                    with Image.open(full) as im:
-                        im = im.convert(mode)
-                        w, h = im.size
-                        s = size / min(w, h)
-                        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
-                        w, h = im.size
-                        left, top = (w - size) // 2, (h - size) // 2
-                        im = im.crop((left, top, left + size, top + size))
-                        a = np.asarray(im, dtype=np.uint8)
-                except Exception as e:
-                    raise DataError(f"corrupt data file {full}: {type(e).__name__}: {e}") from None
-                arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+                arrays.append(_read_image(os.path.join(dirpath, fname), size, channels))
                 labels.append(ci)
     if not arrays:
         raise DataError(f"folder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
     return ImageDataset(torch.from_numpy(np.stack(arrays)), torch.tensor(labels), classes, "folder")
 
 
+# ---- image-text pairs from a caption file (CLIP) ------------------------------------------------
+
+IMAGE_COLUMNS = ("filepath", "image", "file", "path")
+CAPTION_COLUMNS = ("caption", "title", "text")
+MAX_CONTEXT_LENGTH = 77  # CLIP's
+
+
+def load_caption_file(path: str, size: int = 32, channels: int = 3, max_words: int = 20000,
+                      test_fraction: float = 0.2) -> tuple[ImageDataset, ImageDataset]:
+    """(train, test) image-text pairs from a CSV (``,``) or TSV (``.tsv``: tab) file with a header,
+    open_clip's format: an image column (one of ``filepath``, ``image``, ``file``, ``path``;
+    paths relative to the file's folder) and a caption column (``caption``, ``title`` or
+    ``text``). Optional columns: ``label`` (class names, for the linear probe and kNN; else
+    labels are -1) and ``split`` (``train`` / ``val`` or ``test``; else a fixed random 80/20).
+
+    Images are resized like :func:`load_image_folder`. The word vocabulary is built from the
+    training captions (:func:`pyssl.data.captions.build_vocab`, at most ``max_words`` words)
+    and kept in ``vocab``; the context length fits the longest training caption (at most 77
+    tokens; longer captions are cut).
+    """
+    import csv
+
+    from pyssl.data import captions as caption_text
+
+    if not os.path.isfile(path):
+        raise DataError(f"captions: {path} is not a file")
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t" if path.lower().endswith(".tsv") else ","))
+    if not rows:
+        raise DataError(f"captions: {path} has no rows under its header")
+    header = list(rows[0])
+    image_key = next((k for k in IMAGE_COLUMNS if k in header), None)
+    caption_key = next((k for k in CAPTION_COLUMNS if k in header), None)
+    if image_key is None or caption_key is None:
+        raise DataError(f"captions: {path} needs an image column ({', '.join(IMAGE_COLUMNS)}) and a caption "
+                        f"column ({', '.join(CAPTION_COLUMNS)}); its header is {header}")
+    root = os.path.dirname(os.path.abspath(path))
+    images = torch.from_numpy(np.stack([_read_image(os.path.join(root, r[image_key] or ""), size, channels)
+                                        for r in rows]))
+    captions = [r[caption_key] or "" for r in rows]
+    if "label" in header:
+        classes = sorted({r["label"] for r in rows})
+        labels = torch.tensor([classes.index(r["label"]) for r in rows])
+    else:
+        classes, labels = [], torch.full((len(rows),), -1, dtype=torch.long)
+    if "split" in header:
+        split = [(r["split"] or "").strip().lower() for r in rows]
+        unknown = sorted(set(split) - {"train", "val", "test"})
+        if unknown:
+            raise DataError(f"captions: split must be train, val or test, got {unknown[0]!r} in {path}")
+        test = torch.tensor([s != "train" for s in split])
+    else:
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))
+        test = torch.zeros(len(rows), dtype=torch.bool)
+        test[perm[: max(1, round(len(rows) * test_fraction))]] = True
+    if test.all() or not test.any():
+        raise DataError(f"captions: {path} needs both training and test rows ({len(rows)} rows)")
+    train_captions = [c for c, t in zip(captions, test.tolist()) if not t]
+    vocab = caption_text.build_vocab(train_captions, max_words)
+    longest = max(len(caption_text.split_words(c)) for c in train_captions)
+    texts = caption_text.tokenize(captions, min(longest + 2, MAX_CONTEXT_LENGTH), truncate=True, vocab=vocab)
+    name = "captions"
+    full = ImageDataset(images, labels, classes, name, texts, vocab)
+    return full.subset((~test).nonzero().flatten()), full.subset(test.nonzero().flatten())
+
+
 # ---- "name:path" specs used by the CLI -----------------------------------------------------------
 
 # colour_digits and videos: the embedded colour data of the pretext tasks (pyssl.data.colour);
 # captioned_digits: its image-text pairs (CLIP).
-DATA_KINDS = ("digits", "colour_digits", "captioned_digits", "videos", "cifar10", "cifar100", "stl10", "folder")
+DATA_KINDS = ("digits", "colour_digits", "captioned_digits", "videos", "cifar10", "cifar100", "stl10", "folder",
+              "captions")
 
 
 def load_data(spec: str, image_size: int | None = None) -> tuple[ImageDataset, ImageDataset]:
     """(train, test) for a spec: ``digits``, ``cifar10:PATH``, ``cifar100:PATH``, ``stl10:PATH``
     or ``folder:PATH`` (the folder's ``train``/``val`` (or ``test``) sub-folders if present, else
-    a fixed 80/20 split).  STL-10 uses its labelled train/test splits (5,000 / 8,000 images)."""
+    a fixed 80/20 split); ``captions:FILE.csv|tsv`` for image-text pairs (:func:`load_caption_file`).  STL-10 uses its labelled train/test splits (5,000 / 8,000 images)."""
     kind, _, path = spec.partition(":")
     kind = kind.lower()
     if kind not in DATA_KINDS:
@@ -313,6 +386,8 @@ def load_data(spec: str, image_size: int | None = None) -> tuple[ImageDataset, I
     if kind == "stl10":
         train, test = load_stl10(path, "train", image_size), load_stl10(path, "test", image_size)
         return train, test
+    if kind == "captions":
+        return load_caption_file(path, image_size or 32)
     size = image_size or 32
     for tr, te in (("train", "val"), ("train", "test")):
         if os.path.isdir(os.path.join(path, tr)) and os.path.isdir(os.path.join(path, te)):
@@ -332,5 +407,5 @@ def batches(num_items: int, batch_size: int, epoch: int, seed: int, drop_last: b
     return [perm[i: i + batch_size] for i in range(0, stop, batch_size)]
 
 
-__all__ = ["ImageDataset", "DataError", "load_digits", "load_cifar", "load_stl10", "load_image_folder",
+__all__ = ["ImageDataset", "DataError", "load_digits", "load_cifar", "load_stl10", "load_image_folder", "load_caption_file",
            "load_data", "batches", "DATA_KINDS"]

@@ -14,6 +14,8 @@ and maps words outside the vocabulary to ``<unk>``. A token row is
 """
 from __future__ import annotations
 
+import collections
+import functools
 import re
 from typing import Sequence
 
@@ -49,9 +51,9 @@ def _template_words() -> set[str]:
     words = set()
     for group in _TEMPLATES.values():
         for t in group:
-            words.update(_split(t.replace("{d}", "").replace("{c}", "").replace("{b}", "")))
+            words.update(split_words(t.replace("{d}", "").replace("{c}", "").replace("{b}", "")))
     for t in DIGIT_PROMPTS + COLOUR_PROMPTS:
-        words.update(_split(t.replace("{d}", "").replace("{c}", "")))
+        words.update(split_words(t.replace("{d}", "").replace("{c}", "")))
     return words
 
 
@@ -60,30 +62,59 @@ def _fill(template: str, **names: str) -> str:
     return re.sub(r"\ba (?=[aeiou])", "an ", template.format(**names))
 
 
-def _split(text: str) -> list[str]:
+def split_words(text: str) -> list[str]:
+    """Lower-cased runs of letters and digits: the words the tokenizer sees."""
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
 VOCAB: tuple[str, ...] = SPECIALS + tuple(sorted(
     _template_words() | set(DIGIT_WORDS) | set(COLOUR_NAMES) | set(BACKGROUND_NAMES) | {str(i) for i in range(10)} | {"an"}))
-_INDEX = {w: i for i, w in enumerate(VOCAB)}
 
 
-def tokenize(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH, truncate: bool = False) -> Tensor:
+@functools.lru_cache(maxsize=8)
+def _index(vocab: tuple[str, ...]) -> dict[str, int]:
+    return {w: i for i, w in enumerate(vocab)}
+
+
+def check_vocab(vocab) -> tuple[str, ...]:
+    """A vocabulary as a tuple; it must start with :data:`SPECIALS` and hold each word once."""
+    vocab = tuple(vocab)
+    if vocab[: len(SPECIALS)] != SPECIALS or not all(isinstance(w, str) for w in vocab):
+        raise ValueError(f"vocab must be a list of words starting with {list(SPECIALS)}")
+    if len(set(vocab)) != len(vocab):
+        raise ValueError("vocab holds a word twice")
+    return vocab
+
+
+def build_vocab(texts: Sequence[str], max_words: int = 20000) -> tuple[str, ...]:
+    """A word vocabulary for your own captions: :data:`SPECIALS`, then the ``max_words`` most
+    frequent words of ``texts`` (ties in alphabetical order). Rarer words become ``<unk>``."""
+    if not isinstance(max_words, int) or max_words < 1:
+        raise ValueError(f"build_vocab: max_words must be a positive int, got {max_words!r}")
+    counts = collections.Counter(w for t in texts for w in split_words(t))
+    words = sorted(counts, key=lambda w: (-counts[w], w))[:max_words]
+    return SPECIALS + tuple(words)
+
+
+def tokenize(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH, truncate: bool = False,
+             vocab: Sequence[str] | None = None) -> Tensor:
     """Texts -> int64 ``(len(texts), context_length)`` token rows (``<sot> ... <eot> <pad>...``).
 
-    Unknown words become ``<unk>``. A text longer than ``context_length - 2`` words raises
-    ``ValueError`` naming it, unless ``truncate=True`` (then it is cut and still ends in ``<eot>``).
+    ``vocab``: the word list (default :data:`VOCAB`, the captioned digits' words; see
+    :func:`build_vocab`). Unknown words become ``<unk>``. A text longer than
+    ``context_length - 2`` words raises ``ValueError`` naming it, unless ``truncate=True``
+    (then it is cut and still ends in ``<eot>``).
     """
     if isinstance(texts, str):
         texts = [texts]
     if not isinstance(context_length, int) or context_length < 3:
         raise ValueError(f"tokenize: context_length must be an int >= 3, got {context_length!r}")
+    index = _index(VOCAB if vocab is None else tuple(vocab))
     rows = torch.full((len(texts), context_length), PAD, dtype=torch.long)
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"tokenize: texts must be strings, got {type(text).__name__} at index {i}")
-        ids = [_INDEX.get(w, UNK) for w in _split(text)]
+        ids = [index.get(w, UNK) for w in split_words(text)]
         if len(ids) > context_length - 2:
             if not truncate:
                 raise ValueError(f"tokenize: text {i} has {len(ids)} words, more than context_length - 2 = "
@@ -94,8 +125,9 @@ def tokenize(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH, t
     return rows
 
 
-def decode(tokens: Tensor) -> list[str]:
+def decode(tokens: Tensor, vocab: Sequence[str] | None = None) -> list[str]:
     """Token rows -> texts (the words between ``<sot>`` and ``<eot>``)."""
+    vocab = VOCAB if vocab is None else vocab
     if tokens.dim() == 1:
         tokens = tokens[None]
     out = []
@@ -105,7 +137,7 @@ def decode(tokens: Tensor) -> list[str]:
             if t == EOT:
                 break
             if t not in (PAD, SOT):
-                words.append(VOCAB[t] if 0 <= t < len(VOCAB) else "<unk>")
+                words.append(vocab[t] if 0 <= t < len(vocab) else "<unk>")
         out.append(" ".join(words))
     return out
 
@@ -133,5 +165,5 @@ def class_prompts(words: Sequence[str], templates: Sequence[str], key: str) -> l
     return [[_fill(t, **{key: w}) for t in templates] for w in words]
 
 
-__all__ = ["tokenize", "decode", "digit_captions", "class_prompts", "VOCAB", "CONTEXT_LENGTH", "DIGIT_WORDS",
+__all__ = ["tokenize", "decode", "build_vocab", "check_vocab", "split_words", "digit_captions", "class_prompts", "VOCAB", "CONTEXT_LENGTH", "DIGIT_WORDS",
            "COLOUR_NAMES", "COLOUR_HUES", "BACKGROUND_NAMES", "DIGIT_PROMPTS", "COLOUR_PROMPTS"]

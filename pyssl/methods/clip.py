@@ -49,7 +49,10 @@ class CLIP(Method):
         temperature: initial temperature, 0.07 in the paper.
         learn_temperature: learn the logit scale (``False`` keeps ``1 / temperature``).
         max_logit_scale: cap of the learned scale.
-        vocab_size, eot_token: the tokenizer's (default: pyssl's caption vocabulary).
+        vocab: the word list of :func:`pyssl.data.captions.tokenize` (default: the captioned
+            digits' words; ``pyssl train --data captions:FILE`` passes the file's, see
+            :func:`pyssl.data.captions.build_vocab`).
+        vocab_size, eot_token: for token ids from another tokenizer (default: ``len(vocab)``).
     """
 
     default_data = "captioned_digits"
@@ -63,8 +66,16 @@ class CLIP(Method):
                  embed_dim: int = 128, text_width: int = 128, text_layers: int = 2, text_heads: int = 4,
                  context_length: int = caption_text.CONTEXT_LENGTH, temperature: float = 0.07,
                  learn_temperature: bool = True, max_logit_scale: float = 100.0,
-                 vocab_size: int = len(caption_text.VOCAB), eot_token: int = caption_text.EOT,
+                 vocab: list[str] | None = None, vocab_size: int | None = None, eot_token: int = caption_text.EOT,
                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), augment=None, augment_kwargs=None):
+        try:
+            self_vocab = caption_text.check_vocab(vocab if vocab is not None else caption_text.VOCAB)
+        except ValueError as e:
+            raise MethodError(f"clip: {e}") from None
+        if vocab_size is None:
+            vocab_size = len(self_vocab)
+        elif vocab is not None and vocab_size != len(self_vocab):
+            raise MethodError(f"clip: vocab_size {vocab_size} but vocab has {len(self_vocab)} words")
         for name, value in (("embed_dim", embed_dim), ("text_width", text_width), ("text_layers", text_layers),
                             ("text_heads", text_heads), ("context_length", context_length), ("vocab_size", vocab_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -77,6 +88,9 @@ class CLIP(Method):
         if text_width % text_heads:
             raise MethodError(f"clip: text_width {text_width} is not divisible by text_heads {text_heads}")
         super().__init__(backbone, image_size, in_channels, mean, std, augment, augment_kwargs)
+        # The words strings are tokenised with (encode_text, zero-shot prompts); vocab_size alone
+        # serves token ids from a tokenizer of your own.
+        self.vocab = self_vocab
         self.image_projection = nn.Linear(self.backbone.out_dim, embed_dim, bias=False)
         self.text_encoder = TextTransformer(vocab_size, eot_token, context_length, text_width, text_layers, text_heads)
         self.text_projection = nn.Linear(text_width, embed_dim, bias=False)
@@ -104,7 +118,7 @@ class CLIP(Method):
     def encode_text(self, texts: Tensor | str | Sequence[str], normalize: bool = True) -> Tensor:
         """Token rows, or strings (tokenised here) -> text embeddings."""
         if isinstance(texts, str) or (isinstance(texts, (list, tuple)) and texts and isinstance(texts[0], str)):
-            texts = caption_text.tokenize(texts, self.text_encoder.context_length, truncate=True)
+            texts = caption_text.tokenize(texts, self.text_encoder.context_length, truncate=True, vocab=self.vocab)
             texts = texts.to(self.logit_scale.device)
         z = self.text_projection(self.text_encoder(texts))
         return F.normalize(z, dim=-1) if normalize else z
