@@ -341,3 +341,33 @@ def test_cli_trains_clip_on_a_caption_file_and_eval_rebuilds_its_vocabulary(tmp_
     for name, p in method.state_dict().items():
         torch.testing.assert_close(p, trainer.method.state_dict()[name].cpu())
     assert method.encode_text(["a red square", "a blue stripe seen from above"]).shape == (2, 128)
+
+
+@pytest.mark.cuda
+def test_clip_step_on_cuda_matches_cpu_and_runs_under_fp16_autocast():
+    from conftest import cuda_ready
+
+    if not cuda_ready():
+        pytest.skip("CUDA kernels not built")
+    cpu = build_method("clip", backbone="convnet-small", image_size=16, augment=nn.Identity(), embed_dim=32,
+                       text_width=32, text_layers=1, text_heads=2).eval()
+    gpu = build_method("clip", backbone="convnet-small", image_size=16, augment=nn.Identity(), embed_dim=32,
+                       text_width=32, text_layers=1, text_heads=2).eval()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.cuda()
+    images = torch.randn(64, 3, 16, 16)
+    texts = cap.tokenize(cap.digit_captions(torch.randint(0, 10, (64,)), torch.randint(0, 8, (64,)),
+                                            torch.randint(0, 2, (64,)), torch.Generator().manual_seed(2)))
+    loss_cpu = cpu.training_step((images, texts))
+    loss_gpu = gpu.training_step((images.cuda(), texts.cuda()))
+    torch.testing.assert_close(loss_gpu.cpu(), loss_cpu, rtol=1e-4, atol=1e-4)
+    loss_cpu.backward()
+    loss_gpu.backward()
+    torch.testing.assert_close(gpu.logit_scale.grad.cpu(), cpu.logit_scale.grad, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(gpu.text_projection.weight.grad.cpu(), cpu.text_projection.weight.grad,
+                               rtol=1e-3, atol=1e-4)
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss_half = gpu.training_step((images.cuda(), texts.cuda()))
+    assert torch.isfinite(loss_half) and abs(float(loss_half) - float(loss_cpu)) < 0.05
+    with pytest.raises(MethodError, match=r"token ids must be in \[0, "):
+        gpu.training_step((images.cuda(), texts.cuda() + 1000))
