@@ -169,6 +169,9 @@ def prepare_training(args):
     d = {**DATA_DEFAULTS.get(kind, DATA_DEFAULTS["folder"]), **getattr(cls, "cli_defaults", {})}
     image_size = args.image_size or d["image_size"]
     train, test = load_data(args.data, image_size)
+    if kind == "videos" and getattr(cls, "default_data", None) != "videos":
+        raise ConfigError(f"videos holds clips of several frames stacked as channels; {args.method} trains on "
+                          f"images (video_colorization is the method for videos)")
     if getattr(cls, "needs_texts", False) and train.texts is None:
         raise ConfigError(f"{args.method} trains on image-text pairs and {kind} has no captions "
                           f"(use --data {cls.default_data})")
@@ -394,6 +397,9 @@ def cmd_eval(args) -> int:
     spec = args.data or extra.get("data", "digits")
     train, test = load_data(spec, extra.get("image_size"))
     train, test = train.to(device), test.to(device)
+    if bool((train.labels < 0).all()) or bool((test.labels < 0).all()):
+        raise CLIError(f"pyssl eval: {spec} has no labels, so there is nothing to probe; pass a labelled data "
+                       f"set with --data (e.g. --data colour_digits, or a captions file with a label column)")
     k = args.k or DATA_DEFAULTS.get(spec.partition(":")[0].lower(), {}).get("knn_k", 200)
     trained_name = f"{extra.get('method', 'trained')} encoder"
     encoders = {trained_name: method.backbone}

@@ -343,6 +343,25 @@ def test_cli_trains_clip_on_a_caption_file_and_eval_rebuilds_its_vocabulary(tmp_
     assert method.encode_text(["a red square", "a blue stripe seen from above"]).shape == (2, 128)
 
 
+def test_eval_of_a_run_on_unlabelled_pairs_is_one_line(tmp_path, capsys):
+    import csv
+
+    from pyssl.cli import main
+
+    path = _write_pairs(tmp_path)
+    rows = list(csv.reader(open(path), delimiter="\t"))
+    with open(path, "w", newline="") as f:
+        csv.writer(f, delimiter="\t").writerows(row[:2] for row in rows)  # no label column
+    out = tmp_path / "run"
+    assert main(["train", "--method", "clip", "--data", f"captions:{path}", "--epochs", "1", "--batch-size", "16",
+                 "--image-size", "16", "--backbone", "convnet-small", "--out", str(out), "--no-progress",
+                 "--no-tensorboard"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no labels, so there is nothing to probe" in err[0]
+
+
 @pytest.mark.cuda
 def test_clip_step_on_cuda_matches_cpu_and_runs_under_fp16_autocast():
     from conftest import cuda_ready
