@@ -151,3 +151,11 @@ def test_custom_backbone_module():
     m = SimCLR(backbone=enc, image_size=8, hidden_dim=8, out_dim=4)
     assert m.backbone.out_dim == 4 and not hasattr(m, "build_spec")
     assert torch.isfinite(m.training_step(images(4)))
+
+
+def test_an_option_rejected_deeper_down_is_a_method_error():
+    # The augmentation and the backbone raise their own ValueErrors; the CLI shows MethodError in one line.
+    with pytest.raises(MethodError, match=r"method 'simclr': SimCLRAugment: p_gray must be a probability"):
+        build_method("simclr", backbone="convnet-small", augment_kwargs={"p_gray": 2})
+    with pytest.raises(MethodError, match=r"method 'mocov2': unknown backbone 'resnet99'"):
+        build_method("mocov2", backbone="resnet99")

@@ -49,7 +49,9 @@ def build_method(name: str, **cfg) -> Method:
     method_class(name)
     try:
         method = _REGISTRY[name](**cfg)
-    except TypeError as e:
+    except MethodError:
+        raise
+    except (TypeError, ValueError) as e:  # a bad option, also one rejected deeper down (augmentation, model)
         raise MethodError(f"method {name!r}: {e}") from None
     plain = (str, int, float, bool, type(None), tuple, list, dict)
     if all(isinstance(v, plain) for v in cfg.values()):  # enough to rebuild it from a checkpoint
