@@ -156,7 +156,7 @@ def prepare_training(args):
     import torch
 
     from pyssl.data import load_data
-    from pyssl.methods import available_methods, build_method, method_class, method_preset
+    from pyssl.methods import available_methods, build_method, method_class
     from pyssl.train import CHECKPOINT_NAME, CheckpointError, ConfigError, TrainConfig, Trainer
 
     if args.method not in available_methods():

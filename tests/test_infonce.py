@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import pyssl
 from pyssl.losses import ClipLoss, InfoNCELoss, NTXentLoss
-from tolerances import TOL, assert_close, leaf  # noqa: E402
+from tolerances import assert_close, leaf  # noqa: E402
 
 # ---- float64 references --------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import pyssl
 from pyssl.losses import MoCoLoss
 
 from conftest import cuda_ready
-from tolerances import TOL, assert_close, leaf  # noqa: E402
+from tolerances import assert_close, leaf  # noqa: E402
 
 # ---- float64 reference -----------------------------------------------------------------------
 

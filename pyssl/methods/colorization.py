@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from pyssl.methods import register
 from pyssl.methods._pretext import MethodError, PretextMethod, own_encoder_only
