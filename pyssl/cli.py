@@ -419,22 +419,31 @@ def cmd_eval(args) -> int:
                                 seed=args.seed, log=lambda s: print("  " + s, file=sys.stderr),
                                 layer=args.layer, grid=args.grid)
     print(format_table(results, k=k, t=args.t))
-    if spec.partition(":")[0].lower() == "captioned_digits" and hasattr(method, "digit_prompts"):
-        from pyssl.eval import zero_shot_accuracy
-
-        # The prompts' own classifier: no label is used, so there is no fraction.
-        zero_shot = {trained_name: zero_shot_accuracy(method, test.images, test.labels, method.digit_prompts()),
-                     "random-init encoder": zero_shot_accuracy(random_init, test.images, test.labels,
-                                                               random_init.digit_prompts())}
-        print(f"zero-shot digit accuracy (prompts, no labels): {zero_shot[trained_name] * 100:.1f}% "
-              f"(random init {zero_shot['random-init encoder'] * 100:.1f}%, chance 10.0%)")
-        for name, acc in zero_shot.items():
-            results.setdefault(name, {})["zero_shot"] = {0.0: acc}
+    if hasattr(method, "zero_shot_classifier"):
+        _zero_shot(method, random_init, test, spec, trained_name, results)
     run_dir = args.run if os.path.isdir(args.run) else os.path.dirname(args.run)
     with open(os.path.join(run_dir, "eval.json"), "w") as f:
         json.dump({n: {p: {str(fr): a for fr, a in r.items()} for p, r in v.items()} for n, v in results.items()},
                   f, indent=1)
     return 0
+
+
+def _zero_shot(method, random_init, test, spec: str, trained_name: str, results: dict) -> None:
+    """Image-text methods: classify the test images from prompts naming the classes, no label used."""
+    from pyssl.eval import zero_shot_accuracy
+
+    try:  # the captioned digits' prompts spell the digits out, as their captions do
+        prompts = (method.digit_prompts() if spec.partition(":")[0].lower() == "captioned_digits"
+                   else method.class_prompts(test.classes))
+    except ValueError as e:
+        print(f"zero-shot classification skipped: {e}", file=sys.stderr)
+        return
+    zero_shot = {trained_name: zero_shot_accuracy(method, test.images, test.labels, prompts),
+                 "random-init encoder": zero_shot_accuracy(random_init, test.images, test.labels, prompts)}
+    print(f"zero-shot accuracy (prompts such as {prompts[0][0]!r}, no labels): {zero_shot[trained_name] * 100:.1f}% "
+          f"(random init {zero_shot['random-init encoder'] * 100:.1f}%, chance {100 / len(prompts):.1f}%)")
+    for name, acc in zero_shot.items():
+        results.setdefault(name, {})["zero_shot"] = {0.0: acc}  # no label is used, so no label fraction
 
 
 # ---- plot ----------------------------------------------------------------------------------------

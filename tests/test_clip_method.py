@@ -341,6 +341,27 @@ def test_cli_trains_clip_on_a_caption_file_and_eval_rebuilds_its_vocabulary(tmp_
     for name, p in method.state_dict().items():
         torch.testing.assert_close(p, trainer.method.state_dict()[name].cpu())
     assert method.encode_text(["a red square", "a blue stripe seen from above"]).shape == (2, 128)
+    assert method.class_prompts(["square", "stripe"])[1] == ["a photo of a stripe", "a stripe", "stripe"]
+    with pytest.raises(ValueError, match=r"\['circle'\] are not words of the model's vocabulary"):
+        method.class_prompts(["square", "circle"])
+
+
+def test_pyssl_eval_of_a_clip_run_adds_zero_shot_accuracy(tmp_path, capsys):
+    import json
+
+    from pyssl.cli import main
+
+    path = _write_pairs(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", "--method", "clip", "--data", f"captions:{path}", "--epochs", "1", "--batch-size", "16",
+                 "--image-size", "16", "--backbone", "convnet-small", "--out", str(out), "--no-progress",
+                 "--no-tensorboard"]) == 0
+    assert main(["eval", str(out), "--protocols", "knn", "--fractions", "100%", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "zero-shot accuracy (prompts such as 'a photo of a square', no labels)" in printed
+    results = json.loads((out / "eval.json").read_text())
+    assert 0.0 <= results["clip encoder"]["zero_shot"]["0.0"] <= 1.0
+    assert set(results["random-init encoder"]) == {"knn", "zero_shot"}
 
 
 def test_eval_of_a_run_on_unlabelled_pairs_is_one_line(tmp_path, capsys):

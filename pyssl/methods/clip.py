@@ -166,6 +166,17 @@ class CLIP(Method):
             self.train(was)
         return F.normalize(torch.stack(weights), dim=-1)
 
+    def class_prompts(self, classes: Sequence[str],
+                      templates: Sequence[str] = ("a photo of a {c}", "a {c}", "{c}")) -> list[list[str]]:
+        """Zero-shot prompts for class names (one list of filled-in templates per class).
+        Raises ``ValueError`` naming the class words the vocabulary lacks: their prompts would
+        read ``<unk>``, and classes that differ only there could not be told apart."""
+        vocab = set(self.vocab)
+        missing = sorted({w for c in classes for w in caption_text.split_words(c)} - vocab)
+        if missing or not classes:
+            raise ValueError(f"class names {missing or list(classes)} are not words of the model's vocabulary")
+        return caption_text.class_prompts(list(classes), templates, "c")
+
     @staticmethod
     def digit_prompts() -> list[list[str]]:
         """Zero-shot prompts of the ten digit classes of ``captioned_digits``."""
