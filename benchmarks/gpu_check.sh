@@ -38,6 +38,14 @@ timeout 240 "$PY" -m pytest -q -x -m cuda "$REPO/tests" -p no:cacheprovider >/tm
 echo "cuda tests: exit $? after $(($(date +%s) - start)) s"; tail -5 /tmp/cuda_tests.log
 cat /tmp/cuda_tests.log >>"$OUT/check.log"
 
+# The trainer end to end on the GPU (AMP, cudnn, the fused losses inside real methods): one epoch each.
+for method in simclr mocov2 clip; do
+  timeout 60 "$PY" -m pyssl train --method "$method" --epochs 1 --device cuda --amp --no-progress \
+    --no-tensorboard --out "/tmp/gpu_run_$method" >/tmp/train.log 2>&1
+  echo "train $method (cuda, amp): exit $? after $(($(date +%s) - start)) s"; tail -2 /tmp/train.log
+  cat /tmp/train.log >>"$OUT/check.log"
+done
+
 # The kernel benchmarks (bench_metric.py is plain PyTorch: left out to keep the 8-minute budget).
 for name in bench_infonce bench_clip bench_moco bench_ema bench_augment; do
   bench="$REPO/benchmarks/$name.py"
