@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--temperature", type=float, help="loss temperature (default: the method's)")
     t.add_argument("--queue-size", type=int, help="MoCo: negatives in the queue (default min(4096, data/2))")
     t.add_argument("--key-momentum", type=float, help="MoCo: key-encoder momentum (default 0.99)")
+    t.add_argument("--bn-splits", type=int, help="MoCo: emulate N devices for Shuffle-BN in each process "
+                   "(every BatchNorm normalises N chunks of the batch; default 1: off)")
     t.add_argument("--hidden-dim", type=int, help="projection head width")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cuda when available)")
     t.add_argument("--seed", type=int, default=0)
@@ -117,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-parallel worker processes on this machine (one GPU each on CUDA); the batch size "
                         "is the global one and must be divisible by N. Under torchrun, leave it out")
     t.add_argument("--sync-bn", choices=("auto", "on", "off"), default="auto",
-                   help="SyncBatchNorm across processes (CUDA only; auto: on when distributed on CUDA)")
+                   help="SyncBatchNorm across processes (CUDA only; auto: on when distributed on CUDA, "
+                        "except for MoCo, whose Shuffle-BN needs per-process statistics)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
 
@@ -205,8 +208,10 @@ def prepare_training(args):
         mcfg["queue_size"] = queue
         if args.key_momentum is not None:
             mcfg["momentum"] = args.key_momentum
-    elif args.queue_size is not None or args.key_momentum is not None:
-        raise ConfigError(f"--queue-size/--key-momentum apply to MoCo only, not {args.method}")
+        if args.bn_splits is not None:
+            mcfg["bn_splits"] = args.bn_splits
+    elif args.queue_size is not None or args.key_momentum is not None or args.bn_splits is not None:
+        raise ConfigError(f"--queue-size/--key-momentum/--bn-splits apply to MoCo only, not {args.method}")
     if getattr(cls, "needs_texts", False):  # the text tower fits the data's tokens
         mcfg["context_length"] = train.texts.shape[1]
         if train.vocab is not None:

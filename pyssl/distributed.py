@@ -1,6 +1,6 @@
 """Data-parallel training over ``torch.distributed``: process-group set-up from torchrun's
-environment, a differentiable all-gather for the contrastive losses and bucketed gradient
-averaging for the trainer.
+environment, a differentiable all-gather for the contrastive losses, MoCo's batch shuffle
+(Shuffle-BN) and bucketed gradient averaging for the trainer.
 
 Everything here is a no-op (or returns the single-process answer) when no process group of
 more than one rank is initialised, so callers need no ``if distributed`` of their own.
@@ -138,6 +138,54 @@ def gather(x: Tensor) -> Tensor:
     return _all_gather(x) if is_distributed() else x
 
 
+# ---- MoCo's batch shuffle ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def shared_permutation(n: int, device: torch.device | str = "cpu") -> Tensor:
+    """A random permutation of ``range(n)`` (int64, on ``device``), the same on every rank.
+
+    Rank 0 draws it from its global RNG (the CPU one, or ``device``'s) and broadcasts it. Not
+    identically seeded generators on all ranks: the ranks' global RNGs differ on purpose (each
+    draws its own augmentations), and a generator of its own would need its state kept in step
+    and checkpointed for an exact resume, whereas rank 0's global RNG already is. The broadcast
+    is n integers, little next to the images that the shuffle gathers anyway.
+    """
+    if not is_distributed():
+        return torch.randperm(n, device=device)
+    if dist.get_rank() == 0:
+        permutation = torch.randperm(n, device=device)
+    else:  # left undrawn: the other ranks' RNG streams stay as they would be without the shuffle
+        permutation = torch.empty(n, dtype=torch.long, device=device)
+    dist.broadcast(permutation, 0)
+    return permutation
+
+
+@torch.no_grad()
+def shuffle_batch(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Shuffle-BN's first half (MoCo, He et al. 2019, section 3.3): gathers ``x`` of all ranks
+    (in rank order; every rank must pass the same shape), permutes that global batch with
+    :func:`shared_permutation` and returns this rank's shard of the permuted batch (the shape
+    of ``x``), with the permutation for :func:`unshuffle_batch`. In a single process: ``x``
+    permuted. No gradient."""
+    rows = x.shape[0]
+    everything = gather(x)
+    permutation = shared_permutation(everything.shape[0], x.device)
+    own = permutation[rank() * rows: (rank() + 1) * rows]
+    return everything[own], permutation
+
+
+@torch.no_grad()
+def unshuffle_batch(y: Tensor, permutation: Tensor) -> Tensor:
+    """Undoes :func:`shuffle_batch` on ``y``, this rank's outputs for its shard of the permuted
+    batch (row ``j`` of the gathered ``y`` belongs to sample ``permutation[j]``): returns the
+    rows of this rank's own samples, in their original order. No gradient."""
+    rows = y.shape[0]
+    everything = gather(y)
+    position_of_sample = torch.argsort(permutation)  # the inverse permutation
+    return everything[position_of_sample[rank() * rows: (rank() + 1) * rows]]
+
+
 def mean_over_ranks(value: Tensor) -> Tensor:
     """The mean of a tensor over ranks (a new tensor; ``value`` is not modified)."""
     value = value.detach().clone()
@@ -232,4 +280,5 @@ def all_gather_objects(obj) -> list:
 
 __all__ = ["is_distributed", "rank", "world_size", "is_main_process", "init_from_env", "shutdown", "barrier",
            "gather_with_grad", "gather", "mean_over_ranks", "all_reduce_gradients", "broadcast_module",
-           "all_gather_objects", "launched_by_torchrun", "parameter_digest"]
+           "all_gather_objects", "launched_by_torchrun", "parameter_digest", "shared_permutation", "shuffle_batch",
+           "unshuffle_batch"]

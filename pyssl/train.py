@@ -66,7 +66,8 @@ class TrainConfig:
     knn_t: float = 0.1
     tensorboard: bool = True
     progress: bool = True
-    # SyncBatchNorm across ranks; None: on when distributed on CUDA (NCCL only: not on the CPU).
+    # SyncBatchNorm across ranks; None: on when distributed on CUDA (NCCL only: not on the CPU),
+    # unless the method opts out (see use_sync_bn).
     sync_bn: bool | None = None
 
     def validate(self) -> None:
@@ -239,6 +240,18 @@ def _set_rng_state(s: dict) -> None:
 # ---- the trainer ---------------------------------------------------------------------------------
 
 
+def use_sync_bn(requested: bool | None, method: nn.Module, world_size: int, device_type: str) -> bool:
+    """Whether the trainer converts the method's BatchNorm layers to SyncBatchNorm.
+
+    ``requested`` (``TrainConfig.sync_bn``) wins when set. Unset: on when distributed on CUDA,
+    unless the method's ``sync_bn_by_default`` attribute is False: MoCo with Shuffle-BN sets it
+    so, since its shuffle only works while each rank normalises its own shard.
+    """
+    if requested is not None:
+        return bool(requested)
+    return world_size > 1 and device_type == "cuda" and bool(getattr(method, "sync_bn_by_default", True))
+
+
 class StopTraining(Exception):
     """Raised by a step callback to end training at once (no final checkpoint), like a kill."""
 
@@ -275,8 +288,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * config.epochs
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
-        self.sync_bn = config.sync_bn if config.sync_bn is not None else (
-            self.world_size > 1 and self.device.type == "cuda")
+        self.sync_bn = use_sync_bn(config.sync_bn, method, self.world_size, self.device.type)
         if self.sync_bn and self.world_size > 1:
             # In place below the root (a method is never a BatchNorm itself).
             nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
@@ -529,4 +541,4 @@ class Trainer:
 
 
 __all__ = ["TrainConfig", "Trainer", "TrainResult", "LARS", "ConfigError", "CheckpointError", "StopTraining",
-           "save_atomic", "load_checkpoint", "build_optimizer", "warmup_cosine", "CHECKPOINT_NAME"]
+           "save_atomic", "load_checkpoint", "build_optimizer", "warmup_cosine", "use_sync_bn", "CHECKPOINT_NAME"]

@@ -13,6 +13,8 @@ from pyssl.cli import _free_port, main
 from pyssl.losses import ClipLoss, InfoNCELoss, MoCoLoss, NTXentLoss
 from test_infonce import ref_infonce, ref_ntxent  # noqa: E402
 from test_moco import RefQueue, ref_moco  # noqa: E402
+from test_moco_shuffle_bn import (CHANNELS, F64, SIZE, bn_moco, crosses_groups, keys_and_permutation,  # noqa: E402
+                                  ref_keys, ref_queries)
 
 pytestmark = [
     pytest.mark.distributed,
@@ -159,6 +161,64 @@ def test_moco_queue_gets_the_keys_of_all_ranks(tmp_path):
             torch.testing.assert_close(got[rank]["queues"][step + 1].double(), reference.queue, rtol=1e-6, atol=1e-7)
     assert [g["ptr"] for g in got] == [reference.ptr] * WORLD
     assert [g["len"] for g in got] == [reference.filled] * WORLD
+
+
+# ---- MoCo: Shuffle-BN across ranks ------------------------------------------------------------
+
+SHUFFLE_ROWS = 8  # per rank
+
+
+def _shuffle_bn_worker(rank, inputs_path, out_dir):
+    views_all, state = torch.load(inputs_path)
+    views = _shard(views_all, rank, SHUFFLE_ROWS)
+    shuffled, permutation = distributed.shuffle_batch(views)
+    got = {"helper": (shuffled, permutation, distributed.unshuffle_batch(shuffled, permutation))}
+    for splits in (1, 2):  # one BatchNorm group per rank, then two per rank (SplitBatchNorm)
+        m = bn_moco(splits)
+        m.load_state_dict(state)
+        eval_keys = m.eval()._keys(views)
+        m.shuffle_bn = False
+        eval_unshuffled = m._keys(views)
+        m.shuffle_bn = True
+        keys, permutation = keys_and_permutation(m.train(), views)
+        got[splits] = {"eval": eval_keys, "eval_unshuffled": eval_unshuffled, "keys": keys,
+                       "permutation": permutation, "queries": m(views).detach()}
+    torch.save(got, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_moco_shuffle_bn_across_ranks(tmp_path):
+    model = bn_moco()
+    views_all = torch.randn(WORLD * SHUFFLE_ROWS, CHANNELS, SIZE, SIZE, dtype=torch.float64) * 2 + 0.5
+    torch.save((views_all, model.state_dict()), tmp_path / "inputs.pt")
+    run_workers(_shuffle_bn_worker, str(tmp_path / "inputs.pt"), str(tmp_path))
+    got = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
+
+    permutation = got[0]["helper"][1]
+    assert sorted(permutation.tolist()) == list(range(WORLD * SHUFFLE_ROWS))
+    for rank, g in enumerate(got):
+        shuffled, rank_permutation, unshuffled = g["helper"]
+        assert torch.equal(rank_permutation, permutation)  # one permutation for all ranks
+        assert torch.equal(shuffled, _shard(views_all[permutation], rank, SHUFFLE_ROWS))
+        assert torch.equal(unshuffled, _shard(views_all, rank, SHUFFLE_ROWS))
+
+    for splits in (1, 2):
+        group = SHUFFLE_ROWS // splits
+        permutation = got[0][splits]["permutation"]
+        expected = ref_keys(model, views_all, permutation, group)
+        for rank, g in enumerate(got):
+            r = g[splits]
+            assert torch.equal(r["permutation"], permutation)
+            # eval mode: shuffling then unshuffling gives back each sample's own key
+            torch.testing.assert_close(r["eval"], r["eval_unshuffled"], **F64)
+            # training: a key is normalised with the group its shuffled position fell into,
+            # a query with its own rank's (chunk of the) shard
+            torch.testing.assert_close(r["keys"], _shard(expected, rank, SHUFFLE_ROWS), **F64)
+            torch.testing.assert_close(r["queries"], ref_queries(model, _shard(views_all, rank, SHUFFLE_ROWS), group),
+                                       **F64)
+        if crosses_groups(permutation, group):
+            unshuffled = ref_keys(model, views_all, torch.arange(len(permutation)), group)
+            keys = torch.cat([g[splits]["keys"] for g in got])
+            assert (keys - unshuffled).abs().max() > 1e-3
 
 
 # ---- gradient averaging and the initial broadcast ----------------------------------------------

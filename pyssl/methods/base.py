@@ -41,6 +41,9 @@ class Method(nn.Module):
     """
 
     train_defaults: dict = {"optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4, "momentum": 0.9}
+    #: Whether the trainer converts BatchNorm to SyncBatchNorm when distributed on CUDA and the
+    #: user left ``sync_bn`` unset (:func:`pyssl.train.use_sync_bn`); MoCo with Shuffle-BN says no.
+    sync_bn_by_default: bool = True
 
     def __init__(self, backbone: str | nn.Module = "resnet18", image_size: int = 32, in_channels: int = 3,
                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), augment=None, augment_kwargs: dict | None = None):

@@ -6,11 +6,12 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from pyssl import distributed
 from pyssl.methods import register
 from pyssl.losses import MoCoLoss
 from pyssl.methods.base import Method, MethodError, images_of, two_views
 from pyssl.momentum import cosine_schedule, update_momentum
-from pyssl.models import ProjectionHead
+from pyssl.models import ProjectionHead, SplitBatchNorm
 
 
 @register("mocov2", version=2)
@@ -26,14 +27,34 @@ class MoCo(Method):
     v1: linear head, temperature 0.07, crops of 20-100 %, strong colour jitter, no blur.
     v2: MLP head (no BN), temperature 0.2, SimCLR-style jitter and blur (blur only above 64 px).
 
+    Shuffle-BN (paper, section 3.3): BatchNorm statistics are shared by the samples they are
+    computed over, so if a query and its positive key were normalised over the same sub-batch,
+    the encoders could match them through those statistics instead of through the image (the
+    paper's model then "cheats": a low pretext loss, a worse representation). With several BatchNorm
+    groups, either several processes (each normalises its own shard) or ``bn_splits > 1`` in
+    one, the keys are computed on a random reassignment of the samples to the groups and put
+    back in order afterwards, so that a key is normalised among other samples than its query.
+    Distributed, the key views of all ranks are gathered, permuted with one permutation shared
+    by the ranks, sharded, encoded and gathered back (:func:`pyssl.distributed.shuffle_batch`).
+    For the same reason MoCo opts out of the trainer's default SyncBatchNorm (whose global
+    statistics would undo the shuffle) while ``shuffle_bn`` is on; an explicit ``sync_bn``
+    (``--sync-bn on``) still converts. Distributed, every rank enqueues the keys of all ranks, so the queues stay
+    identical.
+
     Args:
         momentum: key-encoder momentum ``m``; with ``momentum_end`` it follows a cosine ramp
             from ``momentum`` to ``momentum_end`` over training (BYOL-style).
         queue_size: negatives kept; should be a multiple of the batch size.
-
-    Shuffle-BN is omitted (on one device it is a no-op); with several processes on CUDA the
-    trainer converts BatchNorm to SyncBatchNorm by default instead. Distributed, every rank
-    enqueues the keys of all ranks, so the queues stay identical.
+        shuffle_bn: shuffle the key views across BatchNorm groups. On by default; it only acts
+            when there is more than one group (several processes, or ``bn_splits > 1``), so a
+            single process with ``bn_splits=1`` computes exactly what it would without it.
+            ``False`` is the paper's ablation (the model can cheat through BatchNorm).
+        bn_splits: emulate this many devices in one process (the MoCo CIFAR demo's
+            SplitBatchNorm): during training every BatchNorm of the query and key encoders
+            normalises each of ``bn_splits`` equal chunks of the batch with the chunk's own
+            statistics (see :class:`pyssl.models.SplitBatchNorm`); eval mode is unchanged. The
+            batch (per process) must be divisible by it. 1 (default): off. Distributed, each
+            rank splits its shard and the keys are shuffled over all ranks' chunks.
     """
 
     train_defaults = {"optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4, "momentum": 0.9}
@@ -42,9 +63,14 @@ class MoCo(Method):
                  in_channels: int = 3, hidden_dim: int = 2048, out_dim: int = 128,
                  temperature: float | None = None, queue_size: int = 65536, momentum: float = 0.99,
                  momentum_end: float | None = None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                 augment=None, augment_kwargs=None):
+                 augment=None, augment_kwargs=None, shuffle_bn: bool = True, bn_splits: int = 1):
         if version not in (1, 2):
             raise MethodError(f"MoCo: version must be 1 or 2, got {version!r}")
+        if not isinstance(shuffle_bn, bool):
+            raise MethodError(f"MoCo: shuffle_bn must be True or False, got {shuffle_bn!r}")
+        if isinstance(bn_splits, bool) or not isinstance(bn_splits, int) or bn_splits < 1:
+            raise MethodError(f"MoCo: bn_splits must be a positive int, got {bn_splits!r}")
+        self.shuffle_bn, self.bn_splits = shuffle_bn, bn_splits
         self.version = version
         super().__init__(backbone, image_size, in_channels, mean, std, augment, augment_kwargs)
         if not 0.0 <= momentum <= 1.0 or (momentum_end is not None and not 0.0 <= momentum_end <= 1.0):
@@ -56,6 +82,9 @@ class MoCo(Method):
             self.projection_head = ProjectionHead(d, out_dim=out_dim, num_layers=1)
         else:
             self.projection_head = ProjectionHead(d, hidden_dim, out_dim, 2, batch_norm=False)
+        if bn_splits > 1:  # before the copy: the key encoder gets the same split layers
+            self.backbone = SplitBatchNorm.convert(self.backbone, bn_splits)
+            self.projection_head = SplitBatchNorm.convert(self.projection_head, bn_splits)
         self.backbone_momentum = copy.deepcopy(self.backbone)
         self.projection_head_momentum = copy.deepcopy(self.projection_head)
         for p in (*self.backbone_momentum.parameters(), *self.projection_head_momentum.parameters()):
@@ -73,6 +102,18 @@ class MoCo(Method):
         return {"scale": (0.2, 1.0), "jitter": (0.4, 0.4, 0.4, 0.1), "p_jitter": 0.8, "p_gray": 0.2,
                 "p_blur": 0.5 if image_size > 64 else 0.0}
 
+    @property
+    def sync_bn_by_default(self) -> bool:
+        """Read by the trainer: whether it converts BatchNorm to SyncBatchNorm when the user
+        leaves ``sync_bn`` unset. Not with Shuffle-BN: SyncBatchNorm normalises with the whole
+        global batch's statistics, which would undo the shuffle."""
+        return not self.shuffle_bn
+
+    def shuffles_keys(self) -> bool:
+        """Whether this step's keys are computed on shuffled views: Shuffle-BN on and more than
+        one BatchNorm group (with one group the shuffle changes nothing but the summation order)."""
+        return self.shuffle_bn and (self.bn_splits > 1 or distributed.is_distributed())
+
     def current_momentum(self) -> float:
         if self.momentum_end is None:
             return self.momentum
@@ -86,10 +127,17 @@ class MoCo(Method):
         m = self.current_momentum()
         update_momentum(self.backbone_momentum, self.backbone, m)
         update_momentum(self.projection_head_momentum, self.projection_head, m)
-        return self.projection_head_momentum(self.backbone_momentum(x))
+        if not self.shuffles_keys():
+            return self.projection_head_momentum(self.backbone_momentum(x))
+        shuffled, permutation = distributed.shuffle_batch(x)
+        return distributed.unshuffle_batch(self.projection_head_momentum(self.backbone_momentum(shuffled)), permutation)
 
     def training_step(self, batch) -> Tensor:
-        vq, vk = two_views(self.augment, images_of(batch))
+        x = images_of(batch)
+        if x.shape[0] % self.bn_splits:
+            raise MethodError(f"MoCo: a batch of {x.shape[0]} images (per process) is not divisible by "
+                              f"bn_splits={self.bn_splits}: every BatchNorm normalises bn_splits equal chunks of it")
+        vq, vk = two_views(self.augment, x)
         q = self(vq)
         k = self._keys(vk)
         return self.criterion(q, k)
