@@ -118,6 +118,24 @@ def test_image_folder(tmp_path):
         load_image_folder(str(tmp_path), size=16)
 
 
+def test_many_images_are_read_in_threads_in_file_order(tmp_path):
+    from PIL import Image
+
+    from pyssl.data import _read_image
+
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
+    os.makedirs(tmp_path / "a")
+    for i in range(300):  # enough for several reader threads
+        h, w = rng.integers(12, 40, 2)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "a" / f"{i:03d}.png")
+    ds = load_image_folder(str(tmp_path), size=10)
+    one_by_one = np.stack([_read_image(str(tmp_path / "a" / f"{i:03d}.png"), 10, 3) for i in range(300)])
+    assert torch.equal(ds.images, torch.from_numpy(one_by_one))
+    (tmp_path / "a" / "150.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataError, match="corrupt data file .*150.png"):
+        load_image_folder(str(tmp_path), size=10)
+
+
 def test_dataset_validation():
     with pytest.raises(DataError, match="uint8"):
         ImageDataset(torch.zeros(2, 3, 4, 4), torch.zeros(2))

@@ -262,6 +262,20 @@ def _read_image(path: str, size: int, channels: int) -> np.ndarray:
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
+def _read_images(paths: list[str], size: int, channels: int) -> Tensor:
+    """:func:`_read_image` over many files, in threads (Pillow releases the GIL while it decodes
+    and resizes); uint8 (N, C, size, size) in the order of ``paths``. The first bad file raises."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = min(16, os.cpu_count() or 1, max(1, len(paths) // 64))
+    if workers == 1:
+        arrays = [_read_image(p, size, channels) for p in paths]
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            arrays = list(pool.map(lambda p: _read_image(p, size, channels), paths))
+    return torch.from_numpy(np.stack(arrays))
+
+
 def load_image_folder(path: str, size: int = 32, channels: int = 3) -> ImageDataset:
     """Every image under ``path/<class>/...``, resized (shorter side, then centre crop) to
     ``size`` x ``size``; classes are the sorted sub-directory names."""
@@ -270,17 +284,16 @@ def load_image_folder(path: str, size: int = 32, channels: int = 3) -> ImageData
     classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
     if not classes:
         raise DataError(f"folder: {path} has no class sub-directories")
-    arrays, labels = [], []
+    files, labels = [], []
     for ci, cname in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(os.path.join(path, cname))):
-            for fname in sorted(files):
-                if not fname.lower().endswith(IMAGE_EXTENSIONS):
-                    continue
-                arrays.append(_read_image(os.path.join(dirpath, fname), size, channels))
-                labels.append(ci)
-    if not arrays:
+        for dirpath, _, names in sorted(os.walk(os.path.join(path, cname))):
+            for fname in sorted(names):
+                if fname.lower().endswith(IMAGE_EXTENSIONS):
+                    files.append(os.path.join(dirpath, fname))
+                    labels.append(ci)
+    if not files:
         raise DataError(f"folder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
-    return ImageDataset(torch.from_numpy(np.stack(arrays)), torch.tensor(labels), classes, "folder")
+    return ImageDataset(_read_images(files, size, channels), torch.tensor(labels), classes, "folder")
 
 
 # ---- image-text pairs from a caption file (CLIP) ------------------------------------------------
@@ -320,8 +333,7 @@ def load_caption_file(path: str, size: int = 32, channels: int = 3, max_words: i
         raise DataError(f"captions: {path} needs an image column ({', '.join(IMAGE_COLUMNS)}) and a caption "
                         f"column ({', '.join(CAPTION_COLUMNS)}); its header is {header}")
     root = os.path.dirname(os.path.abspath(path))
-    images = torch.from_numpy(np.stack([_read_image(os.path.join(root, r[image_key] or ""), size, channels)
-                                        for r in rows]))
+    images = _read_images([os.path.join(root, r[image_key] or "") for r in rows], size, channels)
     captions = [r[caption_key] or "" for r in rows]
     if "label" in header:
         classes = sorted({r["label"] for r in rows})
