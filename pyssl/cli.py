@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--nproc", type=int, default=None,
                    help="data-parallel worker processes on this machine (one GPU each on CUDA); the batch size "
                         "is the global one and must be divisible by N. Under torchrun, leave it out")
+    t.add_argument("--data-on", choices=("auto", "device", "cpu"), default="auto",
+                   help="where the data set is held: on the GPU (batches never leave it) or in host memory "
+                        "(each batch copied over; for data sets larger than the GPU). auto: on the GPU while "
+                        "it takes at most 40%% of its free memory")
     t.add_argument("--sync-bn", choices=("auto", "on", "off"), default="auto",
                    help="SyncBatchNorm across processes (CUDA only; auto: on when distributed on CUDA, "
                         "except for MoCo, whose Shuffle-BN needs per-process statistics)")
@@ -234,7 +238,8 @@ def prepare_training(args):
         checkpoint_every=args.checkpoint_every,
         knn_every=args.knn_every if args.knn_every is not None else d["knn_every"],
         knn_k=args.knn_k or d.get("knn_k", 200), knn_t=args.knn_t, tensorboard=not args.no_tensorboard,
-        progress=not args.no_progress, sync_bn={"auto": None, "on": True, "off": False}[args.sync_bn])
+        progress=not args.no_progress, sync_bn={"auto": None, "on": True, "off": False}[args.sync_bn],
+        data_on=args.data_on)
     callbacks = []
     crash_at = os.environ.get("PYSSL_CRASH_AT_STEP")  # crash tests: SIGKILL ourselves mid-run
     if crash_at:

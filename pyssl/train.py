@@ -69,6 +69,9 @@ class TrainConfig:
     # SyncBatchNorm across ranks; None: on when distributed on CUDA (NCCL only: not on the CPU),
     # unless the method opts out (see use_sync_bn).
     sync_bn: bool | None = None
+    # Where the data set lives: "device" (batches never leave the GPU), "cpu" (host memory, each
+    # batch copied over; for data sets larger than the GPU's memory) or "auto" (see data_device).
+    data_on: str = "auto"
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -97,6 +100,8 @@ class TrainConfig:
         if self.batch_size % ranks:
             raise ConfigError(f"batch size {self.batch_size} must be divisible by the number of processes "
                               f"({ranks}): each process trains on an equal shard of every batch")
+        if self.data_on not in ("auto", "device", "cpu"):
+            raise ConfigError(f"data_on must be auto, device or cpu, got {self.data_on!r}")
         if self.sync_bn and dev.type != "cuda":
             raise ConfigError(f"sync_bn needs CUDA devices (SyncBatchNorm does not run on {dev.type})")
 
@@ -252,6 +257,24 @@ def use_sync_bn(requested: bool | None, method: nn.Module, world_size: int, devi
     return world_size > 1 and device_type == "cuda" and bool(getattr(method, "sync_bn_by_default", True))
 
 
+#: "auto" keeps the data set on the GPU while it takes at most this share of the free memory.
+DATA_ON_DEVICE_SHARE = 0.4
+
+
+def data_device(data_on: str, device: torch.device, nbytes: int, free_bytes: int | None = None) -> torch.device:
+    """Where the trainer holds the data set (``TrainConfig.data_on``): on the training device, or
+    on the CPU, whence each batch is copied. ``"auto"``: on the device while ``nbytes`` is at most
+    ``DATA_ON_DEVICE_SHARE`` of its free memory (``free_bytes``, else asked of CUDA), leaving the
+    rest to the model and its activations."""
+    if device.type != "cuda" or data_on == "device":
+        return device
+    if data_on == "cpu":
+        return torch.device("cpu")
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    return device if nbytes <= DATA_ON_DEVICE_SHARE * free_bytes else torch.device("cpu")
+
+
 class StopTraining(Exception):
     """Raised by a step callback to end training at once (no final checkpoint), like a kill."""
 
@@ -282,8 +305,10 @@ class Trainer:
         self.method_spec = method_spec or getattr(method, "build_spec", None) or {}
         self.extra = extra or {}
         self.device = torch.device(config.device)
-        self.train_data = train.to(self.device)
-        self.test_data = test.to(self.device) if test is not None else None
+        nbytes = sum(d.images.numel() for d in (train, test) if d is not None)
+        self.data_device = data_device(config.data_on, self.device, nbytes)
+        self.train_data = train.to(self.data_device)
+        self.test_data = test.to(self.data_device) if test is not None else None
         self.steps_per_epoch = len(train) // config.batch_size
         self.total_steps = self.steps_per_epoch * config.epochs
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
@@ -432,9 +457,13 @@ class Trainer:
                 epoch, first = divmod(self.step, self.steps_per_epoch)
                 order = batches(len(images), cfg.batch_size, epoch, cfg.seed)
                 for index in order[first:]:
-                    rows = index[own_rows].to(self.device)
-                    # image-text data (CLIP) trains on (images, captions) pairs
-                    loss = self._train_step(images[rows] if texts is None else (images[rows], texts[rows]))
+                    # On the host, a batch is gathered there and copied over: uint8 images make that
+                    # copy a few milliseconds, small beside a training step.
+                    rows = index[own_rows].to(self.data_device)
+                    batch = images[rows].to(self.device)
+                    if texts is not None:  # image-text data (CLIP) trains on (images, captions) pairs
+                        batch = (batch, texts[rows].to(self.device))
+                    loss = self._train_step(batch)
                     self.step += 1
                     lr = self.optimizer.param_groups[0]["lr"]
                     pending.append((self.step, epoch, loss.detach(), lr))
@@ -521,7 +550,7 @@ class Trainer:
             te = extract_features(self.method.backbone, self.test_data.images, self.method.normalize)
             pred = knn_predict(tr, self.train_data.labels, te, k=self.cfg.knn_k, t=self.cfg.knn_t,
                                num_classes=self.train_data.num_classes)
-            return (pred == self.test_data.labels).float().mean().item()
+            return (pred == self.test_data.labels.to(pred.device)).float().mean().item()
         finally:
             self.method.train(was)
 
@@ -545,4 +574,5 @@ class Trainer:
 
 
 __all__ = ["TrainConfig", "Trainer", "TrainResult", "LARS", "ConfigError", "CheckpointError", "StopTraining",
-           "save_atomic", "load_checkpoint", "build_optimizer", "warmup_cosine", "use_sync_bn", "CHECKPOINT_NAME"]
+           "save_atomic", "load_checkpoint", "build_optimizer", "warmup_cosine", "use_sync_bn", "data_device",
+           "CHECKPOINT_NAME"]

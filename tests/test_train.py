@@ -166,3 +166,35 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
     assert main(_train_argv(tmp_path / "cut", "--resume")) == 0
     assert _losses(tmp_path / "cut") == _losses(tmp_path / "full")
     assert len(_losses(tmp_path / "full")) == 9
+
+
+def test_data_set_stays_on_the_gpu_while_it_fits():
+    from pyssl.train import DATA_ON_DEVICE_SHARE, data_device
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda:0")
+    gib = 2**30
+    assert data_device("auto", cpu, 100 * gib) == cpu
+    assert data_device("device", gpu, 100 * gib, free_bytes=gib) == gpu  # asked for: the user knows
+    assert data_device("cpu", gpu, 1, free_bytes=100 * gib) == cpu
+    limit = int(DATA_ON_DEVICE_SHARE * 10 * gib)
+    assert data_device("auto", gpu, limit, free_bytes=10 * gib) == gpu
+    assert data_device("auto", gpu, limit + 1, free_bytes=10 * gib) == cpu
+    with pytest.raises(ConfigError, match="data_on must be auto, device or cpu, got 'gpu'"):
+        TrainConfig(data_on="gpu").validate()
+
+
+@pytest.mark.cuda
+def test_training_from_host_memory_matches_training_from_the_gpu(tmp_path):
+    torch.backends.cudnn.deterministic = True
+    try:
+        results = {}
+        for where in ("device", "cpu"):
+            trainer = Trainer(make_method(), SMALL, cfg(tmp_path / where, device="cuda", data_on=where, knn_every=1),
+                              test=DATA.subset(torch.arange(96, 160)))
+            assert trainer.train_data.images.device.type == ("cuda" if where == "device" else "cpu")
+            results[where] = trainer.fit()
+        torch.testing.assert_close(torch.tensor(results["cpu"].losses), torch.tensor(results["device"].losses),
+                                   rtol=1e-4, atol=1e-4)
+        assert results["cpu"].knn == pytest.approx(results["device"].knn, abs=0.02)
+    finally:
+        torch.backends.cudnn.deterministic = False

@@ -81,11 +81,14 @@ def extract_features(encoder: nn.Module | None, images: Tensor, transform: Calla
         hook = encoder.get_submodule(layer).register_forward_hook(lambda mod, args, out: captured.append(out))
     out = []
     was = encoder.training if encoder is not None else False
+    # Images may live on the CPU while the encoder is on the GPU (data sets larger than its memory).
+    param = next(encoder.parameters(), None) if encoder is not None else None
+    device = param.device if param is not None else images.device
     if encoder is not None:
         encoder.eval()
     try:
         for i in range(0, len(images), batch_size):
-            x = transform(images[i: i + batch_size])
+            x = transform(images[i: i + batch_size].to(device))
             f = encoder(x) if encoder is not None else x
             if layer is not None:
                 f = captured.pop()
