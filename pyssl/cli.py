@@ -406,7 +406,12 @@ def cmd_eval(args) -> int:
     extra = ckpt.get("extra", {})
     spec = args.data or extra.get("data", "digits")
     train, test = load_data(spec, extra.get("image_size"))
-    train, test = train.to(device), test.to(device)
+    import torch
+
+    from pyssl.train import data_device
+
+    held_on = data_device("auto", torch.device(device), train.images.numel() + test.images.numel())
+    train, test = train.to(held_on), test.to(held_on)
     if bool((train.labels < 0).all()) or bool((test.labels < 0).all()):
         raise CLIError(f"pyssl eval: {spec} has no labels, so there is nothing to probe; pass a labelled data "
                        f"set with --data (e.g. --data colour_digits, or a captions file with a label column)")

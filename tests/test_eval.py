@@ -112,3 +112,19 @@ def test_extract_features_of_an_intermediate_layer():
         extract_features(enc, images, transform, layer=layer, grid=0)
     with pytest.raises(ValueError, match="stage"):
         enc.stage_name(3)
+
+
+@pytest.mark.cuda
+def test_evaluation_with_images_on_the_host_and_the_encoder_on_the_gpu():
+    data = _blobs()
+    torch.manual_seed(int(torch.randint(0, 2**31, ())))
+    enc = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    transform = lambda x: x.float() / 255  # noqa: E731
+    on_cpu = extract_features(enc, data.images, transform, batch_size=7)
+    gpu_enc = enc.cuda()
+    mixed = extract_features(gpu_enc, data.images, transform, batch_size=7)
+    assert mixed.is_cuda
+    torch.testing.assert_close(mixed.cpu(), on_cpu, rtol=1e-4, atol=1e-5)
+    res = evaluate_encoders({"enc": gpu_enc}, transform, data.subset(torch.arange(40)), data.subset(torch.arange(40, 60)),
+                            fractions=(1.0,), k=5, finetune_steps=5)
+    assert all(0.0 <= res["enc"][p][1.0] <= 1.0 for p in ("linear", "knn", "finetune"))

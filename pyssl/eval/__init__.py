@@ -179,10 +179,11 @@ def fine_tune(encoder: nn.Module, transform: Callable[[Tensor], Tensor], train_i
     cosine schedule, random shifts of up to ``shift`` pixels) on the given labelled images."""
     g = torch.Generator().manual_seed(seed)
     enc = copy.deepcopy(encoder).train()
-    device = train_images.device
+    param = next(enc.parameters(), None)
+    device = param.device if param is not None else train_images.device  # images may be on the host
     with torch.no_grad():
         enc.eval()
-        dim = enc(transform(train_images[:2])).flatten(1).shape[1]
+        dim = enc(transform(train_images[:2].to(device))).flatten(1).shape[1]
         enc.train()
     head = nn.Linear(dim, num_classes).to(device)
     params = list(enc.parameters()) + list(head.parameters())
@@ -191,15 +192,15 @@ def fine_tune(encoder: nn.Module, transform: Callable[[Tensor], Tensor], train_i
     n = len(train_images)
     bs = min(batch_size, n)
     for _ in range(steps):
-        idx = torch.randint(0, n, (bs,), generator=g).to(device)
-        x = transform(train_images[idx])
+        idx = torch.randint(0, n, (bs,), generator=g).to(train_images.device)
+        x = transform(train_images[idx].to(device))
         x = _random_shift(x, shift, g)
         if flip and bool(torch.randint(0, 2, (1,), generator=g)):
             x = x.flip(3)
         if bs == 1:  # BatchNorm needs two samples
             x = torch.cat([x, x])
             idx = torch.cat([idx, idx])
-        loss = F.cross_entropy(head(enc(x).flatten(1)), train_labels[idx])
+        loss = F.cross_entropy(head(enc(x).flatten(1)), train_labels[idx.to(train_labels.device)].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -237,7 +238,7 @@ def evaluate_encoders(encoders: dict[str, nn.Module | None], transform: Callable
                 res["linear"][f] = linear_probe(tr[idx], train.labels[idx], te, test.labels, num_classes=num_classes)
             if "knn" in protocols:
                 pred = knn_predict(tr[idx], train.labels[idx], te, k=k, t=t, num_classes=num_classes)
-                res["knn"][f] = (pred == test.labels).float().mean().item()
+                res["knn"][f] = (pred == test.labels.to(pred.device)).float().mean().item()
             if "finetune" in protocols:
                 res["finetune"][f] = float("nan") if enc is None else fine_tune(
                     enc, transform, train.images[idx], train.labels[idx], test.images, test.labels, num_classes,

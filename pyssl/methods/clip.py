@@ -112,7 +112,7 @@ class CLIP(Method):
 
     def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
         """Raw images (uint8 or [0, 1] float) -> image embeddings (L2-normalised unless ``normalize=False``)."""
-        z = self.embed_images(self.normalize(images))
+        z = self.embed_images(self.normalize(images.to(self.logit_scale.device)))
         return F.normalize(z, dim=-1) if normalize else z
 
     def encode_text(self, texts: Tensor | str | Sequence[str], normalize: bool = True) -> Tensor:
