@@ -97,7 +97,7 @@ class CLIP(Method):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)), requires_grad=learn_temperature)
         self.max_log_scale = math.log(max_logit_scale)
         self.criterion = ClipLoss(gather_distributed=True)
-        self.last_metrics: dict[str, float] = {}
+        self._last_metrics: dict[str, Tensor] = {}
 
     def augment_defaults(self, image_size: int) -> dict:
         return {"scale": (0.9, 1.0), "p_flip": 0.0, "p_jitter": 0.0, "p_gray": 0.0, "p_blur": 0.0}
@@ -148,8 +148,14 @@ class CLIP(Method):
         with torch.no_grad():
             sim = F.normalize(image_z.detach().float(), dim=-1) @ F.normalize(text_z.detach().float(), dim=-1).T
             hits = (sim.argmax(dim=1) == torch.arange(len(sim), device=sim.device)).float().mean()
-        self.last_metrics = {"loss": float(loss.detach()), "logit_scale": float(scale.detach()), "i2t_acc": float(hits)}
+        # Kept as tensors: turning them into floats here would wait for the GPU at every step.
+        self._last_metrics = {"loss": loss.detach(), "logit_scale": scale.detach(), "i2t_acc": hits}
         return loss
+
+    @property
+    def last_metrics(self) -> dict[str, float]:
+        """The last training step's metrics (``loss``, ``logit_scale``, ``i2t_acc``) as floats."""
+        return {name: float(value) for name, value in self._last_metrics.items()}
 
     @torch.no_grad()
     def zero_shot_classifier(self, prompts: Sequence[Sequence[str]]) -> Tensor:
