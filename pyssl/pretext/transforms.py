@@ -131,13 +131,17 @@ def sliding_grid(size: int, patch: int, stride: int, min_grid: int, *, task: str
             f"{task}: images of {size}x{size} are too small for a {min_grid}x{min_grid} grid of "
             f"{patch}-pixel patches at stride {stride}; the minimum image size is {need}x{need}"
         )
+    return _patches_per_side(size, patch, stride)
+
+
+def _patches_per_side(size: int, patch: int, stride: int) -> int:
     return (size - patch) // stride + 1
 
 
 def sliding_origins(n: int, size: int, patch: int, stride: int, *, device=None) -> Tensor:
     """Top-left corners ``(N, G*G, 2)`` (row-major) of the overlapping patches of
     :func:`sliding_grid`, centred in the image when the stride leaves pixels over."""
-    grid = (size - patch) // stride + 1
+    grid = _patches_per_side(size, patch, stride)
     margin = (size - patch - (grid - 1) * stride) // 2
     idx = torch.arange(grid, device=device) * stride + margin
     base = torch.stack(torch.meshgrid(idx, idx, indexing="ij"), dim=-1).reshape(-1, 2)
