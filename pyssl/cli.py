@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--knn-k", type=int, default=None, help="kNN neighbours (default 200; 20 on digits)")
     t.add_argument("--knn-t", type=float, default=0.1)
     t.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    t.add_argument("--init-backbone", metavar="RUN", help="start from the backbone of another run (its directory "
+                   "or checkpoint file), e.g. CLIP's image tower from a SimCLR run; the architectures must match")
     t.add_argument("--nproc", type=int, default=None,
                    help="data-parallel worker processes on this machine (one GPU each on CUDA); the batch size "
                         "is the global one and must be divisible by N. Under torchrun, leave it out")
@@ -247,11 +249,34 @@ def prepare_training(args):
             if step >= _at:
                 os.kill(os.getpid(), signal.SIGKILL)
         callbacks.append(crash)
-    trainer = Trainer(method, train, cfg, test, callbacks=callbacks,
-                      extra={"data": args.data, "method": args.method, "image_size": image_size})
+    extra = {"data": args.data, "method": args.method, "image_size": image_size}
+    if args.init_backbone:
+        init_backbone(method, args.init_backbone)
+        extra["init_backbone"] = os.path.abspath(args.init_backbone)
+    trainer = Trainer(method, train, cfg, test, callbacks=callbacks, extra=extra)
     if args.resume:
         trainer.load()  # checked now, so a bad checkpoint fails before any step
     return trainer
+
+
+def init_backbone(method, path: str) -> None:
+    """Loads the backbone weights of the run at ``path`` into ``method.backbone`` (and into a
+    momentum copy of it, which must start equal). A mismatch is a one-line CheckpointError."""
+    from pyssl.train import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+
+    ckpt_path = os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
+    state = load_checkpoint(ckpt_path).get("backbone")
+    if not state:
+        raise CheckpointError(f"--init-backbone: {ckpt_path} holds no backbone weights")
+    for name in ("backbone", "backbone_momentum"):
+        target = getattr(method, name, None)
+        if target is None:
+            continue
+        try:
+            target.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"--init-backbone: the backbone of {ckpt_path} does not fit this method's "
+                                  f"({str(e).splitlines()[0][:160]}); pass the same --backbone") from None
 
 
 def cmd_train(args) -> int:

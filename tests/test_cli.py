@@ -136,3 +136,28 @@ def test_cifar10_defaults_are_the_standard_protocol(tmp_path):
     assert trainer.method.build_spec["cfg"]["backbone"] == "resnet18" and backbone.out_dim == 512
     assert backbone.stem[0].kernel_size == (3, 3) and backbone.stem[0].stride == (1, 1)
     assert not any(isinstance(m, torch.nn.MaxPool2d) for m in backbone.modules())
+
+
+def test_init_backbone_starts_from_another_runs_backbone(tmp_path, capsys):
+    from pyssl.cli import build_parser, prepare_training
+    from pyssl.train import load_checkpoint
+
+    first = tmp_path / "simclr"
+    common = ["--data", "captioned_digits", "--image-size", "16", "--backbone", "convnet-small", "--epochs", "1",
+              "--batch-size", "256", "--no-progress", "--no-tensorboard", "--knn-every", "0"]
+    assert main(["train", "--method", "simclr", *common, "--out", str(first)]) == 0
+    saved = load_checkpoint(str(first / "checkpoint.pt"))["backbone"]
+    for method in ("clip", "mocov2"):
+        args = build_parser().parse_args(["train", "--method", method, *common, "--out", str(tmp_path / method),
+                                          "--init-backbone", str(first)])
+        trainer = prepare_training(args)
+        copies = [trainer.method.backbone] + ([trainer.method.backbone_momentum] if method == "mocov2" else [])
+        for module in copies:
+            for name, value in module.state_dict().items():
+                assert torch.equal(value.cpu(), saved[name]), (method, name)
+        assert trainer.extra["init_backbone"] == str(first)
+    capsys.readouterr()
+    rc = main(["train", "--method", "clip", "--data", "captioned_digits", "--image-size", "16", "--backbone",
+               "resnet-tiny", "--epochs", "1", "--out", str(tmp_path / "bad"), "--init-backbone", str(first)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "does not fit this method's" in err[0] and "--backbone" in err[0]
