@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--knn-k", type=int, default=None, help="kNN neighbours (default 200; 20 on digits)")
     t.add_argument("--knn-t", type=float, default=0.1)
     t.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    t.add_argument("--lock-image", action="store_true", help="CLIP: freeze the image backbone (LiT; use with "
+                   "--init-backbone)")
     t.add_argument("--init-backbone", metavar="RUN", help="start from the backbone of another run (its directory "
                    "or checkpoint file), e.g. CLIP's image tower from a SimCLR run; the architectures must match")
     t.add_argument("--nproc", type=int, default=None,
@@ -218,6 +220,10 @@ def prepare_training(args):
             mcfg["bn_splits"] = args.bn_splits
     elif args.queue_size is not None or args.key_momentum is not None or args.bn_splits is not None:
         raise ConfigError(f"--queue-size/--key-momentum/--bn-splits apply to MoCo only, not {args.method}")
+    if args.lock_image:
+        if not getattr(cls, "needs_texts", False):
+            raise ConfigError(f"--lock-image applies to CLIP only, not {args.method}")
+        mcfg["lock_image"] = True
     if getattr(cls, "needs_texts", False):  # the text tower fits the data's tokens
         mcfg["context_length"] = train.texts.shape[1]
         if train.vocab is not None:

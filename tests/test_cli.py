@@ -52,6 +52,7 @@ def _error_cases(tmp_path):
         (["train", "--method", "simclr", "--queue-size", "64", *TINY], "MoCo only"),
         (["train", "--method", "simclr", "--data", "videos", *TINY], "simclr trains on images"),
         (["train", "--method", "simclr", "--bn-splits", "2", *TINY], "MoCo only"),
+        (["train", "--method", "simclr", "--lock-image", *TINY], "CLIP only"),
         (["train", "--method", "clip", "--data", "digits", *TINY], "digits has no captions"),
         (["eval", str(tmp_path / "nothing")], "no checkpoint"),
         (["plot", str(tmp_path / "nothing")], "does not exist"),

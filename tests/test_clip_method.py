@@ -180,6 +180,25 @@ def test_logit_scale_is_capped_and_can_be_frozen():
     assert not frozen.logit_scale.requires_grad
 
 
+def test_locked_image_tower_keeps_its_weights_and_statistics(digits16):
+    images, labels, captions, _ = digits16
+    texts = cap.tokenize(captions[:32])
+    m = build_method("clip", backbone="convnet-small", image_size=16, lock_image=True).train()
+    assert not m.backbone.training and m.text_encoder.training
+    before = {k: v.clone() for k, v in m.backbone.state_dict().items()}
+    projection = m.image_projection.weight.detach().clone()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        loss = m.training_step((images[:32], texts))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for name, value in m.backbone.state_dict().items():  # weights and BatchNorm running statistics
+        assert torch.equal(value, before[name]), name
+    assert not torch.equal(m.image_projection.weight, projection)
+    assert all(p.grad is None for p in m.backbone.parameters())
+
+
 def test_clip_learns_digits_and_colours_from_captions(digits16):
     """120 steps at 16 px: zero-shot digit accuracy 0.33-0.50 and colour accuracy 0.86-0.89 over
     4 seeds (chance 0.10 and 0.125); the random-init model is at chance."""
@@ -227,6 +246,8 @@ def test_clip_rejects_bad_batches_and_settings():
         build_method("clip", vocab=list(cap.SPECIALS) + ["red", "red"])
     with pytest.raises(MethodError, match="vocab_size 9 but vocab has 6 words"):
         build_method("clip", vocab=list(cap.SPECIALS) + ["red", "blue"], vocab_size=9)
+    with pytest.raises(MethodError, match="lock_image must be True or False"):
+        build_method("clip", lock_image="yes")
     with pytest.raises(ValueError, match="image-text model"):
         zero_shot_accuracy(nn.Linear(2, 2), images, torch.zeros(4, dtype=torch.long), [["a one"]])
     with pytest.raises(ValueError, match="prompts"):

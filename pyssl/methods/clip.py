@@ -49,6 +49,9 @@ class CLIP(Method):
         temperature: initial temperature, 0.07 in the paper.
         learn_temperature: learn the logit scale (``False`` keeps ``1 / temperature``).
         max_logit_scale: cap of the learned scale.
+        lock_image: freeze the backbone, weights and BatchNorm statistics (LiT, Zhai et al.
+            2022: "locked-image tuning", with a backbone from another run, ``--init-backbone``);
+            the image projection, the text tower and the scale still learn.
         vocab: the word list of :func:`pyssl.data.captions.tokenize` (default: the captioned
             digits' words; ``pyssl train --data captions:FILE`` passes the file's, see
             :func:`pyssl.data.captions.build_vocab`).
@@ -66,6 +69,7 @@ class CLIP(Method):
                  embed_dim: int = 128, text_width: int = 128, text_layers: int = 2, text_heads: int = 4,
                  context_length: int = caption_text.CONTEXT_LENGTH, temperature: float = 0.07,
                  learn_temperature: bool = True, max_logit_scale: float = 100.0,
+                 lock_image: bool = False,
                  vocab: list[str] | None = None, vocab_size: int | None = None, eot_token: int = caption_text.EOT,
                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), augment=None, augment_kwargs=None):
         try:
@@ -91,6 +95,12 @@ class CLIP(Method):
         # The words strings are tokenised with (encode_text, zero-shot prompts); vocab_size alone
         # serves token ids from a tokenizer of your own.
         self.vocab = self_vocab
+        if not isinstance(lock_image, bool):
+            raise MethodError(f"clip: lock_image must be True or False, got {lock_image!r}")
+        self.lock_image = lock_image
+        if lock_image:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
         self.image_projection = nn.Linear(self.backbone.out_dim, embed_dim, bias=False)
         self.text_encoder = TextTransformer(vocab_size, eot_token, context_length, text_width, text_layers, text_heads)
         self.text_projection = nn.Linear(text_width, embed_dim, bias=False)
@@ -98,6 +108,12 @@ class CLIP(Method):
         self.max_log_scale = math.log(max_logit_scale)
         self.criterion = ClipLoss(gather_distributed=True)
         self._last_metrics: dict[str, Tensor] = {}
+
+    def train(self, mode: bool = True) -> "CLIP":
+        super().train(mode)
+        if self.lock_image:  # a locked tower keeps its BatchNorm statistics too
+            self.backbone.eval()
+        return self
 
     def augment_defaults(self, image_size: int) -> dict:
         return {"scale": (0.9, 1.0), "p_flip": 0.0, "p_jitter": 0.0, "p_gray": 0.0, "p_blur": 0.0}
