@@ -108,7 +108,9 @@ def test_jigsaw_learns_permutation_and_beats_random_probe():
 
 
 def test_inpainting_beats_context_mean_fill_and_random_probe():
-    _, r, probe, probe_random = _train_and_probe("inpainting", *_colour(), 200)
+    # At 200 steps a CI run once failed (margin -0.011; 12 seeds: +0.005..+0.053). At 400 steps
+    # 8 seeds gave +0.021..+0.059, the seed that had +0.005 among them.
+    _, r, probe, probe_random = _train_and_probe("inpainting", *_colour(), 400)
     assert r["rec_mse"] < 0.7 * r["rec_mse_context_mean"]
     assert probe > probe_random
 
