@@ -21,8 +21,8 @@ def test_cpc_learns_to_predict_patches_below():
 
 
 def test_cpc_beats_random_mid_layer_probe():
-    # 16 of 16 seeds passed at 200 steps, margins 0.015..0.078 (mean 0.042).
-    _, r, probe, probe_random = _train_and_probe("cpc", *_colour(), 200)
+    # Probe margins over random init: 200 steps, 31 seeds: +0.009..+0.078; 400 steps, 15 seeds: +0.013..
+    _, r, probe, probe_random = _train_and_probe("cpc", *_colour(), 400)
     assert r["cpc_acc"] > 10 * r["chance"]
     assert probe > probe_random
 

@@ -68,13 +68,15 @@ def test_all_registered():
 
 def test_rotnet_learns_rotation_and_beats_random_probe():
     ds = load_digits("all", size=16, channels=1)
-    _, r, probe, probe_random = _train_and_probe("rotnet", ds.images, ds.labels, 100, image_size=16, in_channels=1)
+    # mid-layer probe margin over random init, 20 seeds: 100 steps -0.012..; 300 steps +0.015..
+    _, r, probe, probe_random = _train_and_probe("rotnet", ds.images, ds.labels, 300, image_size=16, in_channels=1)
     assert r["rotation_acc"] > 0.5  # chance 0.25
     assert probe > probe_random
 
 
 def test_relative_patch_learns_position_and_beats_random_probe():
-    _, r, probe, probe_random = _train_and_probe("relative_patch", *_colour(), 100)
+    # probe margin: 100 steps +0.013.. over 50 seeds (a CI run once had -0.002); 300 steps +0.024.. over 30
+    _, r, probe, probe_random = _train_and_probe("relative_patch", *_colour(), 300)
     assert r["position_acc"] > 0.25  # chance 0.125
     assert probe > probe_random
 
@@ -102,7 +104,8 @@ def test_relative_patch_chromatic_guard_removes_the_colour_fringe_shortcut():
 
 
 def test_jigsaw_learns_permutation_and_beats_random_probe():
-    _, r, probe, probe_random = _train_and_probe("jigsaw", *_colour(), 400, num_permutations=100)
+    # probe margin, 15 seeds: 400 steps +0.006..; 1000 steps +0.010.. (a small but steady gain)
+    _, r, probe, probe_random = _train_and_probe("jigsaw", *_colour(), 1000, num_permutations=100)
     assert r["permutation_acc"] > 0.05  # chance 0.01
     assert probe > probe_random
 
@@ -117,7 +120,8 @@ def test_inpainting_beats_context_mean_fill_and_random_probe():
 
 def test_colorization_beats_best_constant_colour_and_random_probe():
     x, y = _colour()
-    m, r, probe, probe_random = _train_and_probe("colorization", x, y, 100)
+    # probe margin, 20 seeds: 100 steps +0.008..; 250 steps +0.065..
+    m, r, probe, probe_random = _train_and_probe("colorization", x, y, 250)
     assert r["ab_rmse"] < 0.9 * r["ab_rmse_constant"]
     assert r["bin_acc"] > 0.1  # 261 bins
     assert probe > probe_random
