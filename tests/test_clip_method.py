@@ -200,8 +200,9 @@ def test_locked_image_tower_keeps_its_weights_and_statistics(digits16):
 
 
 def test_clip_learns_digits_and_colours_from_captions(digits16):
-    """120 steps at 16 px: zero-shot digit accuracy 0.33-0.50 and colour accuracy 0.86-0.89 over
-    4 seeds (chance 0.10 and 0.125); the random-init model is at chance."""
+    """120 steps at 16 px: zero-shot digit accuracy 0.28-0.53 and colour accuracy 0.82-0.91 over
+    12 seeds (chance 0.10 and 0.125, about 0.013 standard error on 539 images); the random-init
+    model is at chance."""
     images, labels, captions, attr = digits16
     texts = cap.tokenize(captions)
     test = _stratified_test_mask(labels, 0.3, 0)
@@ -221,7 +222,7 @@ def test_clip_learns_digits_and_colours_from_captions(digits16):
     digits = zero_shot_accuracy(m, images[test], labels[test], m.digit_prompts())
     colours = zero_shot_accuracy(m, images[test], attr["colour"][test], m.colour_prompts())
     assert untrained_digits < 0.2
-    assert digits > 0.2, f"zero-shot digit accuracy {digits:.3f} (seed {seed})"
+    assert digits > 0.17, f"zero-shot digit accuracy {digits:.3f} (seed {seed})"
     assert colours > 0.6, f"zero-shot colour accuracy {colours:.3f} (seed {seed})"
 
 
