@@ -68,7 +68,7 @@ class ImageDataset:
 
     def subset(self, index: Tensor) -> "ImageDataset":
         index = index.to(self.images.device)
-        texts = self.texts[index.to(self.texts.device)] if self.texts is not None else None
+        texts = self.texts[index] if self.texts is not None else None  # on the images' device
         return replace(self, images=self.images[index], labels=self.labels[index], texts=texts)
 
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -356,8 +356,7 @@ def load_caption_file(path: str, size: int = 32, channels: int = 3, max_words: i
     vocab = caption_text.build_vocab(train_captions, max_words)
     longest = max(len(caption_text.split_words(c)) for c in train_captions)
     texts = caption_text.tokenize(captions, min(longest + 2, MAX_CONTEXT_LENGTH), truncate=True, vocab=vocab)
-    name = "captions"
-    full = ImageDataset(images, labels, classes, name, texts, vocab)
+    full = ImageDataset(images, labels, classes, "captions", texts, vocab)
     return full.subset((~test).nonzero().flatten()), full.subset(test.nonzero().flatten())
 
 
@@ -372,7 +371,8 @@ DATA_KINDS = ("digits", "colour_digits", "captioned_digits", "videos", "cifar10"
 def load_data(spec: str, image_size: int | None = None) -> tuple[ImageDataset, ImageDataset]:
     """(train, test) for a spec: ``digits``, ``cifar10:PATH``, ``cifar100:PATH``, ``stl10:PATH``
     or ``folder:PATH`` (the folder's ``train``/``val`` (or ``test``) sub-folders if present, else
-    a fixed 80/20 split); ``captions:FILE.csv|tsv`` for image-text pairs (:func:`load_caption_file`).  STL-10 uses its labelled train/test splits (5,000 / 8,000 images)."""
+    a fixed 80/20 split); ``captions:FILE.csv|tsv`` for image-text pairs (:func:`load_caption_file`).
+    STL-10 uses its labelled train/test splits (5,000 / 8,000 images)."""
     kind, _, path = spec.partition(":")
     kind = kind.lower()
     if kind not in DATA_KINDS:
@@ -419,5 +419,5 @@ def batches(num_items: int, batch_size: int, epoch: int, seed: int, drop_last: b
     return [perm[i: i + batch_size] for i in range(0, stop, batch_size)]
 
 
-__all__ = ["ImageDataset", "DataError", "load_digits", "load_cifar", "load_stl10", "load_image_folder", "load_caption_file",
-           "load_data", "batches", "DATA_KINDS"]
+__all__ = ["ImageDataset", "DataError", "load_digits", "load_cifar", "load_stl10", "load_image_folder",
+           "load_caption_file", "load_data", "batches", "DATA_KINDS"]

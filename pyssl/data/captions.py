@@ -165,5 +165,5 @@ def class_prompts(words: Sequence[str], templates: Sequence[str], key: str) -> l
     return [[_fill(t, **{key: w}) for t in templates] for w in words]
 
 
-__all__ = ["tokenize", "decode", "build_vocab", "check_vocab", "split_words", "digit_captions", "class_prompts", "VOCAB", "CONTEXT_LENGTH", "DIGIT_WORDS",
-           "COLOUR_NAMES", "COLOUR_HUES", "BACKGROUND_NAMES", "DIGIT_PROMPTS", "COLOUR_PROMPTS"]
+__all__ = ["tokenize", "decode", "build_vocab", "check_vocab", "split_words", "digit_captions", "class_prompts",
+           "VOCAB", "CONTEXT_LENGTH", "DIGIT_WORDS", "COLOUR_NAMES", "COLOUR_HUES", "BACKGROUND_NAMES", "DIGIT_PROMPTS", "COLOUR_PROMPTS"]

@@ -250,39 +250,39 @@ def _stratified_test_mask(labels: Tensor, test_fraction: float, seed: int) -> Te
     return test_mask
 
 
-def load_colour_digits(split: str = "train", size: int = 32, test_fraction: float = 0.3, seed: int = 0):
-    """:func:`colour_digits` as a :class:`pyssl.data.ImageDataset` (split like ``load_digits``)."""
+def _digits_split(name: str, split: str, size: int, test_fraction: float, seed: int, render):
+    # The rendered digits (``render(size) -> (images, labels, texts or None)``) as an ImageDataset,
+    # split like ``load_digits``; shared by the colour and the captioned digits.
     from pyssl.data import DataError, ImageDataset
 
     if split not in ("train", "test", "all"):
-        raise DataError(f"colour_digits: split must be train, test or all, got {split!r}")
+        raise DataError(f"{name}: split must be train, test or all, got {split!r}")
     if not isinstance(size, int) or size < 8:
-        raise DataError(f"colour_digits: size must be an int >= 8, got {size!r}")
-    images, labels = colour_digits(size)
+        raise DataError(f"{name}: size must be an int >= 8, got {size!r}")
+    images, labels, texts = render(size)
     if split != "all":
         test = _stratified_test_mask(labels, test_fraction, seed)
         keep = test if split == "test" else ~test
         images, labels = images[keep], labels[keep]
-    return ImageDataset(images.contiguous(), labels, [str(i) for i in range(10)], "colour_digits")
+        texts = texts[keep] if texts is not None else None
+    return ImageDataset(images.contiguous(), labels, [str(i) for i in range(10)], name, texts)
+
+
+def load_colour_digits(split: str = "train", size: int = 32, test_fraction: float = 0.3, seed: int = 0):
+    """:func:`colour_digits` as a :class:`pyssl.data.ImageDataset` (split like ``load_digits``)."""
+    return _digits_split("colour_digits", split, size, test_fraction, seed, lambda s: (*colour_digits(s), None))
 
 
 def load_captioned_digits(split: str = "train", size: int = 32, test_fraction: float = 0.3, seed: int = 0):
     """:func:`captioned_digits` as a :class:`pyssl.data.ImageDataset` whose ``texts`` are the
     tokenised captions (split like ``load_colour_digits``)."""
-    from pyssl.data import DataError, ImageDataset
     from pyssl.data.captions import tokenize
 
-    if split not in ("train", "test", "all"):
-        raise DataError(f"captioned_digits: split must be train, test or all, got {split!r}")
-    if not isinstance(size, int) or size < 8:
-        raise DataError(f"captioned_digits: size must be an int >= 8, got {size!r}")
-    images, labels, captions, _ = captioned_digits(size)
-    texts = tokenize(captions)
-    if split != "all":
-        test = _stratified_test_mask(labels, test_fraction, seed)
-        keep = test if split == "test" else ~test
-        images, labels, texts = images[keep], labels[keep], texts[keep]
-    return ImageDataset(images.contiguous(), labels, [str(i) for i in range(10)], "captioned_digits", texts)
+    def render(s: int):
+        images, labels, captions, _ = captioned_digits(s)
+        return images, labels, tokenize(captions)
+
+    return _digits_split("captioned_digits", split, size, test_fraction, seed, render)
 
 
 def load_videos(split: str = "train", size: int = 32, frames: int = 4, num_videos: int | None = None,
