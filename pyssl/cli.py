@@ -183,7 +183,8 @@ def prepare_training(args):
     if kind == "videos" and getattr(cls, "default_data", None) != "videos":
         raise ConfigError(f"videos holds clips of several frames stacked as channels; {args.method} trains on "
                           f"images (video_colorization is the method for videos)")
-    if getattr(cls, "needs_texts", False) and train.texts is None:
+    needs_texts = getattr(cls, "needs_texts", False)
+    if needs_texts and train.texts is None:
         raise ConfigError(f"{args.method} trains on image-text pairs and {kind} has no captions "
                           f"(use --data {cls.default_data})")
     batch_size = args.batch_size or min(d["batch_size"], len(train))
@@ -221,10 +222,10 @@ def prepare_training(args):
     elif args.queue_size is not None or args.key_momentum is not None or args.bn_splits is not None:
         raise ConfigError(f"--queue-size/--key-momentum/--bn-splits apply to MoCo only, not {args.method}")
     if args.lock_image:
-        if not getattr(cls, "needs_texts", False):
+        if not needs_texts:
             raise ConfigError(f"--lock-image applies to CLIP only, not {args.method}")
         mcfg["lock_image"] = True
-    if getattr(cls, "needs_texts", False):  # the text tower fits the data's tokens
+    if needs_texts:  # the text tower fits the data's tokens
         mcfg["context_length"] = train.texts.shape[1]
         if train.vocab is not None:
             mcfg["vocab"] = list(train.vocab)
@@ -268,9 +269,9 @@ def prepare_training(args):
 def init_backbone(method, path: str) -> None:
     """Loads the backbone weights of the run at ``path`` into ``method.backbone`` (and into a
     momentum copy of it, which must start equal). A mismatch is a one-line CheckpointError."""
-    from pyssl.train import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+    from pyssl.train import CheckpointError, load_checkpoint
 
-    ckpt_path = os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
+    ckpt_path = checkpoint_file(path)
     state = load_checkpoint(ckpt_path).get("backbone")
     if not state:
         raise CheckpointError(f"--init-backbone: {ckpt_path} holds no backbone weights")
@@ -405,14 +406,21 @@ def _worker(local_rank: int, args, env: dict, errors) -> None:
 # ---- eval ----------------------------------------------------------------------------------------
 
 
+def checkpoint_file(path: str) -> str:
+    """A run directory's checkpoint, or ``path`` itself when it names a file."""
+    from pyssl.train import CHECKPOINT_NAME
+
+    return os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
+
+
 def load_run(path: str, device: str):
     """(method with the trained weights, a fresh random-init copy, checkpoint dict)."""
     import torch
 
     from pyssl.methods import build_method
-    from pyssl.train import CHECKPOINT_NAME, load_checkpoint
+    from pyssl.train import load_checkpoint
 
-    ckpt_path = os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
+    ckpt_path = checkpoint_file(path)
     ckpt = load_checkpoint(ckpt_path)
     spec = ckpt.get("method") or {}
     if "name" not in spec:
@@ -425,6 +433,8 @@ def load_run(path: str, device: str):
 
 
 def cmd_eval(args) -> int:
+    import torch
+
     from pyssl.data import load_data
     from pyssl.eval import PROTOCOLS, evaluate_encoders, format_table, resolve_layer
 
@@ -437,8 +447,6 @@ def cmd_eval(args) -> int:
     extra = ckpt.get("extra", {})
     spec = args.data or extra.get("data", "digits")
     train, test = load_data(spec, extra.get("image_size"))
-    import torch
-
     from pyssl.train import data_device
 
     held_on = data_device("auto", torch.device(device), train.images.numel() + test.images.numel())

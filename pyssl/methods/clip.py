@@ -91,12 +91,12 @@ class CLIP(Method):
                               f"got {max_logit_scale!r}")
         if text_width % text_heads:
             raise MethodError(f"clip: text_width {text_width} is not divisible by text_heads {text_heads}")
+        if not isinstance(lock_image, bool):
+            raise MethodError(f"clip: lock_image must be True or False, got {lock_image!r}")
         super().__init__(backbone, image_size, in_channels, mean, std, augment, augment_kwargs)
         # The words strings are tokenised with (encode_text, zero-shot prompts); vocab_size alone
         # serves token ids from a tokenizer of your own.
         self.vocab = self_vocab
-        if not isinstance(lock_image, bool):
-            raise MethodError(f"clip: lock_image must be True or False, got {lock_image!r}")
         self.lock_image = lock_image
         if lock_image:
             self.backbone.requires_grad_(False)
@@ -158,7 +158,7 @@ class CLIP(Method):
     def training_step(self, batch) -> Tensor:
         images, texts = self._pairs(batch)
         image_z = self.embed_images(self.augment(images))
-        text_z = self.text_projection(self.text_encoder(texts))
+        text_z = self.text_projection(self.text_encoder(texts, check=False))  # _pairs checked them
         scale = self.scale()
         loss = self.criterion(image_z, text_z, scale)
         with torch.no_grad():

@@ -52,8 +52,11 @@ class TextTransformer(nn.Module):
                                  f"{int(tokens.min())}..{int(tokens.max())}")
             raise ValueError(f"texts: every row must contain the end-of-text token {self.eot_token}")
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        self.check_tokens(tokens)
+    def forward(self, tokens: Tensor, *, check: bool = True) -> Tensor:
+        """``check=False`` skips :meth:`check_tokens` (and its device synchronisation) for tokens
+        the caller has already checked."""
+        if check:
+            self.check_tokens(tokens)
         length = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:length]
         mask = nn.Transformer.generate_square_subsequent_mask(length, device=tokens.device, dtype=x.dtype)
