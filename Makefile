@@ -10,9 +10,12 @@ TORCH_CPU_SPEC ?= torch==2.13.0+cpu
 CPU_VENV ?= .venv-cpu
 # CUDA architectures the kernels are compiled for (CMake syntax: 90, "80;90", native).
 export PYSSL_CUDA_ARCH ?= 90
+# Also build pyssl._C_emu: the CUDA kernels' sources on the CPU emulator, so the CUDA tests run
+# here without a GPU (tests/test_*: backend "emu").
+export PYSSL_CUDA_EMULATE ?= ON
 PYTEST_ARGS ?=
 
-.PHONY: setup build test pytest check-cpu-build demo bench clean
+.PHONY: setup build test pytest sass-check check-cpu-build demo bench clean
 
 $(VENV)/.deps-stamp: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,10 +28,21 @@ setup: $(VENV)/.deps-stamp
 build: setup
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 
+# The CUDA tests run twice: on a GPU when there is one, and always on the CPU emulator (a build
+# without it fails here instead of skipping them). --durations names the slowest tests.
 pytest: build
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	PYSSL_REQUIRE_EMULATION=1 $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS) tests
 
-test: pytest check-cpu-build
+test: pytest sass-check check-cpu-build
+
+# Registers, shared memory, spills and HMMA use of every compiled CUDA kernel, from its SASS
+# (benchmarks/sass_report.py): fails when a hot kernel spills or a tensor-core kernel has no
+# HMMA. The two spills named here are known (a 4-byte value kept on the stack) and tracked
+# until those kernels are rebuilt; a spill anywhere else fails.
+KNOWN_SPILLS := --known-spill "pyssl::infonce::cuda::lse_partial_kernel<float>" \
+                --known-spill "pyssl::moco::moco_sweep_kernel<double, float>"
+sass-check: build
+	$(PY) benchmarks/sass_report.py --check $(KNOWN_SPILLS)
 
 # The same sources must build and import against a CPU-only torch (no CUDA sources compiled).
 check-cpu-build:

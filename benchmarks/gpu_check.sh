@@ -8,7 +8,8 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$REPO/benchmarks/results/gpu}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
-export PYSSL_CUDA=ON PYSSL_CUDA_ARCH=${PYSSL_CUDA_ARCH:-90} CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
+# The emulator is built too: its results on the same inputs are compared with the GPU's.
+export PYSSL_CUDA=ON PYSSL_CUDA_EMULATE=ON PYSSL_CUDA_ARCH=${PYSSL_CUDA_ARCH:-90} CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 export PYTHONUNBUFFERED=1
 
 # The anchor libraries (lightly, kornia, open_clip) are not on the GPU image and it has no
@@ -21,7 +22,7 @@ if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
 fi
 
 # At most 8 files come back from a device run: one log for set-up and tests, one for the
-# benchmarks, and a JSON per kernel benchmark.
+# benchmarks, a JSON per kernel benchmark and the GPU-against-emulator comparison.
 { nvidia-smi; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } >"$OUT/check.log" 2>&1
 
 start=$(date +%s)
@@ -34,9 +35,28 @@ echo "build: $(($(date +%s) - start)) s"
 
 # Run from outside the source tree so the installed package is the one imported.
 cd /tmp
-timeout 240 "$PY" -m pytest -q -x -m cuda "$REPO/tests" -p no:cacheprovider >/tmp/cuda_tests.log 2>&1
-echo "cuda tests: exit $? after $(($(date +%s) - start)) s"; tail -5 /tmp/cuda_tests.log
+# Every CUDA test (the "cuda" half of the backend-parametrised tests), none stopping the run.
+timeout 200 "$PY" -m pytest -q -m cuda -rf --durations=10 "$REPO/tests" -p no:cacheprovider >/tmp/cuda_tests.log 2>&1
+echo "cuda tests: exit $? after $(($(date +%s) - start)) s"; grep -E "^FAILED|passed|failed" /tmp/cuda_tests.log | tail -25
 cat /tmp/cuda_tests.log >>"$OUT/check.log"
+
+# The same kernel sources on the GPU and on the CPU emulator, same inputs.
+timeout 60 "$PY" "$REPO/benchmarks/gpu_vs_emulator.py" --out "$OUT/gpu_vs_emulator.json" >/tmp/gpu_vs_emu.log 2>&1
+echo "gpu vs emulator: exit $?"; tail -3 /tmp/gpu_vs_emu.log
+cat /tmp/gpu_vs_emu.log >>"$OUT/check.log"
+
+# Memory and race checks of the kernels on small cases, where compute-sanitizer is installed.
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+if [ -n "$SANITIZER" ]; then
+  for tool in memcheck racecheck; do
+    timeout 45 "$SANITIZER" --tool "$tool" --error-exitcode 9 "$PY" -m pytest -q -x -m cuda -p no:cacheprovider \
+      "$REPO/tests/test_infonce_cuda.py" -k "(1, 300) or (97, 7) or gradcheck" >/tmp/sanitizer.log 2>&1
+    echo "compute-sanitizer $tool: exit $? (9: errors found)"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY" /tmp/sanitizer.log | tail -2
+    cat /tmp/sanitizer.log >>"$OUT/check.log"
+  done
+else
+  echo "compute-sanitizer: not installed here" | tee -a "$OUT/check.log"
+fi
 
 # The trainer end to end on the GPU (AMP, cudnn, the fused losses inside real methods): one epoch each.
 for method in simclr mocov2 clip; do

@@ -11,6 +11,8 @@ from numbers import Real
 import torch
 from torch import Tensor
 
+# The namespace the wrappers below call: torch.ops.pyssl, or torch.ops.pyssl_emu inside
+# pyssl.emulation.cuda_emulated() (the CUDA kernels run by the CPU emulator).
 _ops = torch.ops.pyssl
 
 
@@ -91,12 +93,10 @@ def ntxent(z0: Tensor, z1: Tensor, temperature: float = 0.5, *, check_inputs_fin
     return loss
 
 
-@torch.library.register_fake("pyssl::ntxent_forward")
 def _ntxent_forward_fake(z, temperature):
     return z.new_empty(()), z.new_empty((z.shape[0],), dtype=accumulate_dtype(z.dtype))
 
 
-@torch.library.register_fake("pyssl::ntxent_backward")
 def _ntxent_backward_fake(grad_loss, z, lse, temperature):
     return torch.empty_like(z)
 
@@ -108,12 +108,12 @@ def _ntxent_setup_context(ctx, inputs, output):
     ctx.temperature = temperature
 
 
-def _ntxent_backward(ctx, grad_loss, grad_lse):
-    z, lse = ctx.saved_tensors
-    return _ops.ntxent_backward(grad_loss, z, lse, ctx.temperature), None
+def _ntxent_backward(ops):
+    def backward(ctx, grad_loss, grad_lse):
+        z, lse = ctx.saved_tensors
+        return ops.ntxent_backward(grad_loss, z, lse, ctx.temperature), None
 
-
-torch.library.register_autograd("pyssl::ntxent_forward", _ntxent_backward, setup_context=_ntxent_setup_context)
+    return backward
 
 
 # ---- fused InfoNCE / CLIP ---------------------------------------------------------------------
@@ -129,7 +129,9 @@ def _as_logit_scale(op: str, logit_scale, like: Tensor) -> Tensor:
             raise TypeError(f"{op}: logit_scale must be a floating tensor, got dtype {logit_scale.dtype}")
         return logit_scale.reshape(()).to(device=like.device, dtype=dtype)
     value = check_positive(op, "logit_scale", logit_scale)
-    return torch.tensor(value, device=like.device, dtype=dtype)
+    # torch.full fills on the device; torch.tensor(value, device=cuda) would be a blocking copy
+    # from the host in every forward.
+    return torch.full((), value, device=like.device, dtype=dtype)
 
 
 def infonce(
@@ -174,14 +176,12 @@ def infonce(
     return loss
 
 
-@torch.library.register_fake("pyssl::infonce_forward")
 def _infonce_forward_fake(query, key, logit_scale, symmetric):
     acc = accumulate_dtype(query.dtype)
     lse_col = query.new_empty((key.shape[0] if symmetric else 0,), dtype=acc)
     return query.new_empty(()), query.new_empty((query.shape[0],), dtype=acc), lse_col
 
 
-@torch.library.register_fake("pyssl::infonce_backward")
 def _infonce_backward_fake(grad_loss, query, key, logit_scale, lse_row, lse_col, symmetric):
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(logit_scale)
 
@@ -193,17 +193,15 @@ def _infonce_setup_context(ctx, inputs, output):
     ctx.symmetric = symmetric
 
 
-def _infonce_backward(ctx, grad_loss, grad_lse_row, grad_lse_col):
-    query, key, logit_scale, lse_row, lse_col = ctx.saved_tensors
-    grad_query, grad_key, grad_scale = _ops.infonce_backward(
-        grad_loss, query, key, logit_scale, lse_row, lse_col, ctx.symmetric
-    )
-    return grad_query, grad_key, grad_scale, None
+def _infonce_backward(ops):
+    def backward(ctx, grad_loss, grad_lse_row, grad_lse_col):
+        query, key, logit_scale, lse_row, lse_col = ctx.saved_tensors
+        grad_query, grad_key, grad_scale = ops.infonce_backward(
+            grad_loss, query, key, logit_scale, lse_row, lse_col, ctx.symmetric
+        )
+        return grad_query, grad_key, grad_scale, None
 
-
-torch.library.register_autograd(
-    "pyssl::infonce_forward", _infonce_backward, setup_context=_infonce_setup_context
-)
+    return backward
 
 
 # ---- MoCo queue loss -----------------------------------------------------------------------------
@@ -241,13 +239,11 @@ def moco(
     return loss
 
 
-@torch.library.register_fake("pyssl::moco_forward")
 def _moco_forward_fake(query, key, queue, temperature):
     acc = accumulate_dtype(query.dtype)
     return query.new_empty(()), query.new_empty((query.shape[0],), dtype=acc), query.new_empty(query.shape, dtype=acc)
 
 
-@torch.library.register_fake("pyssl::moco_backward")
 def _moco_backward_fake(grad_loss, query, key, lse, expected_queue, temperature):
     return torch.empty_like(query), torch.empty_like(key)
 
@@ -261,13 +257,13 @@ def _moco_setup_context(ctx, inputs, output):
     ctx.temperature = temperature
 
 
-def _moco_backward(ctx, grad_loss, grad_lse, grad_expected_queue):
-    query, key, lse, expected_queue = ctx.saved_tensors
-    grad_query, grad_key = _ops.moco_backward(grad_loss, query, key, lse, expected_queue, ctx.temperature)
-    return grad_query, grad_key, None, None
+def _moco_backward(ops):
+    def backward(ctx, grad_loss, grad_lse, grad_expected_queue):
+        query, key, lse, expected_queue = ctx.saved_tensors
+        grad_query, grad_key = ops.moco_backward(grad_loss, query, key, lse, expected_queue, ctx.temperature)
+        return grad_query, grad_key, None, None
 
-
-torch.library.register_autograd("pyssl::moco_forward", _moco_backward, setup_context=_moco_setup_context)
+    return backward
 
 
 # ---- momentum EMA --------------------------------------------------------------------------------
@@ -305,7 +301,6 @@ def ema_update_(ema: list[Tensor], online: list[Tensor], momentum: float) -> Non
         _ops.ema_update_(ema, online, momentum)
 
 
-@torch.library.register_fake("pyssl::ema_update_")
 def _ema_update_fake(ema, online, momentum):
     return None
 
@@ -343,7 +338,6 @@ def augment_fused(
     )
 
 
-@torch.library.register_fake("pyssl::augment_fused")
 def _augment_fused_fake(
     images, source_index, crop_boxes, flip, jitter_factors, jitter_order, gray, blur_sigma,
     blur_kernel_size, solarize_threshold, mean, std, out_h, out_w, out_dtype=None, channels_last=False,
@@ -364,6 +358,36 @@ def augment_draw_crops(uniforms: Tensor, height: int, width: int, scale, ratio) 
     )
 
 
-@torch.library.register_fake("pyssl::augment_draw_crops")
 def _augment_draw_crops_fake(uniforms, height, width, scale_min, scale_max, ratio_min, ratio_max):
     return uniforms.new_empty((uniforms.shape[0], 4), dtype=torch.long)
+
+
+# ---- registration ------------------------------------------------------------------------------
+
+
+def register_library(lib: str) -> None:
+    """Fake kernels and autograd formulas for the ops of namespace ``lib`` (``pyssl``, and
+    ``pyssl_emu`` for the emulated CUDA kernels of :mod:`pyssl.emulation`): each op's backward
+    calls the backward op of the same namespace."""
+    ops = getattr(torch.ops, lib)
+    fakes = {
+        "ntxent_forward": _ntxent_forward_fake,
+        "ntxent_backward": _ntxent_backward_fake,
+        "infonce_forward": _infonce_forward_fake,
+        "infonce_backward": _infonce_backward_fake,
+        "moco_forward": _moco_forward_fake,
+        "moco_backward": _moco_backward_fake,
+        "ema_update_": _ema_update_fake,
+        "augment_fused": _augment_fused_fake,
+        "augment_draw_crops": _augment_draw_crops_fake,
+    }
+    for name, fake in fakes.items():
+        torch.library.register_fake(f"{lib}::{name}")(fake)
+    torch.library.register_autograd(f"{lib}::ntxent_forward", _ntxent_backward(ops), setup_context=_ntxent_setup_context)
+    torch.library.register_autograd(
+        f"{lib}::infonce_forward", _infonce_backward(ops), setup_context=_infonce_setup_context
+    )
+    torch.library.register_autograd(f"{lib}::moco_forward", _moco_backward(ops), setup_context=_moco_setup_context)
+
+
+register_library("pyssl")

@@ -11,7 +11,6 @@ from torch import nn
 import pyssl
 from pyssl.momentum import cosine_schedule, update_momentum
 
-from conftest import cuda_ready
 
 
 def ref_ema(ema, online, m):
@@ -214,33 +213,32 @@ def test_cosine_schedule_matches_lightly():
 # ---- CUDA against the CPU kernel ---------------------------------------------------------------
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("ema_dtype", DTYPES)
 @pytest.mark.parametrize("online_dtype", [torch.float32, torch.bfloat16])
-def test_ema_cuda_matches_cpu(ema_dtype, online_dtype):
-    if not cuda_ready():
-        pytest.skip("CUDA kernels not built")
-    shapes = SHAPES + [(1_000_003,), (7, 1, 0)] + [(i % 13 + 1,) for i in range(3000)]
+def test_ema_cuda_matches_cpu(backend, ema_dtype, online_dtype):
+    big = 1_000_003 if not backend.emulated else 100_003  # > 6 chunks of 16 Ki either way
+    shapes = SHAPES + [(big,), (7, 1, 0)] + [(i % 13 + 1,) for i in range(3000)]
     ema = [torch.randn(s).to(ema_dtype) for s in shapes]
     online = [torch.randn(s).to(online_dtype) for s in shapes]
-    ema_gpu = [e.cuda() for e in ema]
-    online_gpu = [o.cuda() for o in online]
+    ema_gpu = [backend.to(e.clone()) for e in ema]
+    online_gpu = [backend.to(o) for o in online]
     pyssl.ops.ema_update_(ema, online, 0.99)
-    pyssl.ops.ema_update_(ema_gpu, online_gpu, 0.99)
+    with backend:
+        pyssl.ops.ema_update_(ema_gpu, online_gpu, 0.99)
     for a, b in zip(ema_gpu, ema):
         torch.testing.assert_close(a.cpu(), b, **TOL[ema_dtype])
 
 
-@pytest.mark.cuda
-def test_ema_cuda_non_contiguous_and_models():
-    if not cuda_ready():
-        pytest.skip("CUDA kernels not built")
-    ema = [torch.randn(30, 40, device="cuda").t(), torch.randn(2, 3, 8, 8, device="cuda").to(memory_format=torch.channels_last)]
-    online = [torch.randn(40, 30, device="cuda"), torch.randn(2, 3, 8, 8, device="cuda").to(memory_format=torch.channels_last)]
+def test_ema_cuda_non_contiguous_and_models(backend):
+    dev = backend.device
+    ema = [torch.randn(30, 40, device=dev).t(), torch.randn(2, 3, 8, 8, device=dev).to(memory_format=torch.channels_last)]
+    online = [torch.randn(40, 30, device=dev), torch.randn(2, 3, 8, 8, device=dev).to(memory_format=torch.channels_last)]
     expected = ref_ema(ema, online, 0.3)
-    pyssl.ops.ema_update_(ema, online, 0.3)
+    with backend:
+        pyssl.ops.ema_update_(ema, online, 0.3)
     check(ema, expected)
-    model, ema_model = small_net().cuda(), small_net().cuda()
+    model, ema_model = small_net().to(dev), small_net().to(dev)
     expected = ref_ema(list(ema_model.parameters()), list(model.parameters()), 0.9)
-    update_momentum(ema_model, model, 0.9)
+    with backend:
+        update_momentum(ema_model, model, 0.9)
     check(list(ema_model.parameters()), expected)

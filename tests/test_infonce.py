@@ -332,13 +332,14 @@ def test_devices_must_match():
 # ---- CUDA (skipped without a GPU) ------------------------------------------------------------
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_ntxent_cuda_matches_cpu(dtype):
+def test_ntxent_cuda_matches_cpu(backend, dtype):
     z0, z1 = leaf((300, 64), dtype), leaf((300, 64), dtype)
     expected = ref_ntxent(z0, z1, 0.1)
-    a, b = z0.detach().cuda().requires_grad_(), z1.detach().cuda().requires_grad_()
-    loss = NTXentLoss(0.1)(a, b)
+    a, b = backend.to(z0.detach()).requires_grad_(), backend.to(z1.detach()).requires_grad_()
+    with backend:
+        loss = NTXentLoss(0.1)(a, b)
+        device_grads = grads_of(loss, a, b)
     assert_close(loss.cpu(), expected, dtype, scale=10)
-    for g, w in zip(grads_of(loss, a, b), grads_of(expected, z0, z1)):
+    for g, w in zip(device_grads, grads_of(expected, z0, z1)):
         assert_close(g.cpu(), w, dtype, scale=10)

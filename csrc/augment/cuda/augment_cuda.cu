@@ -17,10 +17,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include "device.h"
+#include "device_smem.h"
 
 #include <algorithm>
 #include <optional>
@@ -200,7 +200,7 @@ int64_t pass2_shared_floats(int64_t radius) {
 template <typename out_t>
 __global__ void pass2_kernel(const float* __restrict__ tmp, Params p, Geometry g,
                              int64_t max_radius, out_t* __restrict__ out) {
-  extern __shared__ float smem[];
+  float* smem = dynamic_shared_memory<float>();
   const int64_t n = blockIdx.x;
   const int64_t oh = g.out_h, ow = g.out_w, pixels = oh * ow;
   const int64_t tiles_x = (ow + kTileW - 1) / kTileW;
@@ -280,8 +280,8 @@ Tensor augment_fused_cuda(const Tensor& images, const Tensor& source_index,
   const int64_t n = check_fused_args(images, source_index, crop_boxes, flip, jitter_factors,
                                      jitter_order, gray, blur_sigma, blur_kernel_size,
                                      solarize_threshold, mean, std, out_h, out_w, out_dtype);
-  c10::cuda::CUDAGuard guard(images.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  device::Guard guard(images.device());
+  cudaStream_t stream = device::current_stream();
   const int64_t channels = images.size(1);
 
   int64_t bound = blur_kernel_bound;
@@ -319,7 +319,7 @@ Tensor augment_fused_cuda(const Tensor& images, const Tensor& source_index,
   }
   Tensor tmp = at::empty({n, channels, out_h, out_w}, images.options().dtype(at::kFloat));
   Tensor sums = at::empty({n}, images.options().dtype(at::kDouble));
-  C10_CUDA_CHECK(cudaMemsetAsync(sums.mutable_data_ptr<double>(), 0, n * sizeof(double), stream));
+  PYSSL_CUDA_CHECK(cudaMemsetAsync(sums.mutable_data_ptr<double>(), 0, n * sizeof(double), stream));
   p.contrast_sum = sums.const_data_ptr<double>();
 
   const int64_t pixels = out_h * out_w;
@@ -328,12 +328,10 @@ Tensor augment_fused_cuda(const Tensor& images, const Tensor& source_index,
   AT_DISPATCH_FLOATING_TYPES_AND3(
       at::kByte, at::kHalf, at::kBFloat16, images.scalar_type(), "pyssl_augment_pass1_cuda", [&] {
         const scalar_t* in = images.const_data_ptr<scalar_t>();
-        contrast_mean_kernel<scalar_t><<<grid1, kThreads, 0, stream>>>(
+        device::launch<contrast_mean_kernel<scalar_t>>(grid1, kThreads, 0, stream, 
             in, p, g, sums.mutable_data_ptr<double>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        pass1_kernel<scalar_t><<<grid1, kThreads, 0, stream>>>(in, p, g,
+        device::launch<pass1_kernel<scalar_t>>(grid1, kThreads, 0, stream, in, p, g,
                                                                 tmp.mutable_data_ptr<float>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 
   const int64_t tiles = ceil_div(out_h, kTileH) * ceil_div(out_w, kTileW);
@@ -342,13 +340,10 @@ Tensor augment_fused_cuda(const Tensor& images, const Tensor& source_index,
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, out.scalar_type(), "pyssl_augment_pass2_cuda", [&] {
         if (smem > 48 * 1024) {
-          C10_CUDA_CHECK(cudaFuncSetAttribute(pass2_kernel<scalar_t>,
-                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              static_cast<int>(smem)));
+          device::set_max_dynamic_shared_memory<pass2_kernel<scalar_t>>(static_cast<int>(smem));
         }
-        pass2_kernel<scalar_t><<<grid2, kThreads, smem, stream>>>(
+        device::launch<pass2_kernel<scalar_t>>(grid2, kThreads, smem, stream, 
             tmp.const_data_ptr<float>(), p, g, max_radius, out.mutable_data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return out;
 }
@@ -368,22 +363,21 @@ Tensor augment_draw_crops_cuda(const Tensor& uniforms, int64_t height, int64_t w
                                double ratio_max) {
   const int64_t attempts = check_draw_crops_args(uniforms, height, width, scale_min, scale_max,
                                                  ratio_min, ratio_max);
-  c10::cuda::CUDAGuard guard(uniforms.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  device::Guard guard(uniforms.device());
+  cudaStream_t stream = device::current_stream();
   const int64_t n = uniforms.size(0);
   Tensor u = uniforms.contiguous();
   Tensor boxes = at::empty({n, 4}, uniforms.options().dtype(at::kLong));
   if (n == 0) return boxes;
-  draw_crops_kernel<<<static_cast<unsigned>(ceil_div(n, kThreads)), kThreads, 0, stream>>>(
+  device::launch<draw_crops_kernel>(static_cast<unsigned>(ceil_div(n, kThreads)), kThreads, 0, stream, 
       u.const_data_ptr<float>(), n, attempts, height, width, scale_min, scale_max, ratio_min,
       ratio_max, boxes.mutable_data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return boxes;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyssl, CUDA, m) {
+PYSSL_DEVICE_LIBRARY_IMPL(m) {
   m.impl("augment_fused", &augment_fused_cuda);
   m.impl("augment_draw_crops", &augment_draw_crops_cuda);
 }

@@ -7,12 +7,11 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+
+#include "device.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -99,7 +98,7 @@ __global__ void __launch_bounds__(kThreads)
 void ema_update_cuda(at::TensorList ema, at::TensorList online, double momentum) {
   check_ema_lists(ema, online, momentum);
   if (ema.empty()) return;
-  c10::cuda::CUDAGuard guard(ema[0].device());
+  device::Guard guard(ema[0].device());
   std::vector<TensorEntry> table;
   int64_t num_chunks = 0;
   for (size_t i = 0; i < ema.size(); ++i) {
@@ -112,24 +111,23 @@ void ema_update_cuda(at::TensorList ema, at::TensorList online, double momentum)
   }
   if (table.empty()) return;
 
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto stream = device::current_stream();
   const int64_t table_bytes = static_cast<int64_t>(table.size() * sizeof(TensorEntry));
   Tensor table_dev = at::empty({table_bytes}, ema[0].options().dtype(at::kByte));
   // From pageable host memory the copy is staged before cudaMemcpyAsync returns, so `table`
   // may be freed right after; the kernel is ordered after the copy on the same stream.
-  C10_CUDA_CHECK(cudaMemcpyAsync(table_dev.data_ptr(), table.data(), table_bytes, cudaMemcpyHostToDevice, stream));
+  PYSSL_CUDA_CHECK(cudaMemcpyAsync(table_dev.data_ptr(), table.data(), table_bytes, cudaMemcpyHostToDevice, stream));
 
   int device_sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&device_sms, cudaDevAttrMultiProcessorCount, ema[0].get_device()));
+  PYSSL_CUDA_CHECK(cudaDeviceGetAttribute(&device_sms, cudaDevAttrMultiProcessorCount, ema[0].get_device()));
   const int64_t blocks = std::min<int64_t>(num_chunks, static_cast<int64_t>(device_sms) * 8);
-  ema_update_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+  device::launch<ema_update_kernel>(static_cast<unsigned>(blocks), kThreads, 0, stream, 
       static_cast<const TensorEntry*>(table_dev.const_data_ptr()), static_cast<int64_t>(table.size()), num_chunks,
       momentum);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyssl, CUDA, m) { m.impl("ema_update_", &ema_update_cuda); }
+PYSSL_DEVICE_LIBRARY_IMPL(m) { m.impl("ema_update_", &ema_update_cuda); }
 
 }  // namespace pyssl::ema

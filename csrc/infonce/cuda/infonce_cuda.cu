@@ -23,10 +23,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include "device.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -56,8 +55,8 @@ bool kernel_dtype(at::ScalarType t) {
 
 int sm_count() {
   int device = 0, count = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  PYSSL_CUDA_CHECK(cudaGetDevice(&device));
+  PYSSL_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
   return std::max(count, 1);
 }
 
@@ -72,10 +71,6 @@ std::pair<int64_t, int64_t> column_splits(int64_t col_tiles, int64_t other, int6
   const int64_t splits = std::clamp<int64_t>(wanted, 1, col_tiles);
   const int64_t per_split = ceil_div(col_tiles, splits);
   return {ceil_div(col_tiles, per_split), per_split};
-}
-
-void check_cuda(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
 }
 
 // A one-element tensor as a 0-dim tensor of `acc` on `device` (a copy only if needed).
@@ -107,11 +102,10 @@ struct Normalized {
 template <typename in_t, typename acc_t>
 void launch_normalize(const Tensor& z, Normalized& n, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(ceil_div(n.rows_pad, kWarps));
-  normalize_rows_kernel<in_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+  device::launch<normalize_rows_kernel<in_t, acc_t>>(blocks, kThreads, 0, stream, 
       z.const_data_ptr<in_t>(), z.stride(0), z.stride(1), n.rows, n.rows_pad, n.dim, n.dim_pad,
       n.unit.mutable_data_ptr<acc_t>(), n.norm.mutable_data_ptr<acc_t>(),
       n.unit_half.defined() ? reinterpret_cast<__half*>(n.unit_half.mutable_data_ptr<at::Half>()) : nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 Normalized normalize_rows(const Tensor& z_in, at::ScalarType acc, bool tensor_cores, cudaStream_t stream) {
@@ -151,21 +145,19 @@ void row_lse(const Normalized& x, const Normalized& y, bool mask_diagonal, const
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(splits));
   AT_DISPATCH_FLOATING_TYPES(x.unit.scalar_type(), "pyssl_row_lse_cuda", [&] {
     if (x.unit_half.defined() && y.unit_half.defined()) {
-      lse_partial_mma_kernel<<<grid, kThreads, 0, stream>>>(
+      device::launch<lse_partial_mma_kernel>(grid, kThreads, 0, stream, 
           half_ptr(x.unit_half), half_ptr(y.unit_half), x.rows, y.rows, x.dim_pad,
           scale.const_data_ptr<float>(), mask_diagonal, per_split,
           part_max.mutable_data_ptr<float>(), part_sum.mutable_data_ptr<float>());
     } else {
-      lse_partial_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+      device::launch<lse_partial_kernel<scalar_t>>(grid, kThreads, 0, stream, 
           x.unit.const_data_ptr<scalar_t>(), y.unit.const_data_ptr<scalar_t>(), x.rows, y.rows,
           x.dim_pad, scale.const_data_ptr<scalar_t>(), mask_diagonal, per_split,
           part_max.mutable_data_ptr<scalar_t>(), part_sum.mutable_data_ptr<scalar_t>());
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    lse_merge_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(x.rows, kThreads)), kThreads, 0, stream>>>(
+    device::launch<lse_merge_kernel<scalar_t>>(static_cast<unsigned>(ceil_div(x.rows, kThreads)), kThreads, 0, stream, 
         part_max.const_data_ptr<scalar_t>(), part_sum.const_data_ptr<scalar_t>(), splits, x.rows,
         lse_out.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -174,10 +166,9 @@ Tensor positive_dots(const Normalized& x, const Normalized& y, int64_t rows, int
                      cudaStream_t stream) {
   Tensor pos = at::empty({rows}, x.unit.options());
   AT_DISPATCH_FLOATING_TYPES(x.unit.scalar_type(), "pyssl_positive_dots_cuda", [&] {
-    positive_dot_kernel<scalar_t><<<static_cast<unsigned>(ceil_div(rows, kWarps)), kThreads, 0, stream>>>(
+    device::launch<positive_dot_kernel<scalar_t>>(static_cast<unsigned>(ceil_div(rows, kWarps)), kThreads, 0, stream, 
         x.unit.const_data_ptr<scalar_t>(), y.unit.const_data_ptr<scalar_t>(), rows, x.dim_pad,
         pairs, pos.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return pos;
 }
@@ -186,12 +177,11 @@ Tensor reduce_loss(const Tensor& lse_row, const Tensor* lse_col, const Tensor& p
                    const Tensor& scale, cudaStream_t stream) {
   Tensor loss = at::empty({}, lse_row.options());
   AT_DISPATCH_FLOATING_TYPES(lse_row.scalar_type(), "pyssl_infonce_loss_cuda", [&] {
-    loss_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
+    device::launch<loss_kernel<scalar_t>>(1, kThreads, 0, stream, 
         lse_row.const_data_ptr<scalar_t>(),
         lse_col != nullptr ? lse_col->const_data_ptr<scalar_t>() : nullptr,
         pos.const_data_ptr<scalar_t>(), pos.size(0), scale.const_data_ptr<scalar_t>(),
         loss.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return loss;
 }
@@ -233,25 +223,22 @@ GradSums grad_sweep(const Normalized& x, const Normalized& y, const Tensor& scal
     return terms;
   };
   if (x.unit_half.defined() && y.unit_half.defined()) {  // fp16/bf16 input: float32 statistics
-    grad_partial_mma_kernel<<<grid, kThreads, 0, stream>>>(
+    device::launch<grad_partial_mma_kernel>(grid, kThreads, 0, stream, 
         half_ptr(x.unit_half), half_ptr(y.unit_half), x.rows_pad, x.dim_pad,
         scale.const_data_ptr<float>(), make_terms(0.0f), per_split,
         out.part.mutable_data_ptr<float>(),
         want_prob_cos ? out.prob_cos.mutable_data_ptr<float>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES(x.unit.scalar_type(), "pyssl_grad_sweep_cuda", [&] {
     const int smem = kGradSmemElems * static_cast<int>(sizeof(scalar_t));
     // Above 48 KiB (float64) dynamic shared memory needs an explicit opt-in.
-    C10_CUDA_CHECK(cudaFuncSetAttribute(grad_partial_kernel<scalar_t>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    grad_partial_kernel<scalar_t><<<grid, kThreads, smem, stream>>>(
+    device::set_max_dynamic_shared_memory<grad_partial_kernel<scalar_t>>(smem);
+    device::launch<grad_partial_kernel<scalar_t>>(grid, kThreads, smem, stream, 
         x.unit.const_data_ptr<scalar_t>(), y.unit.const_data_ptr<scalar_t>(), x.rows_pad,
         x.dim_pad, scale.const_data_ptr<scalar_t>(), make_terms(scalar_t(0)), per_split,
         out.part.mutable_data_ptr<scalar_t>(),
         want_prob_cos ? out.prob_cos.mutable_data_ptr<scalar_t>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
@@ -259,12 +246,11 @@ GradSums grad_sweep(const Normalized& x, const Normalized& y, const Tensor& scal
 template <typename acc_t, typename out_t>
 void launch_grad_finalize(const GradSums& sums, const Normalized& x, const Tensor& grad_loss,
                           const Tensor& scale, double mean_factor, Tensor& out, cudaStream_t stream) {
-  grad_finalize_kernel<acc_t, out_t><<<static_cast<unsigned>(x.rows), 128, 0, stream>>>(
+  device::launch<grad_finalize_kernel<acc_t, out_t>>(static_cast<unsigned>(x.rows), 128, 0, stream, 
       sums.part.const_data_ptr<acc_t>(), sums.splits, x.rows_pad, x.rows, x.dim, x.dim_pad,
       x.unit.const_data_ptr<acc_t>(), x.norm.const_data_ptr<acc_t>(),
       grad_loss.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(),
       static_cast<acc_t>(mean_factor), out.mutable_data_ptr<out_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // dL/dz of the rows of x: sums * grad * scale * mean_factor through the normalisation, in
@@ -287,13 +273,13 @@ Tensor grad_finalize(const GradSums& sums, const Normalized& x, const Tensor& gr
 
 void check_ntxent_cuda(const Tensor& z, double temperature) {
   check_ntxent(z, temperature);
-  check_cuda(z, "pyssl.ntxent", "z");
+  device::check_on_device(z, "pyssl.ntxent", "z");
 }
 
 std::tuple<Tensor, Tensor> ntxent_forward_cuda(const Tensor& z, double temperature) {
   check_ntxent_cuda(z, temperature);
-  c10::cuda::CUDAGuard guard(z.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  device::Guard guard(z.device());
+  cudaStream_t stream = device::current_stream();
   const at::ScalarType acc = accumulate_type(z);
   const int64_t rows = z.size(0), pairs = rows / 2;
   Normalized n = normalize_rows(z, acc, use_tensor_cores(z, z), stream);
@@ -312,8 +298,8 @@ Tensor ntxent_backward_cuda(const Tensor& grad_loss, const Tensor& z, const Tens
   const int64_t rows = z.size(0), pairs = rows / 2;
   TORCH_CHECK(lse.dim() == 1 && lse.size(0) == rows, "pyssl.ntxent_backward: lse must have shape (",
               rows, "), got ", lse.sizes());
-  c10::cuda::CUDAGuard guard(z.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  device::Guard guard(z.device());
+  cudaStream_t stream = device::current_stream();
   const at::ScalarType acc = accumulate_type(z);
   Normalized n = normalize_rows(z, acc, use_tensor_cores(z, z), stream);
   Tensor scale = at::empty({}, n.unit.options()).fill_(1.0 / temperature);
@@ -331,16 +317,16 @@ Tensor ntxent_backward_cuda(const Tensor& grad_loss, const Tensor& z, const Tens
 
 void check_infonce_cuda(const Tensor& query, const Tensor& key, const Tensor& logit_scale, bool symmetric) {
   check_infonce(query, key, logit_scale, symmetric);
-  check_cuda(query, "pyssl.infonce", "query");
-  check_cuda(key, "pyssl.infonce", "key");
-  if (!logit_scale.is_cuda()) checked_logit_scale(logit_scale);  // free to read without a device sync
+  device::check_on_device(query, "pyssl.infonce", "query");
+  device::check_on_device(key, "pyssl.infonce", "key");
+  if (!device::on_device(logit_scale)) checked_logit_scale(logit_scale);  // free to read without a device sync
 }
 
 std::tuple<Tensor, Tensor, Tensor> infonce_forward_cuda(const Tensor& query, const Tensor& key,
                                                         const Tensor& logit_scale, bool symmetric) {
   check_infonce_cuda(query, key, logit_scale, symmetric);
-  c10::cuda::CUDAGuard guard(query.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  device::Guard guard(query.device());
+  cudaStream_t stream = device::current_stream();
   const at::ScalarType acc = accumulate_type(query);
   const int64_t rows = query.size(0), keys = key.size(0);
   const bool tensor_cores = use_tensor_cores(query, key);
@@ -368,8 +354,8 @@ std::tuple<Tensor, Tensor, Tensor> infonce_backward_cuda(const Tensor& grad_loss
               "pyssl.infonce_backward: lse_row must have shape (", rows, "), got ", lse_row.sizes());
   TORCH_CHECK(!symmetric || (lse_col.dim() == 1 && lse_col.size(0) == keys),
               "pyssl.infonce_backward: lse_col must have shape (", keys, "), got ", lse_col.sizes());
-  c10::cuda::CUDAGuard guard(query.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  device::Guard guard(query.device());
+  cudaStream_t stream = device::current_stream();
   const at::ScalarType acc = accumulate_type(query);
   const at::Device device = query.device();
   const bool tensor_cores = use_tensor_cores(query, key);
@@ -395,11 +381,10 @@ std::tuple<Tensor, Tensor, Tensor> infonce_backward_cuda(const Tensor& grad_loss
 
   Tensor grad_scale = at::empty({}, nq.unit.options());
   AT_DISPATCH_FLOATING_TYPES(nq.unit.scalar_type(), "pyssl_scale_grad_cuda", [&] {
-    scale_grad_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
+    device::launch<scale_grad_kernel<scalar_t>>(1, kThreads, 0, stream, 
         row_sums.prob_cos.const_data_ptr<scalar_t>(), row_sums.prob_cos.numel(),
         grad.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
         static_cast<scalar_t>(mean_factor), grad_scale.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   grad_scale = grad_scale.to(logit_scale.device(), logit_scale.scalar_type()).reshape(logit_scale.sizes());
   return {grad_query, grad_key, grad_scale};
@@ -407,7 +392,7 @@ std::tuple<Tensor, Tensor, Tensor> infonce_backward_cuda(const Tensor& grad_loss
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyssl, CUDA, m) {
+PYSSL_DEVICE_LIBRARY_IMPL(m) {
   m.impl("ntxent_forward", &ntxent_forward_cuda);
   m.impl("ntxent_backward", &ntxent_backward_cuda);
   m.impl("infonce_forward", &infonce_forward_cuda);

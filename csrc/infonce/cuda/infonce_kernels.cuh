@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "device_smem.h"
 #include "infonce/infonce_math.h"
 
 namespace pyssl::infonce::cuda {
@@ -296,8 +297,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 4 ? 2 : 1)
                         int64_t dim_pad, const acc_t* __restrict__ scale_ptr, GradTerms<acc_t> terms,
                         int64_t tiles_per_split, acc_t* __restrict__ grad_part,
                         acc_t* __restrict__ prob_cos_part) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* smem = dynamic_shared_memory<acc_t>();
   auto xs = reinterpret_cast<acc_t(*)[kPad]>(smem);
   auto ys = reinterpret_cast<acc_t(*)[kPad]>(smem + kDepth * kPad);
   auto gs = reinterpret_cast<acc_t(*)[kPad]>(smem + 2 * kDepth * kPad);

@@ -18,10 +18,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include "device.h"
+#include "device_smem.h"
 
 #include <algorithm>
 #include <cmath>
@@ -107,8 +107,7 @@ __global__ void __launch_bounds__(kThreads)
     moco_sweep_kernel(const acc_t* __restrict__ scaled_u, const queue_t* __restrict__ queue, int64_t rows,
                       int64_t keys, int64_t dim, int64_t tiles_per_split, acc_t* __restrict__ part_max,
                       acc_t* __restrict__ part_sum, acc_t* __restrict__ part_acc) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* s_u = reinterpret_cast<acc_t*>(smem_raw);  // kRows x dim
+  acc_t* s_u = dynamic_shared_memory<acc_t>();  // kRows x dim
   acc_t* s_acc = s_u + kRows * dim;                 // kRows x dim
   acc_t* s_q = s_acc + kRows * dim;                 // kCols x (kChunk + 1)
   acc_t* s_p = s_q + kCols * (kChunk + 1);          // kRows x kCols: logits, then probabilities
@@ -174,6 +173,9 @@ __global__ void __launch_bounds__(kThreads)
       s_p[r * kCols + lane] = p0;
       s_p[r * kCols + lane + 32] = p1;
       const acc_t tile_sum = warp_sum(p0 + p1);
+      // Every lane read s_max[r] above; the shuffles order no shared-memory accesses, so the
+      // warp meets here before lane 0 overwrites it.
+      __syncwarp();
       if (lane == 0) {
         s_max[r] = new_max;
         s_sum[r] = s_sum[r] * rescale + tile_sum;
@@ -261,16 +263,16 @@ size_t sweep_smem_bytes(int64_t dim) {
 std::tuple<Tensor, Tensor, Tensor> moco_forward_cuda(const Tensor& query_in, const Tensor& key_in,
                                                      const Tensor& queue_in, double temperature) {
   check_moco(query_in, key_in, queue_in, temperature);
-  c10::cuda::CUDAGuard guard(query_in.device());
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  device::Guard guard(query_in.device());
+  const auto stream = device::current_stream();
   const Tensor query = query_in.contiguous(), key = key_in.contiguous(), queue = queue_in.contiguous();
   const int64_t rows = query.size(0), dim = query.size(1), keys = queue.size(0);
   const at::ScalarType acc = query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto acc_opts = query.options().dtype(acc);
 
   int device = query.get_device(), sms = 0, smem_optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  PYSSL_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  PYSSL_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
 
   // Column splits: about 4 blocks per SM in all, no split without a tile.
   const int64_t row_blocks = (rows + kRows - 1) / kRows;
@@ -296,10 +298,9 @@ std::tuple<Tensor, Tensor, Tensor> moco_forward_cuda(const Tensor& query_in, con
     using query_t = scalar_t;
     using acc_t = std::conditional_t<std::is_same_v<query_t, double>, double, float>;
     const unsigned prep_blocks = static_cast<unsigned>((rows + kWarps - 1) / kWarps);
-    moco_prep_kernel<query_t, acc_t><<<prep_blocks, kThreads, 0, stream>>>(
+    device::launch<moco_prep_kernel<query_t, acc_t>>(prep_blocks, kThreads, 0, stream, 
         query.const_data_ptr<query_t>(), key.const_data_ptr<query_t>(), rows, dim,
         static_cast<acc_t>(1.0 / temperature), scaled_u.mutable_data_ptr<acc_t>(), positive.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
 
     if (splits > 0) {
       const size_t smem = sweep_smem_bytes<acc_t>(dim);
@@ -307,32 +308,27 @@ std::tuple<Tensor, Tensor, Tensor> moco_forward_cuda(const Tensor& query_in, con
                   " is too large for the CUDA kernel (needs ", smem, " bytes of shared memory per block, the device has ",
                   smem_optin, ")");
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queue.scalar_type(), "pyssl_moco_sweep_cuda", [&] {
-        auto kernel = &moco_sweep_kernel<scalar_t, acc_t>;
-        if (smem > 48 * 1024) {
-          C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-        }
+        constexpr auto kernel = &moco_sweep_kernel<scalar_t, acc_t>;
+        if (smem > 48 * 1024) device::set_max_dynamic_shared_memory<kernel>(static_cast<int>(smem));
         const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(splits));
-        kernel<<<grid, kThreads, smem, stream>>>(scaled_u.const_data_ptr<acc_t>(), queue.const_data_ptr<scalar_t>(), rows,
+        device::launch<kernel>(grid, kThreads, smem, stream, scaled_u.const_data_ptr<acc_t>(), queue.const_data_ptr<scalar_t>(), rows,
                                                  keys, dim, tiles_per_split, part_max.mutable_data_ptr<acc_t>(),
                                                  part_sum.mutable_data_ptr<acc_t>(), part_acc.mutable_data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
 
-    moco_merge_kernel<acc_t><<<static_cast<unsigned>(rows), 128, 0, stream>>>(
+    device::launch<moco_merge_kernel<acc_t>>(static_cast<unsigned>(rows), 128, 0, stream, 
         positive.const_data_ptr<acc_t>(), part_max.const_data_ptr<acc_t>(), part_sum.const_data_ptr<acc_t>(),
         part_acc.const_data_ptr<acc_t>(), rows, dim, splits, lse.mutable_data_ptr<acc_t>(),
         expected_queue.mutable_data_ptr<acc_t>(), row_loss.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    moco_mean_kernel<query_t, acc_t><<<1, kThreads, 0, stream>>>(row_loss.const_data_ptr<acc_t>(), rows,
+    device::launch<moco_mean_kernel<query_t, acc_t>>(1, kThreads, 0, stream, row_loss.const_data_ptr<acc_t>(), rows,
                                                                  loss.mutable_data_ptr<query_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, lse, expected_queue};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyssl, CUDA, m) { m.impl("moco_forward", &moco_forward_cuda); }
+PYSSL_DEVICE_LIBRARY_IMPL(m) { m.impl("moco_forward", &moco_forward_cuda); }
 
 }  // namespace pyssl::moco
