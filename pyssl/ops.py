@@ -6,6 +6,7 @@ argument, a fake (meta) kernel so ``torch.compile`` can trace it, and its autogr
 from __future__ import annotations
 
 import math
+import os
 from numbers import Real
 
 import torch
@@ -73,6 +74,13 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def tensor_cores_requested() -> bool:
+    """Whether CUDA fp16/bf16 input of the InfoNCE family takes the tensor-core kernels
+    (``PYSSL_INFONCE_TENSOR_CORES=0``: the float32 SIMT kernels). Read once per forward; the
+    backward of that forward takes the same path whatever the variable says by then."""
+    return os.environ.get("PYSSL_INFONCE_TENSOR_CORES", "1") != "0"
+
+
 # ---- fused NT-Xent -------------------------------------------------------------------------------
 
 
@@ -89,29 +97,31 @@ def ntxent(z0: Tensor, z1: Tensor, temperature: float = 0.5, *, check_inputs_fin
         check_finite(op, z0=z0, z1=z1)
     dtype = torch.promote_types(z0.dtype, z1.dtype)
     z = torch.cat([z0.to(dtype), z1.to(dtype)])
-    loss, _ = _ops.ntxent_forward(z, temperature)
+    loss, _ = _ops.ntxent_forward(z, temperature, tensor_cores_requested())
     return loss
 
 
-def _ntxent_forward_fake(z, temperature):
+def _ntxent_forward_fake(z, temperature, tensor_cores=None):
     return z.new_empty(()), z.new_empty((z.shape[0],), dtype=accumulate_dtype(z.dtype))
 
 
-def _ntxent_backward_fake(grad_loss, z, lse, temperature):
+def _ntxent_backward_fake(grad_loss, z, lse, temperature, tensor_cores=None):
     return torch.empty_like(z)
 
 
 def _ntxent_setup_context(ctx, inputs, output):
-    z, temperature = inputs
+    z, temperature, *rest = inputs
     _, lse = output
     ctx.save_for_backward(z, lse)
     ctx.temperature = temperature
+    # The forward's kernel choice, also when the caller left it to the environment.
+    ctx.tensor_cores = rest[0] if rest and rest[0] is not None else tensor_cores_requested()
 
 
 def _ntxent_backward(ops):
     def backward(ctx, grad_loss, grad_lse):
         z, lse = ctx.saved_tensors
-        return ops.ntxent_backward(grad_loss, z, lse, ctx.temperature), None
+        return ops.ntxent_backward(grad_loss, z, lse, ctx.temperature, ctx.tensor_cores), None, None
 
     return backward
 
@@ -172,34 +182,35 @@ def infonce(
     dtype = torch.promote_types(query.dtype, key.dtype)
     query, key = query.to(dtype), key.to(dtype)
     scale = _as_logit_scale(op, logit_scale, query)
-    loss, _, _ = _ops.infonce_forward(query, key, scale, symmetric)
+    loss, _, _ = _ops.infonce_forward(query, key, scale, symmetric, tensor_cores_requested())
     return loss
 
 
-def _infonce_forward_fake(query, key, logit_scale, symmetric):
+def _infonce_forward_fake(query, key, logit_scale, symmetric, tensor_cores=None):
     acc = accumulate_dtype(query.dtype)
     lse_col = query.new_empty((key.shape[0] if symmetric else 0,), dtype=acc)
     return query.new_empty(()), query.new_empty((query.shape[0],), dtype=acc), lse_col
 
 
-def _infonce_backward_fake(grad_loss, query, key, logit_scale, lse_row, lse_col, symmetric):
+def _infonce_backward_fake(grad_loss, query, key, logit_scale, lse_row, lse_col, symmetric, tensor_cores=None):
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(logit_scale)
 
 
 def _infonce_setup_context(ctx, inputs, output):
-    query, key, logit_scale, symmetric = inputs
+    query, key, logit_scale, symmetric, *rest = inputs
     _, lse_row, lse_col = output
     ctx.save_for_backward(query, key, logit_scale, lse_row, lse_col)
     ctx.symmetric = symmetric
+    ctx.tensor_cores = rest[0] if rest and rest[0] is not None else tensor_cores_requested()
 
 
 def _infonce_backward(ops):
     def backward(ctx, grad_loss, grad_lse_row, grad_lse_col):
         query, key, logit_scale, lse_row, lse_col = ctx.saved_tensors
         grad_query, grad_key, grad_scale = ops.infonce_backward(
-            grad_loss, query, key, logit_scale, lse_row, lse_col, ctx.symmetric
+            grad_loss, query, key, logit_scale, lse_row, lse_col, ctx.symmetric, ctx.tensor_cores
         )
-        return grad_query, grad_key, grad_scale, None
+        return grad_query, grad_key, grad_scale, None, None
 
     return backward
 

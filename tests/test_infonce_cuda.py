@@ -210,6 +210,30 @@ def test_simt_path_for_half_input_matches_float32(backend, dtype, monkeypatch):
     torch.testing.assert_close(grads[2], grads32[2], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("loss_name", ["ntxent", "clip"])
+def test_the_forward_kernel_choice_carries_to_the_backward(backend, loss_name, monkeypatch):
+    # PYSSL_INFONCE_TENSOR_CORES is read once per forward: set between forward and backward, it
+    # must not switch the backward to the other kernels (which give other gradients here).
+    z0, z1 = _randn(backend, 150, 70, dtype=torch.float16), _randn(backend, 150, 70, dtype=torch.float16)
+
+    def grads(forward_env, backward_env):
+        a, b = z0.clone().requires_grad_(), z1.clone().requires_grad_()
+        monkeypatch.setenv("PYSSL_INFONCE_TENSOR_CORES", forward_env)
+        with backend:
+            if loss_name == "ntxent":
+                loss = pyssl.ops.ntxent(a, b, 0.1)
+            else:
+                loss = pyssl.ops.infonce(a, b, 10.0, symmetric=True)
+            monkeypatch.setenv("PYSSL_INFONCE_TENSOR_CORES", backward_env)
+            loss.backward()
+        return torch.cat([a.grad, b.grad])
+
+    tensor_cores, simt = grads("1", "1"), grads("0", "0")
+    assert not torch.equal(tensor_cores, simt)  # else this test could not tell the paths apart
+    assert torch.equal(grads("1", "0"), tensor_cores)
+    assert torch.equal(grads("0", "1"), simt)
+
+
 # ---- InfoNCE / CLIP -------------------------------------------------------------------------------
 
 
@@ -407,6 +431,28 @@ def test_bad_inputs_raise(backend):
         backend.ops.infonce_forward(_randn(backend, 5, 4), _randn(backend, 5, 3), torch.tensor(2.0, device=backend.device), True)
     with pytest.raises(ValueError, match="z1"):
         pyssl.ops.ntxent(_randn(backend, 4, 3), _randn(backend, 4, 5), 0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_loss_is_never_negative_and_nan_stays_nan(backend, dtype):
+    # One pair (each row's only column is its positive) and aligned query/key: the exact loss is 0
+    # or tiny, and rounding lse against the positive logit must not take it below 0.
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for temperature in TEMPERATURES:
+        for _ in range(10):
+            z = _randn(backend, 2, 7, dtype=dtype)
+            q = _randn(backend, 3, 7, dtype=dtype)
+            scale = torch.full((), 1.0 / temperature, device=backend.device, dtype=acc)
+            losses = [backend.ops.ntxent_forward(z, temperature)[0], cpu_ops.ntxent_forward(z.cpu(), temperature)[0]]
+            for symmetric in (False, True):
+                losses.append(backend.ops.infonce_forward(q, q, scale, symmetric)[0])
+                losses.append(cpu_ops.infonce_forward(q.cpu(), q.cpu(), scale.cpu(), symmetric)[0])
+            values = torch.stack([loss.double().cpu() for loss in losses])
+            assert (values >= 0).all(), (temperature, values)
+    z = _randn(backend, 6, 5, dtype=dtype)
+    z[1, 2] = float("nan")
+    assert torch.isnan(backend.ops.ntxent_forward(z, 0.5)[0])
+    assert torch.isnan(backend.ops.infonce_forward(z, z, scale, True)[0])
 
 
 # ---- memory: O(N d), never N x N -------------------------------------------------------------------

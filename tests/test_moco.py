@@ -327,6 +327,36 @@ def test_moco_cuda_module_matches_cpu_module(backend):
         assert int(gpu.queue_ptr) == int(cpu.queue_ptr)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [0.2, 0.01, 0.001])
+def test_empty_queue_gives_zero_loss_and_gradient(dtype, temperature):
+    # Only the positive logit (MoCo's first step): every row's cross-entropy is log 1 = 0, whatever
+    # the query and key (independent here, so many positive logits are strongly negative).
+    query, key = leaf((64, 16), dtype), leaf((64, 16), dtype)
+    loss = pyssl.ops.moco(query, key, torch.empty(0, 16, dtype=dtype), temperature)
+    grad_query, grad_key = grads(loss, query, key)
+    assert loss.item() == 0.0
+    assert grad_query.abs().max().item() <= 1e-6 and grad_key.abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_moco_loss_is_never_negative_and_nan_stays_nan(backend, dtype):
+    # Aligned query and key against an empty or tiny queue: the exact loss is 0 or tiny, and
+    # rounding lse against the positive logit must not take it below 0, on either kernel.
+    for temperature in (0.2, 0.01, 0.001):
+        for k in (0, 3):
+            q = leaf((5, 16), dtype).detach()
+            queue = unit_queue(k, 16, torch.float64 if dtype == torch.float64 else torch.float32)
+            cpu = torch.ops.pyssl.moco_forward(q, q, queue, temperature)[0]
+            device = backend.ops.moco_forward(backend.to(q), backend.to(q), backend.to(queue), temperature)[0]
+            assert cpu.item() >= 0 and device.item() >= 0, (temperature, k, cpu.item(), device.item())
+    q = leaf((5, 16), dtype).detach()
+    q[2, 3] = float("nan")
+    queue = backend.to(unit_queue(3, 16, torch.float64 if dtype == torch.float64 else torch.float32))
+    assert torch.isnan(backend.ops.moco_forward(backend.to(q), backend.to(q), queue, 0.2)[0])
+    assert torch.isnan(torch.ops.pyssl.moco_forward(q, q, queue.cpu(), 0.2)[0])
+
+
 def test_moco_non_contiguous_inputs():
     query, key = leaf((40, 24))[:, ::2], leaf((40, 24))[::1, 1::2]
     queue = F.normalize(torch.randn(12, 3000), dim=0).T  # (3000, 12), column-major

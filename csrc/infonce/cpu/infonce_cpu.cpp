@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <optional>
 #include <tuple>
 
 #include "common_cpu.h"
@@ -116,7 +117,7 @@ TileLse make_tile_lse(double scale, at::ScalarType acc) {
 
 // ---- NT-Xent ----------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor> ntxent_forward_cpu(const Tensor& z, double temperature) {
+std::tuple<Tensor, Tensor> ntxent_forward_cpu(const Tensor& z, double temperature, std::optional<bool>) {
   check_ntxent(z, temperature);
   const at::ScalarType acc = accumulate_type(z);
   const int64_t rows = z.size(0), pairs = rows / 2;
@@ -150,12 +151,14 @@ std::tuple<Tensor, Tensor> ntxent_forward_cpu(const Tensor& z, double temperatur
   Tensor lse = stats.finalize();
   Tensor partner = at::cat({u.narrow(0, pairs, pairs), u.narrow(0, 0, pairs)});
   Tensor positive = (u * partner).sum(1) * scale;
-  Tensor loss = (lse - positive).mean().to(z.scalar_type());
+  // Each row's cross-entropy is >= 0; rounding of lse and of the positive logit must not make
+  // it negative (a confident row would otherwise report -1e-7).
+  Tensor loss = (lse - positive).clamp_min(0).mean().to(z.scalar_type());
   return {loss, lse};
 }
 
 Tensor ntxent_backward_cpu(const Tensor& grad_loss, const Tensor& z, const Tensor& lse,
-                           double temperature) {
+                           double temperature, std::optional<bool>) {
   check_ntxent(z, temperature);
   const at::ScalarType acc = accumulate_type(z);
   const int64_t rows = z.size(0), pairs = rows / 2;
@@ -206,7 +209,8 @@ Tensor ntxent_backward_cpu(const Tensor& grad_loss, const Tensor& z, const Tenso
 // ---- InfoNCE / CLIP ---------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor, Tensor> infonce_forward_cpu(const Tensor& query, const Tensor& key,
-                                                       const Tensor& logit_scale, bool symmetric) {
+                                                       const Tensor& logit_scale, bool symmetric,
+                                                       std::optional<bool>) {
   check_infonce(query, key, logit_scale, symmetric);
   const double scale = checked_logit_scale(logit_scale);
   const at::ScalarType acc = accumulate_type(query);
@@ -233,16 +237,16 @@ std::tuple<Tensor, Tensor, Tensor> infonce_forward_cpu(const Tensor& query, cons
   }
   Tensor lse_row = row_stats.finalize();
   Tensor positive = (u * v.narrow(0, 0, rows)).sum(1) * scale;
-  Tensor loss = (lse_row - positive).mean();
+  Tensor loss = (lse_row - positive).clamp_min(0).mean();  // row cross-entropies are >= 0
   Tensor lse_col = symmetric ? col_stats.finalize() : at::empty({0}, u.options());
-  if (symmetric) loss = 0.5 * (loss + (lse_col - positive).mean());
+  if (symmetric) loss = 0.5 * (loss + (lse_col - positive).clamp_min(0).mean());
   return {loss.to(query.scalar_type()), lse_row, lse_col};
 }
 
 std::tuple<Tensor, Tensor, Tensor> infonce_backward_cpu(const Tensor& grad_loss, const Tensor& query,
                                                         const Tensor& key, const Tensor& logit_scale,
                                                         const Tensor& lse_row, const Tensor& lse_col,
-                                                        bool symmetric) {
+                                                        bool symmetric, std::optional<bool>) {
   check_infonce(query, key, logit_scale, symmetric);
   const double scale = checked_logit_scale(logit_scale);
   const at::ScalarType acc = accumulate_type(query);

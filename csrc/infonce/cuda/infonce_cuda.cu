@@ -28,6 +28,7 @@
 #include "device.h"
 
 #include <algorithm>
+#include <optional>
 #include <cstdlib>
 #include <string>
 #include <tuple>
@@ -80,13 +81,14 @@ Tensor device_scalar(const Tensor& t, const char* op, const char* name, at::Devi
   return t.to(device, acc).reshape({});
 }
 
-// Tensor cores serve fp16/bf16 input unless PYSSL_INFONCE_TENSOR_CORES=0 (read on every call,
-// so a test or a user can compare the two paths): the logits then come from fp16-rounded unit
-// rows (errors ~1e-4 of a cosine), as in any fp16/bf16 matmul.
-bool use_tensor_cores(const Tensor& a, const Tensor& b) {
+// Tensor cores serve fp16/bf16 input unless the caller says otherwise (`requested`, which the
+// autograd wrappers decide once per forward and carry to the backward) or, when it does not
+// say, PYSSL_INFONCE_TENSOR_CORES=0: the logits then come from fp16-rounded unit rows (errors
+// ~1e-4 of a cosine), as in any fp16/bf16 matmul.
+bool use_tensor_cores(const Tensor& a, const Tensor& b, std::optional<bool> requested) {
   auto half_like = [](at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; };
   const char* env = std::getenv("PYSSL_INFONCE_TENSOR_CORES");
-  const bool allowed = env == nullptr || std::string(env) != "0";
+  const bool allowed = requested.has_value() ? *requested : (env == nullptr || std::string(env) != "0");
   return allowed && half_like(a.scalar_type()) && half_like(b.scalar_type());
 }
 
@@ -276,13 +278,13 @@ void check_ntxent_cuda(const Tensor& z, double temperature) {
   device::check_on_device(z, "pyssl.ntxent", "z");
 }
 
-std::tuple<Tensor, Tensor> ntxent_forward_cuda(const Tensor& z, double temperature) {
+std::tuple<Tensor, Tensor> ntxent_forward_cuda(const Tensor& z, double temperature, std::optional<bool> tensor_cores) {
   check_ntxent_cuda(z, temperature);
   device::Guard guard(z.device());
   cudaStream_t stream = device::current_stream();
   const at::ScalarType acc = accumulate_type(z);
   const int64_t rows = z.size(0), pairs = rows / 2;
-  Normalized n = normalize_rows(z, acc, use_tensor_cores(z, z), stream);
+  Normalized n = normalize_rows(z, acc, use_tensor_cores(z, z, tensor_cores), stream);
   Tensor scale = at::empty({}, n.unit.options()).fill_(1.0 / temperature);
 
   Tensor lse = at::empty({rows}, n.unit.options());
@@ -293,7 +295,7 @@ std::tuple<Tensor, Tensor> ntxent_forward_cuda(const Tensor& z, double temperatu
 }
 
 Tensor ntxent_backward_cuda(const Tensor& grad_loss, const Tensor& z, const Tensor& lse,
-                            double temperature) {
+                            double temperature, std::optional<bool> tensor_cores) {
   check_ntxent_cuda(z, temperature);
   const int64_t rows = z.size(0), pairs = rows / 2;
   TORCH_CHECK(lse.dim() == 1 && lse.size(0) == rows, "pyssl.ntxent_backward: lse must have shape (",
@@ -301,7 +303,7 @@ Tensor ntxent_backward_cuda(const Tensor& grad_loss, const Tensor& z, const Tens
   device::Guard guard(z.device());
   cudaStream_t stream = device::current_stream();
   const at::ScalarType acc = accumulate_type(z);
-  Normalized n = normalize_rows(z, acc, use_tensor_cores(z, z), stream);
+  Normalized n = normalize_rows(z, acc, use_tensor_cores(z, z, tensor_cores), stream);
   Tensor scale = at::empty({}, n.unit.options()).fill_(1.0 / temperature);
   Tensor grad = device_scalar(grad_loss, "pyssl.ntxent_backward", "grad_loss", z.device(), acc);
   Tensor lse_acc = lse.to(z.device(), acc).contiguous();
@@ -323,13 +325,14 @@ void check_infonce_cuda(const Tensor& query, const Tensor& key, const Tensor& lo
 }
 
 std::tuple<Tensor, Tensor, Tensor> infonce_forward_cuda(const Tensor& query, const Tensor& key,
-                                                        const Tensor& logit_scale, bool symmetric) {
+                                                        const Tensor& logit_scale, bool symmetric,
+                                                        std::optional<bool> tensor_cores_requested) {
   check_infonce_cuda(query, key, logit_scale, symmetric);
   device::Guard guard(query.device());
   cudaStream_t stream = device::current_stream();
   const at::ScalarType acc = accumulate_type(query);
   const int64_t rows = query.size(0), keys = key.size(0);
-  const bool tensor_cores = use_tensor_cores(query, key);
+  const bool tensor_cores = use_tensor_cores(query, key, tensor_cores_requested);
   Normalized nq = normalize_rows(query, acc, tensor_cores, stream);
   Normalized nk = normalize_rows(key, acc, tensor_cores, stream);
   Tensor scale = device_scalar(logit_scale, "pyssl.infonce", "logit_scale", query.device(), acc);
@@ -347,7 +350,7 @@ std::tuple<Tensor, Tensor, Tensor> infonce_forward_cuda(const Tensor& query, con
 std::tuple<Tensor, Tensor, Tensor> infonce_backward_cuda(const Tensor& grad_loss, const Tensor& query,
                                                          const Tensor& key, const Tensor& logit_scale,
                                                          const Tensor& lse_row, const Tensor& lse_col,
-                                                         bool symmetric) {
+                                                         bool symmetric, std::optional<bool> tensor_cores_requested) {
   check_infonce_cuda(query, key, logit_scale, symmetric);
   const int64_t rows = query.size(0), keys = key.size(0);
   TORCH_CHECK(lse_row.dim() == 1 && lse_row.size(0) == rows,
@@ -358,7 +361,7 @@ std::tuple<Tensor, Tensor, Tensor> infonce_backward_cuda(const Tensor& grad_loss
   cudaStream_t stream = device::current_stream();
   const at::ScalarType acc = accumulate_type(query);
   const at::Device device = query.device();
-  const bool tensor_cores = use_tensor_cores(query, key);
+  const bool tensor_cores = use_tensor_cores(query, key, tensor_cores_requested);
   Normalized nq = normalize_rows(query, acc, tensor_cores, stream);
   Normalized nk = normalize_rows(key, acc, tensor_cores, stream);
   Tensor scale = device_scalar(logit_scale, "pyssl.infonce_backward", "logit_scale", device, acc);

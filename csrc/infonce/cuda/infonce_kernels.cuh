@@ -547,9 +547,14 @@ __global__ void __launch_bounds__(kThreads)
   const acc_t scale = *scale_ptr;
   acc_t sum_row = 0, sum_col = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    // Row (and column) cross-entropies are >= 0: rounding must not make one negative (NaN stays).
     const acc_t positive = pos[i] * scale;
-    sum_row += lse_row[i] - positive;
-    if (lse_col != nullptr) sum_col += lse_col[i] - positive;
+    const acc_t row = lse_row[i] - positive;
+    sum_row += row < acc_t(0) ? acc_t(0) : row;
+    if (lse_col != nullptr) {
+      const acc_t col = lse_col[i] - positive;
+      sum_col += col < acc_t(0) ? acc_t(0) : col;
+    }
   }
   sum_row = block_sum(sum_row, scratch);
   sum_col = block_sum(sum_col, scratch);

@@ -137,13 +137,16 @@ std::tuple<Tensor, Tensor, Tensor> moco_forward_cpu(const Tensor& query, const T
     sweep_queue(scaled_u, queue, scale, /*unshifted=*/false, part);
   }
 
-  // Merge the segments and the positive logit (max S_i0, sum 1, no contribution to A).
-  Tensor max_all = at::maximum(std::get<0>(part.max.max(0)), positive);
-  Tensor weight = (part.max - max_all.unsqueeze(0)).exp_();  // (segments, rows); -inf -> 0
+  // Merge the segments and the positive logit (max S_i0, sum 1, no contribution to A). A
+  // segment without columns (an empty queue) keeps the unshifted sweep's shift 0 as its max:
+  // it must not count, or max_all = 0 would underflow exp(S_i0) for a negative positive logit.
+  Tensor seg_max = part.max.masked_fill(part.sum == 0, -std::numeric_limits<double>::infinity());
+  Tensor max_all = at::maximum(std::get<0>(seg_max.max(0)), positive);
+  Tensor weight = (seg_max - max_all.unsqueeze(0)).exp_();  // (segments, rows); -inf -> 0
   Tensor sum = (part.sum * weight).sum(0) + (positive - max_all).exp();
   Tensor expected_queue = (part.acc * weight.unsqueeze(2)).sum(0) / sum.unsqueeze(1);
   Tensor lse = max_all + sum.log();
-  Tensor loss = (lse - positive).mean().to(query.scalar_type());
+  Tensor loss = (lse - positive).clamp_min(0).mean().to(query.scalar_type());  // row cross-entropies are >= 0
   return {loss, lse, expected_queue};
 }
 

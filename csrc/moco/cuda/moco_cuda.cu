@@ -237,7 +237,7 @@ __global__ void moco_merge_kernel(const acc_t* __restrict__ positive, const acc_
   if (threadIdx.x == 0) {
     const acc_t value = max_all + log_acc(sum);
     lse[row] = value;
-    row_loss[row] = value - pos;
+    row_loss[row] = value - pos < acc_t(0) ? acc_t(0) : value - pos;  // a cross-entropy is >= 0 (NaN stays)
   }
 }
 
