@@ -217,7 +217,6 @@ struct SharedArena {
   size_t capacity = 0;
   unsigned char* guard = nullptr;
   unsigned char* current = nullptr;
-  size_t bytes = 0;
 
   void prepare(size_t n) {
     if (base == nullptr) {
@@ -228,7 +227,6 @@ struct SharedArena {
       guard = base + capacity;
       mprotect(guard, page_size(), PROT_NONE);
     }
-    bytes = n;
     current = guard - round_up(n, 16);
     register_guard(reinterpret_cast<uintptr_t>(guard),
                    {reinterpret_cast<uintptr_t>(current), reinterpret_cast<uintptr_t>(guard), "dynamic shared memory"});
@@ -619,9 +617,8 @@ std::vector<Scheduler*> g_workers;
 
 // The scheduler of the running emulated thread (null outside a kernel).
 Scheduler* current_scheduler() {
-  const uintptr_t offset = stack_pointer() - g_stack_begin;
-  if (offset >= g_stack_end - g_stack_begin) return nullptr;
-  return g_workers[offset / kStackBytes / kMaxThreadsPerWorker];
+  const int64_t slot = current_stack_slot();
+  return slot < 0 ? nullptr : g_workers[slot / kMaxThreadsPerWorker];
 }
 
 Scheduler& scheduler() {

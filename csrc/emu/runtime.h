@@ -72,11 +72,17 @@ inline uintptr_t stack_pointer() {
 #endif
 }
 
+// The stack slot of the running emulated thread (worker * kMaxThreadsPerWorker + thread), or -1
+// outside a kernel.
+inline int64_t current_stack_slot() {
+  const uintptr_t offset = stack_pointer() - g_stack_begin;
+  return offset < g_stack_end - g_stack_begin ? static_cast<int64_t>(offset / kStackBytes) : -1;
+}
+
 // The running emulated thread, or null outside a kernel.
 inline ThreadContext* current_thread() {
-  const uintptr_t offset = stack_pointer() - g_stack_begin;
-  if (offset >= g_stack_end - g_stack_begin) return nullptr;
-  return g_slot_contexts[offset / kStackBytes];
+  const int64_t slot = current_stack_slot();
+  return slot < 0 ? nullptr : g_slot_contexts[slot];
 }
 
 enum class Collective : uint8_t {
@@ -143,40 +149,40 @@ inline void __syncwarp(unsigned mask = 0xffffffffu,
   pyssl::emu::warp_collective(pyssl::emu::Collective::kSyncwarp, mask, 0, 0, 32, nullptr, nullptr, where);
 }
 
-// Shared and global memory are one address space on the CPU, and the fibers of a block run on
-// one OS thread: fences order nothing that is not already ordered.
+// Shared and global memory are one address space on the CPU, the fibers of a block run on one OS
+// thread, and blocks on other workers see x86's ordered stores: fences have nothing to add.
 inline void __threadfence() {}
 inline void __threadfence_block() {}
+
+namespace pyssl::emu {
+template <typename T>
+T shuffle(Collective op, unsigned mask, T var, int arg, int width, const std::source_location& where) {
+  return from_bits<T>(warp_collective(op, mask, to_bits(var), arg, width, nullptr, nullptr, where));
+}
+}  // namespace pyssl::emu
 
 template <typename T>
 T __shfl_sync(unsigned mask, T var, int src_lane, int width = 32,
               const std::source_location& where = std::source_location::current()) {
-  using namespace pyssl::emu;
-  return from_bits<T>(warp_collective(Collective::kShflIdx, mask, to_bits(var), src_lane, width, nullptr, nullptr, where));
+  return pyssl::emu::shuffle(pyssl::emu::Collective::kShflIdx, mask, var, src_lane, width, where);
 }
 
 template <typename T>
 T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32,
                  const std::source_location& where = std::source_location::current()) {
-  using namespace pyssl::emu;
-  return from_bits<T>(warp_collective(Collective::kShflUp, mask, to_bits(var), static_cast<int>(delta), width,
-                                      nullptr, nullptr, where));
+  return pyssl::emu::shuffle(pyssl::emu::Collective::kShflUp, mask, var, static_cast<int>(delta), width, where);
 }
 
 template <typename T>
 T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32,
                    const std::source_location& where = std::source_location::current()) {
-  using namespace pyssl::emu;
-  return from_bits<T>(warp_collective(Collective::kShflDown, mask, to_bits(var), static_cast<int>(delta), width,
-                                      nullptr, nullptr, where));
+  return pyssl::emu::shuffle(pyssl::emu::Collective::kShflDown, mask, var, static_cast<int>(delta), width, where);
 }
 
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32,
                   const std::source_location& where = std::source_location::current()) {
-  using namespace pyssl::emu;
-  return from_bits<T>(warp_collective(Collective::kShflXor, mask, to_bits(var), lane_mask, width, nullptr, nullptr,
-                                      where));
+  return pyssl::emu::shuffle(pyssl::emu::Collective::kShflXor, mask, var, lane_mask, width, where);
 }
 
 inline unsigned __ballot_sync(unsigned mask, int predicate,

@@ -328,10 +328,10 @@ Tensor augment_fused_cuda(const Tensor& images, const Tensor& source_index,
   AT_DISPATCH_FLOATING_TYPES_AND3(
       at::kByte, at::kHalf, at::kBFloat16, images.scalar_type(), "pyssl_augment_pass1_cuda", [&] {
         const scalar_t* in = images.const_data_ptr<scalar_t>();
-        device::launch<contrast_mean_kernel<scalar_t>>(grid1, kThreads, 0, stream, 
+        device::launch<contrast_mean_kernel<scalar_t>>(grid1, kThreads, 0, stream,
             in, p, g, sums.mutable_data_ptr<double>());
         device::launch<pass1_kernel<scalar_t>>(grid1, kThreads, 0, stream, in, p, g,
-                                                                tmp.mutable_data_ptr<float>());
+                                               tmp.mutable_data_ptr<float>());
       });
 
   const int64_t tiles = ceil_div(out_h, kTileH) * ceil_div(out_w, kTileW);
@@ -342,7 +342,7 @@ Tensor augment_fused_cuda(const Tensor& images, const Tensor& source_index,
         if (smem > 48 * 1024) {
           device::set_max_dynamic_shared_memory<pass2_kernel<scalar_t>>(static_cast<int>(smem));
         }
-        device::launch<pass2_kernel<scalar_t>>(grid2, kThreads, smem, stream, 
+        device::launch<pass2_kernel<scalar_t>>(grid2, kThreads, smem, stream,
             tmp.const_data_ptr<float>(), p, g, max_radius, out.mutable_data_ptr<scalar_t>());
       });
   return out;
@@ -369,7 +369,7 @@ Tensor augment_draw_crops_cuda(const Tensor& uniforms, int64_t height, int64_t w
   Tensor u = uniforms.contiguous();
   Tensor boxes = at::empty({n, 4}, uniforms.options().dtype(at::kLong));
   if (n == 0) return boxes;
-  device::launch<draw_crops_kernel>(static_cast<unsigned>(ceil_div(n, kThreads)), kThreads, 0, stream, 
+  device::launch<draw_crops_kernel>(static_cast<unsigned>(ceil_div(n, kThreads)), kThreads, 0, stream,
       u.const_data_ptr<float>(), n, attempts, height, width, scale_min, scale_max, ratio_min,
       ratio_max, boxes.mutable_data_ptr<int64_t>());
   return boxes;

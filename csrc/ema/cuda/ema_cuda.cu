@@ -121,7 +121,7 @@ void ema_update_cuda(at::TensorList ema, at::TensorList online, double momentum)
   int device_sms = 0;
   PYSSL_CUDA_CHECK(cudaDeviceGetAttribute(&device_sms, cudaDevAttrMultiProcessorCount, ema[0].get_device()));
   const int64_t blocks = std::min<int64_t>(num_chunks, static_cast<int64_t>(device_sms) * 8);
-  device::launch<ema_update_kernel>(static_cast<unsigned>(blocks), kThreads, 0, stream, 
+  device::launch<ema_update_kernel>(static_cast<unsigned>(blocks), kThreads, 0, stream,
       static_cast<const TensorEntry*>(table_dev.const_data_ptr()), static_cast<int64_t>(table.size()), num_chunks,
       momentum);
 }

@@ -28,8 +28,8 @@
 #include "device.h"
 
 #include <algorithm>
-#include <optional>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -87,8 +87,12 @@ Tensor device_scalar(const Tensor& t, const char* op, const char* name, at::Devi
 // ~1e-4 of a cosine), as in any fp16/bf16 matmul.
 bool use_tensor_cores(const Tensor& a, const Tensor& b, std::optional<bool> requested) {
   auto half_like = [](at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; };
-  const char* env = std::getenv("PYSSL_INFONCE_TENSOR_CORES");
-  const bool allowed = requested.has_value() ? *requested : (env == nullptr || std::string(env) != "0");
+  bool allowed = true;
+  if (requested.has_value()) {
+    allowed = *requested;
+  } else if (const char* env = std::getenv("PYSSL_INFONCE_TENSOR_CORES")) {
+    allowed = std::string(env) != "0";
+  }
   return allowed && half_like(a.scalar_type()) && half_like(b.scalar_type());
 }
 
@@ -104,7 +108,7 @@ struct Normalized {
 template <typename in_t, typename acc_t>
 void launch_normalize(const Tensor& z, Normalized& n, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(ceil_div(n.rows_pad, kWarps));
-  device::launch<normalize_rows_kernel<in_t, acc_t>>(blocks, kThreads, 0, stream, 
+  device::launch<normalize_rows_kernel<in_t, acc_t>>(blocks, kThreads, 0, stream,
       z.const_data_ptr<in_t>(), z.stride(0), z.stride(1), n.rows, n.rows_pad, n.dim, n.dim_pad,
       n.unit.mutable_data_ptr<acc_t>(), n.norm.mutable_data_ptr<acc_t>(),
       n.unit_half.defined() ? reinterpret_cast<__half*>(n.unit_half.mutable_data_ptr<at::Half>()) : nullptr);
@@ -147,17 +151,17 @@ void row_lse(const Normalized& x, const Normalized& y, bool mask_diagonal, const
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(splits));
   AT_DISPATCH_FLOATING_TYPES(x.unit.scalar_type(), "pyssl_row_lse_cuda", [&] {
     if (x.unit_half.defined() && y.unit_half.defined()) {
-      device::launch<lse_partial_mma_kernel>(grid, kThreads, 0, stream, 
+      device::launch<lse_partial_mma_kernel>(grid, kThreads, 0, stream,
           half_ptr(x.unit_half), half_ptr(y.unit_half), x.rows, y.rows, x.dim_pad,
           scale.const_data_ptr<float>(), mask_diagonal, per_split,
           part_max.mutable_data_ptr<float>(), part_sum.mutable_data_ptr<float>());
     } else {
-      device::launch<lse_partial_kernel<scalar_t>>(grid, kThreads, 0, stream, 
+      device::launch<lse_partial_kernel<scalar_t>>(grid, kThreads, 0, stream,
           x.unit.const_data_ptr<scalar_t>(), y.unit.const_data_ptr<scalar_t>(), x.rows, y.rows,
           x.dim_pad, scale.const_data_ptr<scalar_t>(), mask_diagonal, per_split,
           part_max.mutable_data_ptr<scalar_t>(), part_sum.mutable_data_ptr<scalar_t>());
     }
-    device::launch<lse_merge_kernel<scalar_t>>(static_cast<unsigned>(ceil_div(x.rows, kThreads)), kThreads, 0, stream, 
+    device::launch<lse_merge_kernel<scalar_t>>(static_cast<unsigned>(ceil_div(x.rows, kThreads)), kThreads, 0, stream,
         part_max.const_data_ptr<scalar_t>(), part_sum.const_data_ptr<scalar_t>(), splits, x.rows,
         lse_out.mutable_data_ptr<scalar_t>());
   });
@@ -168,7 +172,7 @@ Tensor positive_dots(const Normalized& x, const Normalized& y, int64_t rows, int
                      cudaStream_t stream) {
   Tensor pos = at::empty({rows}, x.unit.options());
   AT_DISPATCH_FLOATING_TYPES(x.unit.scalar_type(), "pyssl_positive_dots_cuda", [&] {
-    device::launch<positive_dot_kernel<scalar_t>>(static_cast<unsigned>(ceil_div(rows, kWarps)), kThreads, 0, stream, 
+    device::launch<positive_dot_kernel<scalar_t>>(static_cast<unsigned>(ceil_div(rows, kWarps)), kThreads, 0, stream,
         x.unit.const_data_ptr<scalar_t>(), y.unit.const_data_ptr<scalar_t>(), rows, x.dim_pad,
         pairs, pos.mutable_data_ptr<scalar_t>());
   });
@@ -179,7 +183,7 @@ Tensor reduce_loss(const Tensor& lse_row, const Tensor* lse_col, const Tensor& p
                    const Tensor& scale, cudaStream_t stream) {
   Tensor loss = at::empty({}, lse_row.options());
   AT_DISPATCH_FLOATING_TYPES(lse_row.scalar_type(), "pyssl_infonce_loss_cuda", [&] {
-    device::launch<loss_kernel<scalar_t>>(1, kThreads, 0, stream, 
+    device::launch<loss_kernel<scalar_t>>(1, kThreads, 0, stream,
         lse_row.const_data_ptr<scalar_t>(),
         lse_col != nullptr ? lse_col->const_data_ptr<scalar_t>() : nullptr,
         pos.const_data_ptr<scalar_t>(), pos.size(0), scale.const_data_ptr<scalar_t>(),
@@ -225,7 +229,7 @@ GradSums grad_sweep(const Normalized& x, const Normalized& y, const Tensor& scal
     return terms;
   };
   if (x.unit_half.defined() && y.unit_half.defined()) {  // fp16/bf16 input: float32 statistics
-    device::launch<grad_partial_mma_kernel>(grid, kThreads, 0, stream, 
+    device::launch<grad_partial_mma_kernel>(grid, kThreads, 0, stream,
         half_ptr(x.unit_half), half_ptr(y.unit_half), x.rows_pad, x.dim_pad,
         scale.const_data_ptr<float>(), make_terms(0.0f), per_split,
         out.part.mutable_data_ptr<float>(),
@@ -236,7 +240,7 @@ GradSums grad_sweep(const Normalized& x, const Normalized& y, const Tensor& scal
     const int smem = kGradSmemElems * static_cast<int>(sizeof(scalar_t));
     // Above 48 KiB (float64) dynamic shared memory needs an explicit opt-in.
     device::set_max_dynamic_shared_memory<grad_partial_kernel<scalar_t>>(smem);
-    device::launch<grad_partial_kernel<scalar_t>>(grid, kThreads, smem, stream, 
+    device::launch<grad_partial_kernel<scalar_t>>(grid, kThreads, smem, stream,
         x.unit.const_data_ptr<scalar_t>(), y.unit.const_data_ptr<scalar_t>(), x.rows_pad,
         x.dim_pad, scale.const_data_ptr<scalar_t>(), make_terms(scalar_t(0)), per_split,
         out.part.mutable_data_ptr<scalar_t>(),
@@ -248,7 +252,7 @@ GradSums grad_sweep(const Normalized& x, const Normalized& y, const Tensor& scal
 template <typename acc_t, typename out_t>
 void launch_grad_finalize(const GradSums& sums, const Normalized& x, const Tensor& grad_loss,
                           const Tensor& scale, double mean_factor, Tensor& out, cudaStream_t stream) {
-  device::launch<grad_finalize_kernel<acc_t, out_t>>(static_cast<unsigned>(x.rows), 128, 0, stream, 
+  device::launch<grad_finalize_kernel<acc_t, out_t>>(static_cast<unsigned>(x.rows), 128, 0, stream,
       sums.part.const_data_ptr<acc_t>(), sums.splits, x.rows_pad, x.rows, x.dim, x.dim_pad,
       x.unit.const_data_ptr<acc_t>(), x.norm.const_data_ptr<acc_t>(),
       grad_loss.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(),
@@ -384,7 +388,7 @@ std::tuple<Tensor, Tensor, Tensor> infonce_backward_cuda(const Tensor& grad_loss
 
   Tensor grad_scale = at::empty({}, nq.unit.options());
   AT_DISPATCH_FLOATING_TYPES(nq.unit.scalar_type(), "pyssl_scale_grad_cuda", [&] {
-    device::launch<scale_grad_kernel<scalar_t>>(1, kThreads, 0, stream, 
+    device::launch<scale_grad_kernel<scalar_t>>(1, kThreads, 0, stream,
         row_sums.prob_cos.const_data_ptr<scalar_t>(), row_sums.prob_cos.numel(),
         grad.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
         static_cast<scalar_t>(mean_factor), grad_scale.mutable_data_ptr<scalar_t>());

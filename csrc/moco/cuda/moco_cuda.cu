@@ -237,7 +237,8 @@ __global__ void moco_merge_kernel(const acc_t* __restrict__ positive, const acc_
   if (threadIdx.x == 0) {
     const acc_t value = max_all + log_acc(sum);
     lse[row] = value;
-    row_loss[row] = value - pos < acc_t(0) ? acc_t(0) : value - pos;  // a cross-entropy is >= 0 (NaN stays)
+    const acc_t cross_entropy = value - pos;
+    row_loss[row] = cross_entropy < acc_t(0) ? acc_t(0) : cross_entropy;  // >= 0 despite rounding; NaN stays
   }
 }
 
@@ -298,7 +299,7 @@ std::tuple<Tensor, Tensor, Tensor> moco_forward_cuda(const Tensor& query_in, con
     using query_t = scalar_t;
     using acc_t = std::conditional_t<std::is_same_v<query_t, double>, double, float>;
     const unsigned prep_blocks = static_cast<unsigned>((rows + kWarps - 1) / kWarps);
-    device::launch<moco_prep_kernel<query_t, acc_t>>(prep_blocks, kThreads, 0, stream, 
+    device::launch<moco_prep_kernel<query_t, acc_t>>(prep_blocks, kThreads, 0, stream,
         query.const_data_ptr<query_t>(), key.const_data_ptr<query_t>(), rows, dim,
         static_cast<acc_t>(1.0 / temperature), scaled_u.mutable_data_ptr<acc_t>(), positive.mutable_data_ptr<acc_t>());
 
@@ -312,17 +313,17 @@ std::tuple<Tensor, Tensor, Tensor> moco_forward_cuda(const Tensor& query_in, con
         if (smem > 48 * 1024) device::set_max_dynamic_shared_memory<kernel>(static_cast<int>(smem));
         const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(splits));
         device::launch<kernel>(grid, kThreads, smem, stream, scaled_u.const_data_ptr<acc_t>(), queue.const_data_ptr<scalar_t>(), rows,
-                                                 keys, dim, tiles_per_split, part_max.mutable_data_ptr<acc_t>(),
-                                                 part_sum.mutable_data_ptr<acc_t>(), part_acc.mutable_data_ptr<acc_t>());
+                               keys, dim, tiles_per_split, part_max.mutable_data_ptr<acc_t>(),
+                               part_sum.mutable_data_ptr<acc_t>(), part_acc.mutable_data_ptr<acc_t>());
       });
     }
 
-    device::launch<moco_merge_kernel<acc_t>>(static_cast<unsigned>(rows), 128, 0, stream, 
+    device::launch<moco_merge_kernel<acc_t>>(static_cast<unsigned>(rows), 128, 0, stream,
         positive.const_data_ptr<acc_t>(), part_max.const_data_ptr<acc_t>(), part_sum.const_data_ptr<acc_t>(),
         part_acc.const_data_ptr<acc_t>(), rows, dim, splits, lse.mutable_data_ptr<acc_t>(),
         expected_queue.mutable_data_ptr<acc_t>(), row_loss.mutable_data_ptr<acc_t>());
     device::launch<moco_mean_kernel<query_t, acc_t>>(1, kThreads, 0, stream, row_loss.const_data_ptr<acc_t>(), rows,
-                                                                 loss.mutable_data_ptr<query_t>());
+                                                     loss.mutable_data_ptr<query_t>());
   });
   return {loss, lse, expected_queue};
 }
