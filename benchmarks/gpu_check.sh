@@ -74,4 +74,15 @@ for name in bench_infonce bench_clip bench_moco bench_ema bench_augment; do
   cat /tmp/bench.log >>"$OUT/benchmarks.log"
   echo "$name: exit $rc"; grep -vE "^(wrote|\s*$)" /tmp/bench.log | tail -12
 done
+# The older WMMA tensor-core kernels of the InfoNCE family (PYSSL_INFONCE_KERNELS=wmma) on the
+# same sizes, to set against the mma.sync kernels timed above: numbers in benchmarks.log only
+# (the file count that comes back is used up).
+for name in bench_infonce bench_clip; do
+  echo "== $name with PYSSL_INFONCE_KERNELS=wmma (the older tensor-core kernels) ==" >>"$OUT/benchmarks.log"
+  PYSSL_INFONCE_KERNELS=wmma timeout 60 "$PY" "$REPO/benchmarks/$name.py" --device cuda --min-time 0.5 \
+    --out /tmp/${name}_wmma.json >/tmp/bench.log 2>&1
+  rc=$?
+  cat /tmp/bench.log >>"$OUT/benchmarks.log"
+  echo "$name (wmma kernels): exit $rc"; grep -vE "^(wrote|\s*$)" /tmp/bench.log | tail -6
+done
 echo "total: $(($(date +%s) - start)) s"

@@ -60,7 +60,11 @@ HOT_PATTERNS = (
     "pass1_kernel",
     "pass2_kernel",
 )
-TENSOR_CORE_PATTERNS = ("_mma_kernel",)
+TENSOR_CORE_PATTERNS = (
+    "_mma_kernel",  # the WMMA kernels of infonce_kernels.cuh
+    "mma::lse_partial_kernel",  # the mma.sync kernels of infonce_mma.cuh
+    "mma::grad_partial_kernel",
+)
 
 # Base opcodes (before the first '.') so LDSM is not counted as LDS nor HFMA2.MMA as HMMA.
 COUNTED_OPCODES = (

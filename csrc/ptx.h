@@ -16,6 +16,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -134,6 +135,12 @@ inline void ldmatrix(uint32_t (&out)[kCount], const void* shared_row,
                                 &emulated::ldmatrix_complete, &lane, where);
 }
 
+// ex2.approx.ftz.f32: 2^x, subnormal results flushed to zero; ex2(-inf) = 0.
+inline float ex2_approx(float x) {
+  const float v = exp2f(x);
+  return std::fabs(v) < 1.17549435e-38f ? 0.0f : v;
+}
+
 // cp.async.cg.shared.global (16 bytes), cp.async.commit_group, cp.async.wait_group N.
 void cp_async_16(void* shared_dst, const void* global_src, const std::source_location& where = std::source_location::current());
 void cp_async_commit();
@@ -180,6 +187,12 @@ __device__ __forceinline__ void ldmatrix(uint32_t (&out)[kCount], const void* sh
   } else {
     asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(out[0]) : "r"(addr));
   }
+}
+
+__device__ __forceinline__ float ex2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 __device__ __forceinline__ void cp_async_16(void* shared_dst, const void* global_src) {

@@ -72,8 +72,9 @@ HALF_TYPES = (torch.float16, torch.bfloat16)
 
 def _loss_atol(dtype, scale):
     # float32 logits carry ~1e-6 relative error of |S| <= scale; float64 is near exact. fp16/bf16
-    # input takes the tensor cores on fp16-rounded unit rows: |cos error| <= 2 * 2^-11, so
-    # every logit, hence every lse, is within 1e-3 * scale.
+    # input takes the tensor cores; the older WMMA kernels (PYSSL_INFONCE_KERNELS=wmma) round the
+    # unit rows to fp16: |cos error| <= 2 * 2^-11, so every logit, hence every lse, is within
+    # 1e-3 * scale. (The mma.sync kernels do better: test_mma_kernels_form_logits_in_float32.)
     scale = max(scale, 1.0)
     if dtype == torch.float64:
         return 1e-10 * scale
@@ -175,6 +176,55 @@ def test_bf16_tensor_cores_beat_eager_bf16(backend, temperature):
     assert abs(loss.double() - ref_loss) <= abs(eager_loss.double() - ref_loss) + 2**-8 * abs(ref_loss)
     peak = ref_grad.abs().max()
     assert (grad.double() - ref_grad).abs().max() <= (eager_grad.double() - ref_grad).abs().max() + 2**-8 * peak
+
+
+def _tensor_core_run(backend, dtype, symmetric, n, d, scale):
+    """(lse, loss, grads) of NT-Xent (symmetric=None) or InfoNCE / CLIP on the tensor cores, and
+    the float64 reference on the same rounded inputs."""
+    one = torch.ones((), device=backend.device, dtype=dtype)
+    if symmetric is None:
+        z = _randn(backend, 2 * n, d, dtype=dtype)
+        loss, lse = backend.ops.ntxent_forward(z, 1.0 / scale, True)
+        grads = (backend.ops.ntxent_backward(one, z, lse, 1.0 / scale, True),)
+        ref_loss, ref_grads = _grads_ref(lambda t: ref_ntxent(t, 1.0 / scale), z)
+        return [lse], loss, grads, [ref_ntxent(z, 1.0 / scale)[1]], ref_loss, ref_grads
+    query, key = _randn(backend, n, d, dtype=dtype), _randn(backend, n + 5, d, dtype=dtype)
+    if symmetric:
+        key = key[:n]
+    logit_scale = torch.tensor(scale, device=backend.device)
+    loss, lse_row, lse_col = backend.ops.infonce_forward(query, key, logit_scale, symmetric, True)
+    grads = backend.ops.infonce_backward(one, query, key, logit_scale, lse_row, lse_col, symmetric, True)[:2]
+    ref = ref_infonce(query, key, scale, symmetric)
+    ref_loss, ref_grads = _grads_ref(lambda q, k: ref_infonce(q, k, scale, symmetric), query, key)
+    lse, ref_lse = [lse_row], [ref[1]]
+    if symmetric:
+        lse.append(lse_col)
+        ref_lse.append(ref[2])
+    return lse, loss, grads, ref_lse, ref_loss, ref_grads
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize("symmetric", [None, False, True], ids=["ntxent", "infonce", "clip"])
+def test_mma_kernels_form_logits_in_float32(backend, dtype, symmetric, monkeypatch):
+    # The mma.sync kernels multiply the input values themselves (exact products, float32 sums)
+    # and apply the inverse norms in float32: every lse is within float32 accuracy of the float64
+    # truth on the same rounded inputs, far inside the WMMA kernels' fp16-unit-row error, which
+    # this test also measures (partial tiles: 97 rows, 70 features; running-max path: scale 50).
+    n, d, scale = 97, 70, 50.0
+    errors = {}
+    for kernels in ("mma", "wmma"):
+        monkeypatch.setenv("PYSSL_INFONCE_KERNELS", kernels)
+        torch.manual_seed(3)
+        lse, loss, grads, ref_lse, ref_loss, ref_grads = _tensor_core_run(backend, dtype, symmetric, n, d, scale)
+        errors[kernels] = max((a.double() - b).abs().max().item() for a, b in zip(lse, ref_lse))
+        atol = _loss_atol(dtype, scale)
+        for a, b in zip(lse, ref_lse):
+            torch.testing.assert_close(a.double(), b, rtol=0, atol=atol)
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=0, atol=atol + 8e-3 * abs(ref_loss.item()))
+        for a, b in zip(grads, ref_grads):
+            assert_grad_close(a, b, dtype, scale)
+    assert errors["mma"] <= 4e-6 * scale, errors
+    assert errors["wmma"] > 10 * errors["mma"], errors  # else the two kernel paths were not both taken
 
 
 def _grads_eager_bf16(z, temperature):

@@ -36,6 +36,7 @@
 
 #include "infonce/infonce_check.h"
 #include "infonce/cuda/infonce_kernels.cuh"
+#include "infonce/cuda/infonce_mma.cuh"
 
 namespace pyssl::infonce {
 namespace {
@@ -96,10 +97,30 @@ bool use_tensor_cores(const Tensor& a, const Tensor& b, std::optional<bool> requ
   return allowed && half_like(a.scalar_type()) && half_like(b.scalar_type());
 }
 
+// Which tensor-core kernels serve fp16/bf16: the mma.sync ones (infonce_mma.cuh, operands in the
+// input's own dtype) unless PYSSL_INFONCE_KERNELS=wmma asks for the older WMMA kernels (kept to
+// time old against new on a GPU), or the two inputs differ in dtype (one operand type per MMA).
+bool use_mma_kernels(const Tensor& a, const Tensor& b) {
+  if (a.scalar_type() != b.scalar_type()) return false;
+  const char* env = std::getenv("PYSSL_INFONCE_KERNELS");
+  return env == nullptr || std::string(env) != "wmma";
+}
+
+enum class TensorCores { kNone, kWmma, kMma };
+
+TensorCores tensor_core_kernels(const Tensor& a, const Tensor& b, std::optional<bool> requested) {
+  if (!use_tensor_cores(a, b, requested)) return TensorCores::kNone;
+  return use_mma_kernels(a, b) ? TensorCores::kMma : TensorCores::kWmma;
+}
+
 // Rows normalised in the accumulation dtype, zero-padded to (kTile, kDepth) multiples.
 struct Normalized {
   Tensor unit;       // (rows_pad, dim_pad)
-  Tensor unit_half;  // the same rounded to fp16 for the tensor cores, or undefined
+  Tensor unit_half;  // the same rounded to fp16 for the WMMA kernels, or undefined
+  // The mma.sync kernels' operands (or undefined): the rows in the input's dtype and the unit
+  // rows in fp16, (rows_pad, op_ld), and the inverse norms (rows_pad,), 0 on padding rows.
+  Tensor op_raw, op_unit, inv;
+  int64_t op_ld = 0;
   Tensor norm;       // (rows,) = ||z||
   int64_t rows, rows_pad, dim, dim_pad;
   at::ScalarType dtype;  // the input's dtype, that of its gradient
@@ -114,7 +135,17 @@ void launch_normalize(const Tensor& z, Normalized& n, cudaStream_t stream) {
       n.unit_half.defined() ? reinterpret_cast<__half*>(n.unit_half.mutable_data_ptr<at::Half>()) : nullptr);
 }
 
-Normalized normalize_rows(const Tensor& z_in, at::ScalarType acc, bool tensor_cores, cudaStream_t stream) {
+template <typename in_t, typename op_t>
+void launch_prepare_operands(const Tensor& z, Normalized& n, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>(ceil_div(n.rows_pad, 8));
+  device::launch<mma::prepare_operands_kernel<in_t, op_t>>(blocks, 256, 0, stream,
+      z.const_data_ptr<in_t>(), z.stride(0), z.stride(1), n.rows, n.rows_pad, n.dim, n.op_ld,
+      n.norm.const_data_ptr<float>(), reinterpret_cast<op_t*>(n.op_raw.mutable_data_ptr()),
+      reinterpret_cast<__half*>(n.op_unit.mutable_data_ptr()), n.inv.mutable_data_ptr<float>());
+}
+
+Normalized normalize_rows(const Tensor& z_in, at::ScalarType acc, TensorCores kernels, cudaStream_t stream) {
+  const bool tensor_cores = kernels == TensorCores::kWmma;
   const Tensor z = kernel_dtype(z_in.scalar_type()) ? z_in : z_in.to(at::kFloat);
   Normalized n;
   n.rows = z.size(0);
@@ -133,11 +164,46 @@ Normalized normalize_rows(const Tensor& z_in, at::ScalarType acc, bool tensor_co
       launch_normalize<scalar_t, float>(z, n, stream);
     }
   });
+  if (kernels == TensorCores::kMma) {
+    TORCH_CHECK(n.rows_pad <= INT32_MAX, "pyssl.infonce: too many rows for the tensor-core kernels");
+    n.op_ld = ceil_div(n.dim, mma::kStage) * mma::kStage;
+    n.op_raw = at::empty({n.rows_pad, n.op_ld}, z.options());
+    n.op_unit = at::empty({n.rows_pad, n.op_ld}, z.options().dtype(at::kHalf));
+    n.inv = at::empty({n.rows_pad}, z.options().dtype(at::kFloat));
+    if (z.scalar_type() == at::kHalf) {
+      launch_prepare_operands<at::Half, __half>(z, n, stream);
+    } else {
+      launch_prepare_operands<at::BFloat16, __nv_bfloat16>(z, n, stream);
+    }
+  }
   return n;
 }
 
+const uint16_t* bits_ptr(const Tensor& t) { return static_cast<const uint16_t*>(t.const_data_ptr()); }
+
 const __half* half_ptr(const Tensor& t) {
   return reinterpret_cast<const __half*>(t.const_data_ptr<at::Half>());
+}
+
+template <typename op_t>
+void launch_lse_partial_mma(dim3 grid, const Normalized& x, const Normalized& y, const Tensor& scale,
+                            bool mask_diagonal, int64_t per_split, Tensor& part_max, Tensor& part_sum,
+                            cudaStream_t stream) {
+  device::launch<mma::lse_partial_kernel<op_t>>(grid, mma::kThreads, 0, stream, bits_ptr(x.op_raw),
+      bits_ptr(y.op_raw), x.inv.const_data_ptr<float>(), y.inv.const_data_ptr<float>(),
+      static_cast<int>(x.rows), static_cast<int>(y.rows), x.op_ld, scale.const_data_ptr<float>(),
+      mask_diagonal, static_cast<int>(per_split), part_max.mutable_data_ptr<float>(),
+      part_sum.mutable_data_ptr<float>());
+}
+
+template <typename op_t>
+void launch_grad_partial_mma(dim3 grid, const Normalized& x, const Normalized& y, const Tensor& scale,
+                             const GradTerms<float>& terms, int64_t per_split, Tensor& part,
+                             float* prob_cos, cudaStream_t stream) {
+  device::launch<mma::grad_partial_kernel<op_t>>(grid, mma::kThreads, 0, stream, bits_ptr(x.op_raw),
+      bits_ptr(y.op_raw), bits_ptr(y.op_unit), x.inv.const_data_ptr<float>(), y.inv.const_data_ptr<float>(),
+      x.op_ld, static_cast<int>(x.rows_pad), static_cast<int>(x.dim_pad), scale.const_data_ptr<float>(), terms,
+      static_cast<int>(per_split), part.mutable_data_ptr<float>(), prob_cos);
 }
 
 // lse_out[i] = log sum_j exp(scale x_i . y_j) over the allowed columns j of y.
@@ -150,7 +216,13 @@ void row_lse(const Normalized& x, const Normalized& y, bool mask_diagonal, const
   Tensor part_sum = at::empty({splits, x.rows}, x.unit.options());
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(splits));
   AT_DISPATCH_FLOATING_TYPES(x.unit.scalar_type(), "pyssl_row_lse_cuda", [&] {
-    if (x.unit_half.defined() && y.unit_half.defined()) {
+    if (x.op_raw.defined() && y.op_raw.defined()) {
+      if (x.dtype == at::kHalf) {
+        launch_lse_partial_mma<__half>(grid, x, y, scale, mask_diagonal, per_split, part_max, part_sum, stream);
+      } else {
+        launch_lse_partial_mma<__nv_bfloat16>(grid, x, y, scale, mask_diagonal, per_split, part_max, part_sum, stream);
+      }
+    } else if (x.unit_half.defined() && y.unit_half.defined()) {
       device::launch<lse_partial_mma_kernel>(grid, kThreads, 0, stream,
           half_ptr(x.unit_half), half_ptr(y.unit_half), x.rows, y.rows, x.dim_pad,
           scale.const_data_ptr<float>(), mask_diagonal, per_split,
@@ -228,12 +300,20 @@ GradSums grad_sweep(const Normalized& x, const Normalized& y, const Tensor& scal
     terms.n_pos = static_cast<acc_t>(n_pos);
     return terms;
   };
+  float* prob_cos = want_prob_cos ? out.prob_cos.mutable_data_ptr<float>() : nullptr;
+  if (x.op_raw.defined() && y.op_raw.defined()) {  // fp16/bf16 input: float32 statistics
+    if (x.dtype == at::kHalf) {
+      launch_grad_partial_mma<__half>(grid, x, y, scale, make_terms(0.0f), per_split, out.part, prob_cos, stream);
+    } else {
+      launch_grad_partial_mma<__nv_bfloat16>(grid, x, y, scale, make_terms(0.0f), per_split, out.part, prob_cos, stream);
+    }
+    return out;
+  }
   if (x.unit_half.defined() && y.unit_half.defined()) {  // fp16/bf16 input: float32 statistics
     device::launch<grad_partial_mma_kernel>(grid, kThreads, 0, stream,
         half_ptr(x.unit_half), half_ptr(y.unit_half), x.rows_pad, x.dim_pad,
         scale.const_data_ptr<float>(), make_terms(0.0f), per_split,
-        out.part.mutable_data_ptr<float>(),
-        want_prob_cos ? out.prob_cos.mutable_data_ptr<float>() : nullptr);
+        out.part.mutable_data_ptr<float>(), prob_cos);
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES(x.unit.scalar_type(), "pyssl_grad_sweep_cuda", [&] {
@@ -288,7 +368,7 @@ std::tuple<Tensor, Tensor> ntxent_forward_cuda(const Tensor& z, double temperatu
   cudaStream_t stream = device::current_stream();
   const at::ScalarType acc = accumulate_type(z);
   const int64_t rows = z.size(0), pairs = rows / 2;
-  Normalized n = normalize_rows(z, acc, use_tensor_cores(z, z, tensor_cores), stream);
+  Normalized n = normalize_rows(z, acc, tensor_core_kernels(z, z, tensor_cores), stream);
   Tensor scale = at::empty({}, n.unit.options()).fill_(1.0 / temperature);
 
   Tensor lse = at::empty({rows}, n.unit.options());
@@ -307,7 +387,7 @@ Tensor ntxent_backward_cuda(const Tensor& grad_loss, const Tensor& z, const Tens
   device::Guard guard(z.device());
   cudaStream_t stream = device::current_stream();
   const at::ScalarType acc = accumulate_type(z);
-  Normalized n = normalize_rows(z, acc, use_tensor_cores(z, z, tensor_cores), stream);
+  Normalized n = normalize_rows(z, acc, tensor_core_kernels(z, z, tensor_cores), stream);
   Tensor scale = at::empty({}, n.unit.options()).fill_(1.0 / temperature);
   Tensor grad = device_scalar(grad_loss, "pyssl.ntxent_backward", "grad_loss", z.device(), acc);
   Tensor lse_acc = lse.to(z.device(), acc).contiguous();
@@ -336,7 +416,7 @@ std::tuple<Tensor, Tensor, Tensor> infonce_forward_cuda(const Tensor& query, con
   cudaStream_t stream = device::current_stream();
   const at::ScalarType acc = accumulate_type(query);
   const int64_t rows = query.size(0), keys = key.size(0);
-  const bool tensor_cores = use_tensor_cores(query, key, tensor_cores_requested);
+  const TensorCores tensor_cores = tensor_core_kernels(query, key, tensor_cores_requested);
   Normalized nq = normalize_rows(query, acc, tensor_cores, stream);
   Normalized nk = normalize_rows(key, acc, tensor_cores, stream);
   Tensor scale = device_scalar(logit_scale, "pyssl.infonce", "logit_scale", query.device(), acc);
@@ -365,7 +445,7 @@ std::tuple<Tensor, Tensor, Tensor> infonce_backward_cuda(const Tensor& grad_loss
   cudaStream_t stream = device::current_stream();
   const at::ScalarType acc = accumulate_type(query);
   const at::Device device = query.device();
-  const bool tensor_cores = use_tensor_cores(query, key, tensor_cores_requested);
+  const TensorCores tensor_cores = tensor_core_kernels(query, key, tensor_cores_requested);
   Normalized nq = normalize_rows(query, acc, tensor_cores, stream);
   Normalized nk = normalize_rows(key, acc, tensor_cores, stream);
   Tensor scale = device_scalar(logit_scale, "pyssl.infonce_backward", "logit_scale", device, acc);

@@ -1,0 +1,346 @@
+#pragma once
+// Tensor-core kernels of the InfoNCE family for fp16/bf16 input, built the way FlashAttention-2
+// builds its tiles (included by infonce_cuda.cu only; the older WMMA kernels in
+// infonce_kernels.cuh stay selectable for comparison):
+//   - the operands are the input rows themselves in their own dtype (bf16 stays bf16), padded to
+//     kStage features; S = scale * (z_i . z_j) * inv_i * inv_j with the inverse norms applied in
+//     the epilogue, so the products are exact in the float32 accumulators and no rounded copy
+//     of the unit rows enters S;
+//   - a 64-row block is 4 warps of 16 rows; U and V slices of kStage features are staged in
+//     shared memory by cp.async, double-buffered (the copy of the next slice overlaps the MMAs
+//     of this one), read with ldmatrix into mma.sync.m16n8k16 fragments;
+//   - the epilogue works on the accumulator fragments in registers: one FMUL by inv_j, one FFMA
+//     folding scale * log2(e) * inv_i and the shift, one ex2.approx per logit; masks only on
+//     edge and diagonal tiles, 32-bit local indices;
+//   - the backward forms G in registers and feeds it to the second MMA (dX += G V) straight from
+//     the accumulator registers: the C fragment of two adjacent 8-column tiles is the A fragment
+//     of their 16 columns. That MMA takes fp16 operands for bf16 input too: G and the unit rows
+//     V lie in [-2, 2], where fp16 keeps 3 more bits than bf16. G is scaled by 2^13 before
+//     rounding (no overflow, and probabilities down to 1e-8 stay normal fp16 numbers at any
+//     batch size), undone on the float32 result.
+// Grids and outputs are those of lse_partial_mma_kernel / grad_partial_mma_kernel.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "infonce/cuda/infonce_kernels.cuh"
+#include "ptx.h"
+
+namespace pyssl::infonce::cuda::mma {
+
+constexpr int kThreads = 128;          // 4 warps, 16 rows each
+constexpr int kStage = 32;             // features per pipeline stage; operands are padded to it
+constexpr int kRow = kStage + 8;       // shared row in 16-bit elements: 80 bytes, so the 8 rows
+                                       // one ldmatrix reads start in 8 different bank groups
+constexpr int kGradRow = kGradCols + 8;  // 272-byte rows of the backward's V chunk (same reason)
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+constexpr float kGScale = 8192.0f;
+
+template <typename op_t>
+__device__ __forceinline__ op_t to_op(float v) {
+  if constexpr (std::is_same_v<op_t, __half>) {
+    return __float2half_rn(v);
+  } else {
+    return __float2bfloat16_rn(v);
+  }
+}
+
+template <typename op_t>
+__device__ __forceinline__ uint32_t pack_pair(float low, float high) {
+  return ptx::pack2(to_op<op_t>(low), to_op<op_t>(high));
+}
+
+// Rows kTile x kStage of `src` (row length ld, 16-bit elements) from (row0, k0) into `dst`:
+// 256 16-byte copies, 2 per thread.
+__device__ __forceinline__ void stage_slice(uint16_t (*dst)[kRow], const uint16_t* __restrict__ src,
+                                            int64_t row0, int64_t ld, int64_t k0) {
+#pragma unroll
+  for (int l = 0; l < 2; ++l) {
+    const int piece = static_cast<int>(threadIdx.x) + l * kThreads;
+    const int r = piece / 4, c = (piece % 4) * 8;
+    ptx::cp_async_16(&dst[r][c], src + (row0 + r) * ld + k0 + c);
+  }
+}
+
+// acc[n] (8 columns each) += U_s[16 warp .. +16] . V_s[0 .. 64)^T over one kStage slice.
+template <typename op_t>
+__device__ __forceinline__ void mma_slice(const uint16_t (*us)[kRow], const uint16_t (*vs)[kRow],
+                                          float (&acc)[8][4]) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int quad = lane / 8, r = lane % 8;  // lane 8 quad + r supplies row r of matrix quad
+#pragma unroll
+  for (int kk = 0; kk < kStage; kk += 16) {
+    uint32_t a[4];
+    ptx::ldmatrix<4>(a, &us[warp * 16 + (quad & 1) * 8 + r][kk + (quad >> 1) * 8]);
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {  // columns 16 np .. +16: two n-tiles from one ldmatrix
+      uint32_t b[4];
+      ptx::ldmatrix<4>(b, &vs[np * 16 + (quad >> 1) * 8 + r][kk + (quad & 1) * 8]);
+      const uint32_t b_lo[2] = {b[0], b[1]}, b_hi[2] = {b[2], b[3]};
+      ptx::mma_m16n8k16<op_t>(acc[2 * np], a, b_lo, acc[2 * np]);
+      ptx::mma_m16n8k16<op_t>(acc[2 * np + 1], a, b_hi, acc[2 * np + 1]);
+    }
+  }
+}
+
+// One 64 x 64 tile's raw dots (z_i . z_j) of the warp's 16 rows, through the pipeline of
+// slices. Copies the caller issued before the call join slice 0's commit group; on return every
+// copy has landed and the buffers are free (closing barrier).
+template <typename op_t>
+__device__ __forceinline__ void tile_dots(const uint16_t* __restrict__ x, const uint16_t* __restrict__ y,
+                                          int64_t row0, int64_t col0, int64_t ld,
+                                          uint16_t (*us)[kTile][kRow], uint16_t (*vs)[kTile][kRow],
+                                          float (&acc)[8][4]) {
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.0f;
+  stage_slice(us[0], x, row0, ld, 0);
+  stage_slice(vs[0], y, col0, ld, 0);
+  ptx::cp_async_commit();
+  const int slices = static_cast<int>(ld / kStage);
+  for (int s = 0; s < slices; ++s) {
+    const int buf = s & 1;
+    if (s + 1 < slices) {
+      stage_slice(us[buf ^ 1], x, row0, ld, int64_t{s + 1} * kStage);
+      stage_slice(vs[buf ^ 1], y, col0, ld, int64_t{s + 1} * kStage);
+    }
+    ptx::cp_async_commit();
+    ptx::cp_async_wait(1);  // slice s has landed (the group just committed may be in flight)
+    __syncthreads();        // ... for every thread's copies
+    mma_slice<op_t>(us[buf], vs[buf], acc);
+    __syncthreads();  // buffer `buf` is refilled two slices on
+  }
+}
+
+// Row log-sum-exp partials, as lse_partial_mma_kernel: block (bx, by) owns rows 64 bx .. +64 of
+// x and the column tiles of split by; writes (max, sum) of its rows to part_*[by * n_x + row].
+// inv_x / inv_y: 1 / max(||z||, eps) per padded row (0 on padding rows).
+template <typename op_t>
+__global__ void __launch_bounds__(kThreads)
+    lse_partial_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ y,
+                       const float* __restrict__ inv_x, const float* __restrict__ inv_y, int n_x, int n_y,
+                       int64_t ld, const float* __restrict__ scale_ptr, bool mask_diagonal,
+                       int tiles_per_split, float* __restrict__ part_max, float* __restrict__ part_sum) {
+  __shared__ __align__(16) uint16_t us[2][kTile][kRow];
+  __shared__ __align__(16) uint16_t vs[2][kTile][kRow];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  const int row0 = static_cast<int>(blockIdx.x) * kTile;
+  const int rows[2] = {row0 + warp * 16 + g, row0 + warp * 16 + g + 8};  // the thread's two rows
+  const float scale = *scale_ptr;
+  const bool fixed = can_use_fixed_shift<float>(scale);
+  const float shift = scale * kLog2e;  // the fixed shift in log2 units
+  float factor[2], max2[2], sum[2];     // logits in log2 units: x = dot * inv_j * factor
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    factor[h] = scale * kLog2e * inv_x[rows[h]];
+    max2[h] = fixed ? shift : -INFINITY;
+    sum[h] = 0.0f;
+  }
+
+  const int col_tiles = (n_y + kTile - 1) / kTile;
+  const int t_begin = static_cast<int>(blockIdx.y) * tiles_per_split;
+  const int t_end = t_begin + tiles_per_split < col_tiles ? t_begin + tiles_per_split : col_tiles;
+  for (int tile = t_begin; tile < t_end; ++tile) {
+    const int col0 = tile * kTile;
+    float acc[8][4];
+    tile_dots<op_t>(x, y, row0, col0, ld, us, vs, acc);
+    // Padding columns and (NT-Xent) the diagonal are masked by predicate, on the tiles that
+    // have them only.
+    const bool edge = col0 + kTile > n_y || (mask_diagonal && col0 == row0);
+    float logit[2][16];
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e / 2, col = col0 + n * 8 + 2 * t + (e & 1);
+        float v = acc[n][e] * inv_y[col] * factor[h];
+        if (edge && (col >= n_y || (mask_diagonal && col == rows[h]))) v = -INFINITY;
+        logit[h][2 * n + (e & 1)] = v;
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (fixed) {
+#pragma unroll
+        for (int c = 0; c < 16; ++c) sum[h] += ptx::ex2_approx(logit[h][c] - shift);
+      } else {
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int c = 0; c < 16; ++c) tile_max = fmaxf(tile_max, logit[h][c]);
+        const float new_max = fmaxf(max2[h], tile_max);
+        if (new_max != -INFINITY) {  // else every logit so far is masked: nothing to add
+          float part = 0.0f;
+#pragma unroll
+          for (int c = 0; c < 16; ++c) part += ptx::ex2_approx(logit[h][c] - new_max);
+          sum[h] = sum[h] * ptx::ex2_approx(max2[h] - new_max) + part;
+          max2[h] = new_max;
+        }
+      }
+    }
+  }
+
+  // The 4 lanes of a quad share the two rows.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int off = 1; off < 4; off *= 2) {
+      const float other_max = __shfl_xor_sync(0xffffffffu, max2[h], off);
+      const float other_sum = __shfl_xor_sync(0xffffffffu, sum[h], off);
+      const float new_max = fmaxf(max2[h], other_max);
+      if (new_max != -INFINITY) {
+        sum[h] = sum[h] * ptx::ex2_approx(max2[h] - new_max) + other_sum * ptx::ex2_approx(other_max - new_max);
+        max2[h] = new_max;
+      }
+    }
+    if (t == 0 && rows[h] < n_x) {
+      const int64_t at = static_cast<int64_t>(blockIdx.y) * n_x + rows[h];
+      part_max[at] = max2[h] * kLn2;  // natural units, as lse_merge_kernel expects
+      part_sum[at] = sum[h];
+    }
+  }
+}
+
+// Gradient sums, as grad_partial_mma_kernel: block (bx, by, bz) owns rows 64 bx .. +64 of x,
+// features kGradCols by .. +kGradCols and the column tiles of split bz; for each tile it forms
+// G = exp(S - lse_x[i]) + exp(S - lse_y[j]) - n_pos [j = p(i)] and adds G V_J (V = unit rows,
+// y_unit, fp16) to grad_part[bz][row][feature] (features < dim_pad, the float32 layout's padding).
+// prob_cos_part[bz * gridDim.x + bx] gets sum_ij G_ij cos_ij (blocks with by == 0).
+template <typename op_t>
+__global__ void __launch_bounds__(kThreads)
+    grad_partial_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ y,
+                        const uint16_t* __restrict__ y_unit, const float* __restrict__ inv_x,
+                        const float* __restrict__ inv_y, int64_t ld, int n_x_pad, int dim_pad,
+                        const float* __restrict__ scale_ptr, GradTerms<float> terms, int tiles_per_split,
+                        float* __restrict__ grad_part, float* __restrict__ prob_cos_part) {
+  __shared__ __align__(16) uint16_t us[2][kTile][kRow];
+  __shared__ __align__(16) uint16_t vs[2][kTile][kRow];
+  __shared__ __align__(16) uint16_t vchunk[kTile][kGradRow];
+  __shared__ float reduce_scratch[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  const int quad = lane / 8, r = lane % 8;
+  const int row0 = static_cast<int>(blockIdx.x) * kTile;
+  const int feat0 = static_cast<int>(blockIdx.y) * kGradCols;
+  const int rows[2] = {row0 + warp * 16 + g, row0 + warp * 16 + g + 8};
+  const int n_x = static_cast<int>(terms.n_x), n_y = static_cast<int>(terms.n_y);
+  const float scale = *scale_ptr;
+  float factor[2], lse_row2[2], cos_factor[2];
+  int positive[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    factor[h] = scale * kLog2e * inv_x[rows[h]];
+    cos_factor[h] = inv_x[rows[h]];
+    lse_row2[h] = terms.lse_x != nullptr && rows[h] < n_x ? terms.lse_x[rows[h]] * kLog2e : INFINITY;
+    positive[h] = static_cast<int>(terms.pairs > 0 ? ntxent_positive(rows[h], terms.pairs) : rows[h]);
+  }
+  const int slices = static_cast<int>(ld / kStage);
+  const int chunk_pairs = feat0 + kGradCols <= slices * kStage ? kGradCols / 16 : (slices * kStage - feat0) / 16;
+
+  float grad[16][4];
+#pragma unroll
+  for (int n = 0; n < 16; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) grad[n][e] = 0.0f;
+  float prob_cos = 0.0f;
+
+  const int col_tiles = (n_y + kTile - 1) / kTile;
+  const int t_begin = static_cast<int>(blockIdx.z) * tiles_per_split;
+  const int t_end = t_begin + tiles_per_split < col_tiles ? t_begin + tiles_per_split : col_tiles;
+  for (int tile = t_begin; tile < t_end; ++tile) {
+    const int col0 = tile * kTile;
+    // The unit rows of V_J's feature chunk, in flight while S is formed: 64 rows x up to 16
+    // pieces of 8 features.
+    for (int piece = threadIdx.x; piece < kTile * 2 * chunk_pairs; piece += kThreads) {
+      const int row = piece / (2 * chunk_pairs), c = (piece % (2 * chunk_pairs)) * 8;
+      ptx::cp_async_16(&vchunk[row][c], y_unit + (col0 + row) * ld + feat0 + c);
+    }
+    float acc[8][4];
+    tile_dots<op_t>(x, y, row0, col0, ld, us, vs, acc);  // waits for every copy, vchunk's too
+
+    const bool edge = col0 + kTile > n_y || (terms.mask_diagonal && col0 == row0);
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e / 2, col = col0 + n * 8 + 2 * t + (e & 1);
+        const float dot_scaled = acc[n][e] * inv_y[col];
+        const float logit2 = dot_scaled * factor[h];
+        float weight = 0.0f;
+        if (rows[h] < n_x && !(edge && (col >= n_y || (terms.mask_diagonal && col == rows[h])))) {
+          if (terms.lse_x != nullptr) weight += ptx::ex2_approx(logit2 - lse_row2[h]);
+          if (terms.lse_y != nullptr) weight += ptx::ex2_approx(logit2 - terms.lse_y[col] * kLog2e);
+          if (col == positive[h]) weight -= terms.n_pos;
+        }
+        prob_cos += weight * dot_scaled * cos_factor[h];
+        acc[n][e] = weight * kGScale;
+      }
+    }
+    // dX_I[:, chunk] += G V_J[:, chunk]: G's 16-column blocks as A fragments from registers.
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t a[4] = {pack_pair<__half>(acc[2 * q][0], acc[2 * q][1]),
+                             pack_pair<__half>(acc[2 * q][2], acc[2 * q][3]),
+                             pack_pair<__half>(acc[2 * q + 1][0], acc[2 * q + 1][1]),
+                             pack_pair<__half>(acc[2 * q + 1][2], acc[2 * q + 1][3])};
+#pragma unroll
+      for (int p = 0; p < kGradCols / 16; ++p) {
+        if (p < chunk_pairs) {  // uniform over the block
+          uint32_t b[4];
+          ptx::ldmatrix<4, true>(b, &vchunk[q * 16 + (quad & 1) * 8 + r][p * 16 + (quad >> 1) * 8]);
+          const uint32_t b_lo[2] = {b[0], b[1]}, b_hi[2] = {b[2], b[3]};
+          ptx::mma_m16n8k16<__half>(grad[2 * p], a, b_lo, grad[2 * p]);
+          ptx::mma_m16n8k16<__half>(grad[2 * p + 1], a, b_hi, grad[2 * p + 1]);
+        }
+      }
+    }
+    __syncthreads();  // vchunk is refilled by the next tile
+  }
+
+  // Rows up to row0 + 63 < n_x_pad exist in grad_part (padding rows get zeros: G = 0 there).
+  constexpr float unscale = 1.0f / kGScale;
+  float* out = grad_part + (static_cast<int64_t>(blockIdx.z) * n_x_pad) * dim_pad;
+#pragma unroll
+  for (int n = 0; n < 16; ++n) {
+    const int feat = feat0 + n * 8 + 2 * t;
+    if (feat < dim_pad) {  // dim_pad is a multiple of 16: both features of the pair exist
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float* dst = out + static_cast<int64_t>(rows[h]) * dim_pad + feat;
+        dst[0] = grad[n][2 * h] * unscale;
+        dst[1] = grad[n][2 * h + 1] * unscale;
+      }
+    }
+  }
+  if (prob_cos_part != nullptr && blockIdx.y == 0) {  // uniform over the block
+    const float total = block_sum(prob_cos, reduce_scratch);
+    if (threadIdx.x == 0) prob_cos_part[static_cast<int64_t>(blockIdx.z) * gridDim.x + blockIdx.x] = total;
+  }
+}
+
+// The operands of the kernels above for one padded row per warp: the row itself in op_t
+// (`raw`), the unit row u = z / max(||z||, eps) rounded to fp16 (`unit`, the backward's V), and
+// inv = 1 / max(||z||, eps); zeros on padding rows and features.
+template <typename in_t, typename op_t>
+__global__ void __launch_bounds__(256)
+    prepare_operands_kernel(const in_t* __restrict__ z, int64_t stride_row, int64_t stride_col, int64_t rows,
+                            int64_t rows_pad, int64_t dim, int64_t ld, const float* __restrict__ norm,
+                            op_t* __restrict__ raw, __half* __restrict__ unit, float* __restrict__ inv) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
+  if (row >= rows_pad) return;  // the whole warp leaves together
+  const bool real = row < rows;
+  const float inverse = real ? inverse_norm<float>(norm[row]) : 0.0f;
+  for (int64_t c = lane; c < ld; c += 32) {
+    const float v = real && c < dim ? static_cast<float>(z[row * stride_row + c * stride_col]) : 0.0f;
+    raw[row * ld + c] = to_op<op_t>(v);
+    unit[row * ld + c] = __float2half_rn(v * inverse);
+  }
+  if (lane == 0) inv[row] = inverse;
+}
+
+}  // namespace pyssl::infonce::cuda::mma
