@@ -249,21 +249,36 @@ def prepare_training(args):
         knn_k=args.knn_k or d.get("knn_k", 200), knn_t=args.knn_t, tensorboard=not args.no_tensorboard,
         progress=not args.no_progress, sync_bn={"auto": None, "on": True, "off": False}[args.sync_bn],
         data_on=args.data_on)
-    callbacks = []
-    crash_at = os.environ.get("PYSSL_CRASH_AT_STEP")  # crash tests: SIGKILL ourselves mid-run
-    if crash_at:
-        def crash(trainer, step, loss, _at=int(crash_at)):
-            if step >= _at:
-                os.kill(os.getpid(), signal.SIGKILL)
-        callbacks.append(crash)
     extra = {"data": args.data, "method": args.method, "image_size": image_size}
     if args.init_backbone:
         init_backbone(method, args.init_backbone)
         extra["init_backbone"] = os.path.abspath(args.init_backbone)
-    trainer = Trainer(method, train, cfg, test, callbacks=callbacks, extra=extra)
+    trainer = Trainer(method, train, cfg, test, extra=extra, probe=crash_probe())
     if args.resume:
         trainer.load()  # checked now, so a bad checkpoint fails before any step
     return trainer
+
+
+def crash_probe():
+    """Crash tests: ``PYSSL_CRASH_AT=INSTANT:STEP`` makes the process SIGKILL itself at that
+    instant of training (``step``, after the step, or one of ``pyssl.train.CHECKPOINT_INSTANTS``
+    of the checkpoint at that step); ``PYSSL_CRASH_AT_STEP=N`` is ``step:N``."""
+    from pyssl.train import CHECKPOINT_INSTANTS
+
+    spec = os.environ.get("PYSSL_CRASH_AT") or (
+        f"step:{os.environ['PYSSL_CRASH_AT_STEP']}" if os.environ.get("PYSSL_CRASH_AT_STEP") else "")
+    if not spec:
+        return None
+    instant, _, at = spec.rpartition(":")
+    if instant not in ("step", *CHECKPOINT_INSTANTS) or not at.isdigit():
+        raise CLIError(f"PYSSL_CRASH_AT must be INSTANT:STEP with INSTANT one of step, "
+                       f"{', '.join(CHECKPOINT_INSTANTS)}; got {spec!r}")
+
+    def probe(now: str, step: int) -> None:
+        if now == instant and step >= int(at):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return probe
 
 
 def init_backbone(method, path: str) -> None:
