@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     print(f"== pyssl train --method {args.method} --data digits --epochs {args.epochs} "
           f"(CPU, {torch.get_num_threads()} threads)", flush=True)
+    # The demo's run directory is its own: running the demo again means training again.
     rc = cli.main(["train", "--method", args.method, "--data", "digits", "--device", "cpu", "--epochs",
-                   str(args.epochs), "--seed", str(args.seed), "--out", args.out, "--knn-k", str(args.k)])
+                   str(args.epochs), "--seed", str(args.seed), "--out", args.out, "--knn-k", str(args.k), "--overwrite"])
     if rc:
         return rc
     t_train = time.perf_counter() - t0

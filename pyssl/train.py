@@ -417,6 +417,9 @@ def use_sync_bn(requested: bool | None, method: nn.Module, world_size: int, devi
     return world_size > 1 and device_type == "cuda" and bool(getattr(method, "sync_bn_by_default", True))
 
 
+#: A CPU run whose first steps predict at least this many more seconds gets a warning.
+SLOW_RUN_WARNING_S = 3600.0
+
 #: "auto" keeps the data set on the GPU while it takes at most this share of the free memory.
 DATA_ON_DEVICE_SHARE = 0.4
 
@@ -496,6 +499,7 @@ class Trainer:
         self.ckpt_path = os.path.join(config.out_dir, CHECKPOINT_NAME)
         self._loaded_from: str | None = None
         self.probe = probe
+        self.checkpoint_step: int | None = None  # of the last checkpoint written or loaded
         self._logs: dict[str, CsvLog] = {}  # open while fit runs (rank 0)
 
     # -- state --
@@ -544,6 +548,7 @@ class Trainer:
         if self.is_main:
             save_atomic(state, self.ckpt_path, probe=self._probe)
         distributed.barrier()
+        self.checkpoint_step = self.step
         self._probe("checkpoint-done")
         return self.ckpt_path
 
@@ -593,7 +598,7 @@ class Trainer:
             self._seed_rngs(self.cfg.seed + 7919 * self.step)
         if self.is_main:
             self._repair_logs(ckpt.get("log_lengths"))
-        self._loaded_from = path
+        self._loaded_from, self.checkpoint_step = path, self.step
 
     # -- logs --
 
@@ -656,6 +661,8 @@ class Trainer:
         own_rows = slice(self.rank * shard, (self.rank + 1) * shard)
         try:
             t_last, n_last, ips = time.perf_counter(), 0, 0.0
+            t_start, start_step = t_last, self.step
+            timed = not self.is_main or self.device.type != "cpu"
             pending: list[tuple[int, int, Tensor, float]] = []
             while self.step < self.total_steps:
                 epoch, first = divmod(self.step, self.steps_per_epoch)
@@ -699,6 +706,8 @@ class Trainer:
                     for cb in self.callbacks:
                         cb(self, self.step, result.losses[-1])
                     self._probe("step")
+                    if not timed:
+                        timed = self._warn_if_slow(time.perf_counter() - t_start, self.step - start_step, bar)
                 epoch_done = self.step // self.steps_per_epoch
                 if bar is None and cfg.progress and result.losses and self.is_main:
                     print(f"epoch {epoch_done}/{cfg.epochs}: step {self.step}, loss {result.losses[-1]:.4f}, "
@@ -725,6 +734,20 @@ class Trainer:
                 writer.close()
         result.steps = self.step
         return result
+
+    def _warn_if_slow(self, elapsed: float, steps: int, bar) -> bool:
+        """Once the first steps are timed, warns if the rest of the run would take hours on the
+        CPU (a large model, as the defaults of real data sets are, runs at a few images/s there).
+        Returns whether the first steps are timed."""
+        if elapsed < 5 and steps < 5:
+            return False
+        remaining = elapsed / steps * (self.total_steps - self.step)
+        if remaining >= SLOW_RUN_WARNING_S:
+            message = (f"warning: at {steps * self.cfg.batch_size / elapsed:.1f} images/s the rest of this run takes "
+                       f"about {remaining / 3600:.1f} hours on the CPU; a GPU, a smaller backbone or image size, or "
+                       f"fewer epochs would shorten it")
+            bar.write(message) if bar is not None else print(message, file=sys.stderr, flush=True)
+        return True
 
     def _train_step(self, batch: Tensor | tuple[Tensor, Tensor]) -> Tensor:
         self.method.set_progress(self.step, self.total_steps)

@@ -308,3 +308,15 @@ def test_resume_repairs_a_log_or_refuses_it_with_a_clear_message(tmp_path):
             repair_log(path, header, step, length, every_step=True)
         assert reason in str(e.value) and f"move metrics.csv aside to resume with a new log from step {step + 1}" in str(e.value)
         assert open(path, "rb").read() == before
+
+
+def test_a_cpu_run_predicted_to_take_hours_is_warned_about(tmp_path, capsys, monkeypatch):
+    import pyssl.train
+
+    Trainer(make_method(), SMALL, cfg(tmp_path / "fast")).fit()
+    assert "warning" not in capsys.readouterr().err  # six tiny steps: seconds, not hours
+    monkeypatch.setattr(pyssl.train, "SLOW_RUN_WARNING_S", 0.0)  # every run is "hours" now
+    Trainer(make_method(), SMALL, cfg(tmp_path / "slow")).fit()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "images/s the rest of this run takes about" in warnings[0]
+    assert "hours on the CPU; a GPU, a smaller backbone or image size, or fewer epochs" in warnings[0]
