@@ -77,7 +77,8 @@ class Interrupted(KeyboardInterrupt):
 def _interrupted_message(e: Interrupted, argv: list[str]) -> str:
     head = f"pyssl: interrupted at step {e.step} of {e.total}"
     if e.checkpoint_step is None:
-        return f"{head}, before the first checkpoint: nothing to resume (run the command with --overwrite to start over)"
+        return (f"{head}, before the first checkpoint: nothing to resume (run the command with --overwrite to "
+                f"start over)")
     resume = ["pyssl", *(a for a in argv if a != "--overwrite"), *([] if "--resume" in argv else ["--resume"])]
     import shlex
 
@@ -219,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--finetune-steps", type=_at_least(1), default=300, help="fine-tuning steps (default 300)")
     e.add_argument("--layer", default=None,
                    help="probe an intermediate layer: 'mid' (the second-to-last stage) or a module name of the backbone")
-    e.add_argument("--grid", type=_at_least(1), default=2, help="with --layer: average-pool its map to GRID x GRID (default 2)")
+    e.add_argument("--grid", type=_at_least(1), default=2,
+                   help="with --layer: average-pool its map to GRID x GRID (default 2)")
     e.add_argument("--no-baselines", action="store_true", help="skip the random-init encoder and raw pixels")
     e.add_argument("--device", default=None)
     e.add_argument("--seed", type=int, default=0)
@@ -229,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(a 2-D map of the test features coloured by class) into the run directory."))
     pl.add_argument("run", help="run directory written by pyssl train")
     pl.add_argument("--out", help="where to write the PNGs (default: the run directory)")
-    pl.add_argument("--embedding", choices=("pca", "tsne"), default="pca")
+    pl.add_argument("--embedding", choices=("tsne", "pca"), default="tsne",
+                    help="how the test features are mapped to 2-D: t-SNE keeps the neighbourhoods kNN sees "
+                         "(default); PCA is faster but shows the two widest directions only")
     pl.add_argument("--device", default=None)
     return p
 
@@ -628,13 +632,18 @@ def _zero_shot(method, random_init, test, spec: str, trained_name: str, results:
 # ---- plot ----------------------------------------------------------------------------------------
 
 
-def _read_csv(path: str) -> list[dict]:
-    import csv
+def _read_log(run: str, name: str) -> list[dict]:
+    """A log's rows that parse; a damaged log is drawn as far as it goes, with a warning."""
+    from pyssl.train import LOGS, read_log
 
+    path = os.path.join(run, name)
     if not os.path.exists(path):
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    rows, problems = read_log(path, LOGS[name])
+    if problems:
+        print(f"warning: {path}: skipped {len(problems)} damaged line(s) ({problems[0]}); "
+              f"pyssl train --resume repairs it", file=sys.stderr)
+    return rows
 
 
 def cmd_plot(args) -> int:
@@ -647,24 +656,29 @@ def cmd_plot(args) -> int:
         raise CLIError("pyssl plot needs matplotlib (pip install matplotlib)") from None
     if not os.path.isdir(args.run):
         raise CLIError(f"run directory {args.run} does not exist")
+    from matplotlib.ticker import MaxNLocator
+
     out = args.out or args.run
     os.makedirs(out, exist_ok=True)
+    run_name = os.path.basename(os.path.abspath(args.run))
     written = []
-    rows = _read_csv(os.path.join(args.run, "metrics.csv"))
+    rows = _read_log(args.run, "metrics.csv")
     if rows:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=1)
-        ax.set(xlabel="step", ylabel="training loss", title=f"training loss ({os.path.basename(os.path.abspath(args.run))})")
+        ax.set(xlabel="step", ylabel="training loss", title=f"training loss ({run_name})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(os.path.join(out, "loss.png"), dpi=120)
         plt.close(fig)
         written.append("loss.png")
-    rows = _read_csv(os.path.join(args.run, "knn.csv"))
+    rows = _read_log(args.run, "knn.csv")
     if rows:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([int(r["epoch"]) for r in rows], [100 * float(r["knn_accuracy"]) for r in rows], marker="o")
-        ax.set(xlabel="epoch", ylabel="kNN accuracy (%)", title="kNN accuracy on the test split")
+        ax.set(xlabel="epoch", ylabel="kNN accuracy (%)", title=f"kNN accuracy on the test split ({run_name})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(os.path.join(out, "knn.png"), dpi=120)
@@ -695,11 +709,14 @@ def cmd_plot(args) -> int:
 
             xy = PCA(2, random_state=0).fit_transform(feats)
         fig, ax = plt.subplots(figsize=(6, 5.5))
-        sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=6)
+        labelled = bool((labels >= 0).any())
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels if labelled else None, cmap="tab10" if labelled else None, s=6)
         names = test.classes or [str(i) for i in range(int(labels.max()) + 1)]
-        if len(names) <= 20:
+        if labelled and len(names) <= 20:
             ax.legend(sc.legend_elements()[0], names, fontsize=7, markerscale=0.8, loc="best")
-        ax.set(title=f"test features, {args.embedding.upper()}", xticks=[], yticks=[])
+        method_name = (ckpt.get("method") or {}).get("name", "")
+        ax.set(title=f"test features of {run_name} ({method_name}), {'t-SNE' if args.embedding == 'tsne' else 'PCA'}",
+               xticks=[], yticks=[])
         fig.tight_layout()
         fig.savefig(os.path.join(out, "embedding.png"), dpi=120)
         plt.close(fig)

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{m:+.1f} points ({p})" for p, m in margin.items()))
     with open(os.path.join(args.out, "demo_table.txt"), "w") as f:
         f.write(table + "\n")
-    cli.main(["plot", args.out, "--device", "cpu", "--embedding", "tsne"])
+    cli.main(["plot", args.out, "--device", "cpu"])  # the same pictures as a later `pyssl plot`
     print(f"total {time.perf_counter() - t0:.0f} s (training {t_train:.0f} s); plots and logs in {args.out}")
     return 0
 

@@ -268,3 +268,34 @@ def test_unlabelled_image_folder_trains_without_knn(tmp_path, capsys):
     assert "--knn-every 1: folder:" in _one_error_line(capsys)
     assert main(argv) == 0
     assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 2 and not list(csv.DictReader(open(run / "knn.csv")))
+
+
+def test_plot_names_its_run_counts_steps_in_integers_and_draws_a_damaged_log(tmp_path, capsys, monkeypatch):
+    import matplotlib.figure
+
+    run = tmp_path / "mocov2-digits"
+    os.makedirs(run)
+    # a log of an earlier version killed before its first checkpoint: no header line, a torn last row
+    (run / "metrics.csv").write_text("1,0,5.5,0.1,90.0\r\n2,0,5.25,0.1,91.0\r\n3,0,5.2")
+    (run / "knn.csv").write_text("step,epoch,knn_accuracy\r\n2,1,0.5\r\n4,2,0.75\r\n")
+    saved = {}
+
+    def record(fig, path, **kw):
+        ax = fig.axes[0]
+        saved[os.path.basename(path)] = (ax.get_title(), ax.xaxis.get_major_locator(), ax.get_lines()[0].get_xdata())
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    assert main(["plot", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "metrics.csv: skipped 2 damaged line(s) (no header line)" in err
+    title, locator, steps = saved["loss.png"]
+    assert title == "training loss (mocov2-digits)" and list(steps) == [1, 2]
+    assert locator._integer  # no step 1.5 on the axis
+    title, locator, _ = saved["knn.png"]
+    assert "mocov2-digits" in title and locator._integer
+
+
+def test_plot_default_embedding_is_the_demos_tsne():
+    from pyssl.cli import build_parser
+
+    assert build_parser().parse_args(["plot", "run"]).embedding == "tsne"

@@ -306,7 +306,8 @@ def test_resume_repairs_a_log_or_refuses_it_with_a_clear_message(tmp_path):
         before = open(path, "rb").read()
         with pytest.raises(CheckpointError) as e:
             repair_log(path, header, step, length, every_step=True)
-        assert reason in str(e.value) and f"move metrics.csv aside to resume with a new log from step {step + 1}" in str(e.value)
+        assert reason in str(e.value)
+        assert f"move metrics.csv aside to resume with a new log from step {step + 1}" in str(e.value)
         assert open(path, "rb").read() == before
 
 
