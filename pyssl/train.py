@@ -562,8 +562,8 @@ class Trainer:
             found += [(k, old_cfg.get(k), cfg.get(k)) for k in sorted(set(old_cfg) | set(cfg))
                       if k not in ("mean", "std")]
         old_data, data = (ckpt.get("extra") or {}).get("data"), self.extra.get("data")
-        if old_data is not None and data is not None:
-            found.append(("data", old_data, data))
+        if old_data is not None and data is not None:  # the kind: a data set may have moved since
+            found.append(("data", old_data.partition(":")[0], data.partition(":")[0]))
         found += [(k, ckpt["config"].get(k), getattr(self.cfg, k)) for k in ("batch_size", "seed", "epochs")]
         for key, there, here in found:
             if there != here:

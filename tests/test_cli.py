@@ -299,3 +299,18 @@ def test_plot_default_embedding_is_the_demos_tsne():
     from pyssl.cli import build_parser
 
     assert build_parser().parse_args(["plot", "run"]).embedding == "tsne"
+
+
+def test_resuming_another_runs_directory_says_what_differs(tmp_path, capsys):
+    _write_cifar(tmp_path / "c")
+    run = tmp_path / "run"
+    argv = ["train", "--data", f"cifar10:{tmp_path}/c", "--epochs", "1", "--batch-size", "16", "--knn-every", "0",
+            "--out", str(run), *TINY]
+    assert main(argv + ["--method", "simclr"]) == 0
+    os.rename(tmp_path / "c", tmp_path / "moved")  # the same data set elsewhere is the same run
+    moved = [a.replace(f"{tmp_path}/c", f"{tmp_path}/moved") for a in argv]
+    assert main(moved + ["--method", "simclr", "--resume"]) == 0
+    capsys.readouterr()
+    assert main(moved + ["--method", "mocov2", "--resume"]) == 2
+    line = _one_error_line(capsys)
+    assert "it holds a simclr run on cifar10:" in line and "method simclr there, mocov2 here" in line
