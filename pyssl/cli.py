@@ -46,8 +46,43 @@ DATA_DEFAULTS = {
 }
 
 
+#: ``pyssl train --method``: every registered method (a test checks this against the registry,
+#: which the parser does not import: ``--help`` stays fast).
+METHODS = {
+    "simclr": "SimCLR", "moco": "MoCo v1", "mocov2": "MoCo v2", "clip": "CLIP, image-text pairs",
+    "rotnet": "rotation prediction", "jigsaw": "jigsaw puzzles", "relative_patch": "relative patch position",
+    "colorization": "colourisation", "split_brain": "split-brain autoencoder", "inpainting": "context encoder",
+    "cpc": "contrastive predictive coding", "video_colorization": "video colourisation, on videos",
+}
+
+#: What a run directory holds beside its checkpoint: a new run refuses to start where one of these,
+#: or a checkpoint, exists unless told.
+RUN_FILES = ("metrics.csv", "knn.csv", "config.json", "tb")
+#: Outputs of ``pyssl eval`` and ``pyssl plot`` about a run, removed when it is overwritten.
+RUN_REPORTS = ("eval.json", "loss.png", "knn.png", "embedding.png")
+
+
 class CLIError(Exception):
     """Reported as one line without a traceback."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training; says how far the run got and how to resume it."""
+
+    def __init__(self, out: str, step: int, total: int, checkpoint_step: int | None):
+        super().__init__(out, step, total, checkpoint_step)
+        self.out, self.step, self.total, self.checkpoint_step = out, step, total, checkpoint_step
+
+
+def _interrupted_message(e: Interrupted, argv: list[str]) -> str:
+    head = f"pyssl: interrupted at step {e.step} of {e.total}"
+    if e.checkpoint_step is None:
+        return (f"{head}, before the first checkpoint: nothing to resume (run the command with --overwrite to "
+                f"start over)")
+    resume = ["pyssl", *(a for a in argv if a != "--overwrite"), *([] if "--resume" in argv else ["--resume"])]
+    import shlex
+
+    return f"{head}; {e.out} holds the checkpoint of step {e.checkpoint_step}. Resume with:\n  {shlex.join(resume)}"
 
 
 def _expected_errors():
@@ -70,10 +105,42 @@ def _fractions(text: str) -> list[float]:
     return values
 
 
+def _at_least(minimum: int):
+    """argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _per_data(key: str) -> str:
+    """A default of DATA_DEFAULTS as "40 on digits, 20 on colour_digits/videos, ..."."""
+    kinds: dict = {}
+    for kind, d in DATA_DEFAULTS.items():
+        kinds.setdefault(d[key], []).append(kind)
+    return ", ".join(f"{value} on {'/'.join(names)}" for value, names in kinds.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,41 +152,50 @@ def build_parser() -> argparse.ArgumentParser:
         "Pre-train an encoder with a self-supervised method. Defaults depend on the data: digits "
         "(embedded, no download) trains a small ConvNet on the CPU in minutes; cifar10:PATH runs the "
         "standard protocol (ResNet-18 CIFAR variant, batch 512, 200 epochs, kNN k=200)."))
-    t.add_argument("--method", default="simclr", help="simclr, moco (v1), mocov2, ... (default simclr)")
+    t.add_argument("--method", default="simclr", help="; ".join(f"{k} ({v})" for k, v in METHODS.items())
+                   + " (default simclr)")
     t.add_argument("--data", default=None,
                    help="digits | colour_digits | captioned_digits | videos | cifar10:PATH | cifar100:PATH | "
                         "stl10:PATH | folder:PATH | captions:FILE.csv (image-text pairs, for clip) "
                         "(default: the method's, digits for most)")
     t.add_argument("--backbone", help="small, convnet, convnet-small, resnet-tiny, resnet10-small, resnet18, resnet34, "
                                       "tv:NAME, timm:NAME (default per data set)")
-    t.add_argument("--image-size", type=int, help="images are resized to this (default per data set)")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
+    t.add_argument("--image-size", type=_at_least(1), help="images are resized to this (default per data set)")
+    t.add_argument("--epochs", type=_at_least(1), help=f"passes over the training data (default {_per_data('epochs')})")
+    t.add_argument("--batch-size", type=_at_least(2), help="images per optimiser step, over all processes (default "
+                   f"{_per_data('batch_size')}, at most the data set)")
     t.add_argument("--optimizer", choices=("sgd", "lars", "adamw"), default=None, help="default: the method's")
     t.add_argument("--lr", type=float, help="peak learning rate (default: the method's base rate x batch/128)")
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up before the cosine decay")
     t.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")
     t.add_argument("--amp", action="store_true", help="mixed precision (float16 on CUDA, bfloat16 on CPU)")
-    t.add_argument("--temperature", type=float, help="loss temperature (default: the method's)")
-    t.add_argument("--queue-size", type=int, help="MoCo: negatives in the queue (default min(4096, data/2))")
+    t.add_argument("--temperature", type=_positive_float, help="loss temperature (default: the method's)")
+    t.add_argument("--queue-size", type=_at_least(1), help="MoCo: negatives in the queue (default min(4096, data/2))")
     t.add_argument("--key-momentum", type=float, help="MoCo: key-encoder momentum (default 0.99)")
-    t.add_argument("--bn-splits", type=int, help="MoCo: emulate N devices for Shuffle-BN in each process "
+    t.add_argument("--bn-splits", type=_at_least(1), help="MoCo: emulate N devices for Shuffle-BN in each process "
                    "(every BatchNorm normalises N chunks of the batch; default 1: off)")
-    t.add_argument("--hidden-dim", type=int, help="projection head width")
+    t.add_argument("--hidden-dim", type=_at_least(1), help="projection head width (default per data set)")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cuda when available)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="fixes the initial weights, the batch order and the "
+                   "augmentations: a run repeats exactly (default 0)")
     t.add_argument("--out", default=None, help="run directory (default runs/METHOD-DATA)")
-    t.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: every epoch)")
-    t.add_argument("--knn-every", type=int, help="epochs between kNN evaluations on the test split (0: never)")
-    t.add_argument("--knn-k", type=int, default=None, help="kNN neighbours (default 200; 20 on digits)")
-    t.add_argument("--knn-t", type=float, default=0.1)
-    t.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    t.add_argument("--checkpoint-every", type=_at_least(0), default=0,
+                   help="steps between checkpoints (default 0: at the end of every epoch)")
+    t.add_argument("--knn-every", type=_at_least(0), help="epochs between kNN evaluations on the test split "
+                   "(0: never; default 5)")
+    t.add_argument("--knn-k", type=_at_least(1), default=None, help="kNN neighbours (default 200; 20 on digits)")
+    t.add_argument("--knn-t", type=_positive_float, default=0.1,
+                   help="kNN temperature: neighbours vote with weight exp(similarity / T) (default 0.1)")
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start over where --out already holds a run (its checkpoint, logs and plots are removed)")
     t.add_argument("--lock-image", action="store_true", help="CLIP: freeze the image backbone (LiT; use with "
                    "--init-backbone)")
     t.add_argument("--init-backbone", metavar="RUN", help="start from the backbone of another run (its directory "
                    "or checkpoint file), e.g. CLIP's image tower from a SimCLR run; the architectures must match")
-    t.add_argument("--nproc", type=int, default=None,
+    t.add_argument("--nproc", type=_at_least(1), default=None,
                    help="data-parallel worker processes on this machine (one GPU each on CUDA); the batch size "
                         "is the global one and must be divisible by N. Under torchrun, leave it out")
     t.add_argument("--data-on", choices=("auto", "device", "cpu"), default="auto",
@@ -139,12 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="evaluation data (default: the data the run trained on)")
     e.add_argument("--fractions", type=_fractions, default=[0.01, 0.1, 1.0], help="label fractions (default 0.01,0.1,1)")
     e.add_argument("--protocols", default="linear,knn,finetune", help="any of linear,knn,finetune")
-    e.add_argument("--k", type=int, default=None, help="kNN neighbours (default 200; 20 on digits)")
-    e.add_argument("--t", type=float, default=0.1, help="kNN temperature (default 0.1)")
-    e.add_argument("--finetune-steps", type=int, default=300)
+    e.add_argument("--k", type=_at_least(1), default=None, help="kNN neighbours (default 200; 20 on digits)")
+    e.add_argument("--t", type=_positive_float, default=0.1, help="kNN temperature (default 0.1)")
+    e.add_argument("--finetune-steps", type=_at_least(1), default=300, help="fine-tuning steps (default 300)")
     e.add_argument("--layer", default=None,
                    help="probe an intermediate layer: 'mid' (the second-to-last stage) or a module name of the backbone")
-    e.add_argument("--grid", type=int, default=2, help="with --layer: average-pool its map to GRID x GRID (default 2)")
+    e.add_argument("--grid", type=_at_least(1), default=2,
+                   help="with --layer: average-pool its map to GRID x GRID (default 2)")
     e.add_argument("--no-baselines", action="store_true", help="skip the random-init encoder and raw pixels")
     e.add_argument("--device", default=None)
     e.add_argument("--seed", type=int, default=0)
@@ -154,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(a 2-D map of the test features coloured by class) into the run directory."))
     pl.add_argument("run", help="run directory written by pyssl train")
     pl.add_argument("--out", help="where to write the PNGs (default: the run directory)")
-    pl.add_argument("--embedding", choices=("pca", "tsne"), default="pca")
+    pl.add_argument("--embedding", choices=("tsne", "pca"), default="tsne",
+                    help="how the test features are mapped to 2-D: t-SNE keeps the neighbourhoods kNN sees "
+                         "(default); PCA is faster but shows the two widest directions only")
     pl.add_argument("--device", default=None)
     return p
 
@@ -166,9 +245,10 @@ def prepare_training(args):
     """Everything that can fail (method, data, sizes, checkpoint) is checked here, before training."""
     import torch
 
+    from pyssl import distributed
     from pyssl.data import load_data
     from pyssl.methods import available_methods, build_method, method_class
-    from pyssl.train import CHECKPOINT_NAME, CheckpointError, ConfigError, TrainConfig, Trainer
+    from pyssl.train import ConfigError, TrainConfig, Trainer
 
     if args.method not in available_methods():
         raise CLIError(f"unknown method {args.method!r} (choose from {', '.join(available_methods())})")
@@ -176,6 +256,9 @@ def prepare_training(args):
     if args.data is None:  # colour pretext tasks default to colour data, video colorization to videos
         args.data = getattr(cls, "default_data", "digits")
     kind = args.data.partition(":")[0].lower()
+    out = args.out or os.path.join(DEFAULT_RUN_DIR, f"{args.method}-{kind}")
+    if distributed.is_main_process():  # the other ranks would see the files rank 0 starts writing
+        check_run_directory(out, args.resume, args.overwrite)
     # A method's own CLI defaults (the pretext methods' optimiser and sizes) win over the data set's.
     d = {**DATA_DEFAULTS.get(kind, DATA_DEFAULTS["folder"]), **getattr(cls, "cli_defaults", {})}
     image_size = args.image_size or d["image_size"]
@@ -187,6 +270,9 @@ def prepare_training(args):
     if needs_texts and train.texts is None:
         raise ConfigError(f"{args.method} trains on image-text pairs and {kind} has no captions "
                           f"(use --data {cls.default_data})")
+    labelled = bool((train.labels >= 0).any()) and bool((test.labels >= 0).any())
+    if not labelled and args.knn_every:
+        raise ConfigError(f"--knn-every {args.knn_every}: {args.data} has no labels to measure kNN accuracy with")
     batch_size = args.batch_size or min(d["batch_size"], len(train))
     if batch_size > len(train):
         raise ConfigError(f"batch size {batch_size} is larger than the data set ({len(train)} images)")
@@ -194,9 +280,6 @@ def prepare_training(args):
     device = args.device or _default_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {device} requested but CUDA is not available")
-    out = args.out or os.path.join(DEFAULT_RUN_DIR, f"{args.method}-{kind}")
-    if args.resume and not os.path.exists(os.path.join(out, CHECKPOINT_NAME)):
-        raise CheckpointError(f"--resume: no checkpoint in {out}")
     mean, std = train.mean_std()
     mcfg = {"backbone": args.backbone or d["backbone"], "image_size": image_size, "in_channels": train.channels,
             "mean": list(mean), "std": list(std)}
@@ -245,25 +328,60 @@ def prepare_training(args):
         warmup_epochs=args.warmup_epochs if args.warmup_epochs is not None else min(d.get("warmup_epochs", 0.0), epochs / 10),
         clip_grad=args.clip_grad, amp=args.amp, device=device, seed=args.seed, out_dir=out,
         checkpoint_every=args.checkpoint_every,
-        knn_every=args.knn_every if args.knn_every is not None else d["knn_every"],
+        knn_every=args.knn_every if args.knn_every is not None else d["knn_every"] if labelled else 0,
         knn_k=args.knn_k or d.get("knn_k", 200), knn_t=args.knn_t, tensorboard=not args.no_tensorboard,
         progress=not args.no_progress, sync_bn={"auto": None, "on": True, "off": False}[args.sync_bn],
         data_on=args.data_on)
-    callbacks = []
-    crash_at = os.environ.get("PYSSL_CRASH_AT_STEP")  # crash tests: SIGKILL ourselves mid-run
-    if crash_at:
-        def crash(trainer, step, loss, _at=int(crash_at)):
-            if step >= _at:
-                os.kill(os.getpid(), signal.SIGKILL)
-        callbacks.append(crash)
     extra = {"data": args.data, "method": args.method, "image_size": image_size}
     if args.init_backbone:
         init_backbone(method, args.init_backbone)
         extra["init_backbone"] = os.path.abspath(args.init_backbone)
-    trainer = Trainer(method, train, cfg, test, callbacks=callbacks, extra=extra)
+    trainer = Trainer(method, train, cfg, test, extra=extra, probe=crash_probe())
     if args.resume:
         trainer.load()  # checked now, so a bad checkpoint fails before any step
     return trainer
+
+
+def check_run_directory(out: str, resume: bool, overwrite: bool) -> None:
+    """A run starts only where no run is, unless told to continue it (``--resume``) or to
+    start it over (``--overwrite``)."""
+    from pyssl.train import CHECKPOINT_NAME, CheckpointError
+
+    has_checkpoint = os.path.exists(os.path.join(out, CHECKPOINT_NAME))
+    if resume and not has_checkpoint:
+        before = any(os.path.exists(os.path.join(out, name)) for name in RUN_FILES)
+        raise CheckpointError(f"--resume: no checkpoint in {out}" + (
+            " (its run was stopped before the first checkpoint; pass --overwrite to start it over)" if before else ""))
+    if resume or overwrite:
+        return
+    if has_checkpoint:
+        raise CLIError(f"{out} already holds a run with a checkpoint; pass --resume to continue it or --overwrite "
+                       f"to start it over (or choose another --out)")
+    if any(os.path.exists(os.path.join(out, name)) for name in RUN_FILES):
+        raise CLIError(f"{out} already holds the logs of a run stopped before its first checkpoint; pass "
+                       f"--overwrite to start it over (or choose another --out)")
+
+
+def crash_probe():
+    """Crash tests: ``PYSSL_CRASH_AT=INSTANT:STEP`` makes the process SIGKILL itself at that
+    instant of training (``step``, after the step, or one of ``pyssl.train.CHECKPOINT_INSTANTS``
+    of the checkpoint at that step); ``PYSSL_CRASH_AT_STEP=N`` is ``step:N``."""
+    from pyssl.train import CHECKPOINT_INSTANTS
+
+    spec = os.environ.get("PYSSL_CRASH_AT") or (
+        f"step:{os.environ['PYSSL_CRASH_AT_STEP']}" if os.environ.get("PYSSL_CRASH_AT_STEP") else "")
+    if not spec:
+        return None
+    instant, _, at = spec.rpartition(":")
+    if instant not in ("step", *CHECKPOINT_INSTANTS) or not at.isdigit():
+        raise CLIError(f"PYSSL_CRASH_AT must be INSTANT:STEP with INSTANT one of step, "
+                       f"{', '.join(CHECKPOINT_INSTANTS)}; got {spec!r}")
+
+    def probe(now: str, step: int) -> None:
+        if now == instant and step >= int(at):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return probe
 
 
 def init_backbone(method, path: str) -> None:
@@ -305,6 +423,10 @@ def cmd_train(args) -> int:
         distributed.shutdown()
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _train(args, is_main: bool) -> int:
     from dataclasses import asdict
 
@@ -315,15 +437,24 @@ def _train(args, is_main: bool) -> int:
     if is_main:
         ranks = f" x {trainer.world_size} processes" if trainer.world_size > 1 else ""
         print(f"pyssl train: {trainer.extra['method']} on {trainer.extra['data']} ({len(trainer.train_data)} images, "
-              f"{trainer.train_data.image_size}px), {cfg.epochs} epochs x {trainer.steps_per_epoch} steps of "
-              f"{cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g}, device {cfg.device}{ranks} -> {cfg.out_dir}",
-              file=sys.stderr)
+              f"{trainer.train_data.image_size}px), {_count(cfg.epochs, 'epoch')} x "
+              f"{_count(trainer.steps_per_epoch, 'step')} of {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g}, "
+              f"device {cfg.device}{ranks} -> {cfg.out_dir}", file=sys.stderr)
+        if args.resume:
+            print(f"resuming from step {trainer.step} of {trainer.total_steps}", file=sys.stderr)
+        if args.overwrite:  # the trainer removes the old run's checkpoint and logs; these describe it too
+            for name in RUN_REPORTS:
+                if os.path.exists(os.path.join(cfg.out_dir, name)):
+                    os.remove(os.path.join(cfg.out_dir, name))
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump({"args": vars(args), "train": asdict(cfg), "method": trainer.method_spec,
                        "world_size": trainer.world_size}, f, indent=1, default=str)
     distributed.barrier()  # the run directory exists before any rank writes into it
-    result = trainer.fit(resume=args.resume)
+    try:
+        result = trainer.fit(resume=args.resume)
+    except KeyboardInterrupt:
+        raise Interrupted(cfg.out_dir, trainer.step, trainer.total_steps, trainer.checkpoint_step) from None
     if is_main:
         last = result.losses[-1] if result.losses else float("nan")
         knn = f", kNN accuracy {result.knn[-1][1] * 100:.2f}%" if result.knn else ""
@@ -459,8 +590,6 @@ def cmd_eval(args) -> int:
     encoders = {trained_name: method.backbone}
     if not args.no_baselines:
         encoders.update({"random-init encoder": random_init.backbone, "raw pixels": None})
-    if args.grid < 1:
-        raise CLIError(f"--grid must be >= 1, got {args.grid}")
     try:  # checked before any feature is extracted, so a typo costs nothing
         resolve_layer(method.backbone, args.layer)
     except ValueError as e:
@@ -503,13 +632,18 @@ def _zero_shot(method, random_init, test, spec: str, trained_name: str, results:
 # ---- plot ----------------------------------------------------------------------------------------
 
 
-def _read_csv(path: str) -> list[dict]:
-    import csv
+def _read_log(run: str, name: str) -> list[dict]:
+    """A log's rows that parse; a damaged log is drawn as far as it goes, with a warning."""
+    from pyssl.train import LOGS, read_log
 
+    path = os.path.join(run, name)
     if not os.path.exists(path):
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    rows, problems = read_log(path, LOGS[name])
+    if problems:
+        print(f"warning: {path}: skipped {len(problems)} damaged line(s) ({problems[0]}); "
+              f"pyssl train --resume repairs it", file=sys.stderr)
+    return rows
 
 
 def cmd_plot(args) -> int:
@@ -522,24 +656,29 @@ def cmd_plot(args) -> int:
         raise CLIError("pyssl plot needs matplotlib (pip install matplotlib)") from None
     if not os.path.isdir(args.run):
         raise CLIError(f"run directory {args.run} does not exist")
+    from matplotlib.ticker import MaxNLocator
+
     out = args.out or args.run
     os.makedirs(out, exist_ok=True)
+    run_name = os.path.basename(os.path.abspath(args.run))
     written = []
-    rows = _read_csv(os.path.join(args.run, "metrics.csv"))
+    rows = _read_log(args.run, "metrics.csv")
     if rows:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=1)
-        ax.set(xlabel="step", ylabel="training loss", title=f"training loss ({os.path.basename(os.path.abspath(args.run))})")
+        ax.set(xlabel="step", ylabel="training loss", title=f"training loss ({run_name})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(os.path.join(out, "loss.png"), dpi=120)
         plt.close(fig)
         written.append("loss.png")
-    rows = _read_csv(os.path.join(args.run, "knn.csv"))
+    rows = _read_log(args.run, "knn.csv")
     if rows:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([int(r["epoch"]) for r in rows], [100 * float(r["knn_accuracy"]) for r in rows], marker="o")
-        ax.set(xlabel="epoch", ylabel="kNN accuracy (%)", title="kNN accuracy on the test split")
+        ax.set(xlabel="epoch", ylabel="kNN accuracy (%)", title=f"kNN accuracy on the test split ({run_name})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(os.path.join(out, "knn.png"), dpi=120)
@@ -570,11 +709,14 @@ def cmd_plot(args) -> int:
 
             xy = PCA(2, random_state=0).fit_transform(feats)
         fig, ax = plt.subplots(figsize=(6, 5.5))
-        sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=6)
+        labelled = bool((labels >= 0).any())
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels if labelled else None, cmap="tab10" if labelled else None, s=6)
         names = test.classes or [str(i) for i in range(int(labels.max()) + 1)]
-        if len(names) <= 20:
+        if labelled and len(names) <= 20:
             ax.legend(sc.legend_elements()[0], names, fontsize=7, markerscale=0.8, loc="best")
-        ax.set(title=f"test features, {args.embedding.upper()}", xticks=[], yticks=[])
+        method_name = (ckpt.get("method") or {}).get("name", "")
+        ax.set(title=f"test features of {run_name} ({method_name}), {'t-SNE' if args.embedding == 'tsne' else 'PCA'}",
+               xticks=[], yticks=[])
         fig.tight_layout()
         fig.savefig(os.path.join(out, "embedding.png"), dpi=120)
         plt.close(fig)
@@ -586,6 +728,7 @@ def cmd_plot(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         import pyssl  # noqa: F401  (the extension: fail here with its own message)
@@ -594,6 +737,9 @@ def main(argv: list[str] | None = None) -> int:
     except _expected_errors() as e:
         print(f"pyssl: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(_interrupted_message(e, argv), file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("pyssl: interrupted", file=sys.stderr)
         return 130

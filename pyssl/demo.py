@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     print(f"== pyssl train --method {args.method} --data digits --epochs {args.epochs} "
           f"(CPU, {torch.get_num_threads()} threads)", flush=True)
+    # The demo's run directory is its own: running the demo again means training again.
     rc = cli.main(["train", "--method", args.method, "--data", "digits", "--device", "cpu", "--epochs",
-                   str(args.epochs), "--seed", str(args.seed), "--out", args.out, "--knn-k", str(args.k)])
+                   str(args.epochs), "--seed", str(args.seed), "--out", args.out, "--knn-k", str(args.k), "--overwrite"])
     if rc:
         return rc
     t_train = time.perf_counter() - t0
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{m:+.1f} points ({p})" for p, m in margin.items()))
     with open(os.path.join(args.out, "demo_table.txt"), "w") as f:
         f.write(table + "\n")
-    cli.main(["plot", args.out, "--device", "cpu", "--embedding", "tsne"])
+    cli.main(["plot", args.out, "--device", "cpu"])  # the same pictures as a later `pyssl plot`
     print(f"total {time.perf_counter() - t0:.0f} s (training {t_train:.0f} s); plots and logs in {args.out}")
     return 0
 

@@ -9,6 +9,8 @@ so a resumed run's losses equal an uninterrupted run's step for step.
 
 Logs: ``metrics.csv`` (step, epoch, loss, lr, images/s), ``knn.csv`` (epoch, kNN accuracy),
 TensorBoard events when tensorboard is installed, a tqdm progress bar when tqdm is installed.
+A checkpoint is written only once the logs are on disk, and records their lengths; a resumed run
+cuts them back to those, so a run killed at any instant resumes with each step logged once.
 
 Data parallel (inside an initialised ``torch.distributed`` group, see :mod:`pyssl.distributed`):
 each global batch of ``batch_size`` images is cut into one contiguous shard per rank; all ranks
@@ -34,6 +36,16 @@ from pyssl import distributed
 from pyssl.data import ImageDataset, batches
 
 CHECKPOINT_NAME = "checkpoint.pt"
+TEMPORARY_SUFFIX = ".tmp-"
+
+#: The CSV logs of a run and their columns. Every step has one row in metrics.csv; knn.csv has
+#: one row per kNN evaluation.
+LOGS = {"metrics.csv": ["step", "epoch", "loss", "lr", "images_per_s"],
+        "knn.csv": ["step", "epoch", "knn_accuracy"]}
+
+#: Crash tests: the instants of a checkpoint at which a probe is called (see ``Trainer``), in order.
+CHECKPOINT_INSTANTS = ("checkpoint-start", "logs-synced", "checkpoint-written", "checkpoint-replaced",
+                       "checkpoint-done")
 
 
 class ConfigError(ValueError):
@@ -183,22 +195,33 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
 # ---- checkpoints ---------------------------------------------------------------------------------
 
 
-def save_atomic(obj, path: str) -> None:
+def save_atomic(obj, path: str, probe: Callable[[str], None] | None = None) -> None:
     """Writes ``obj`` to ``path`` so that ``path`` is always either the previous complete file
-    or the new complete file: write a temporary file beside it, fsync, then ``os.replace``."""
+    or the new complete file: write a temporary file beside it, fsync, then ``os.replace``.
+    ``probe`` (crash tests) is called with ``"checkpoint-written"`` once the temporary file is
+    complete and with ``"checkpoint-replaced"`` right after the rename."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = f"{path}{TEMPORARY_SUFFIX}{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if probe is not None:
+            probe("checkpoint-written")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    try:  # make the rename itself durable
+    if probe is not None:
+        probe("checkpoint-replaced")
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    """Makes a rename inside ``directory`` durable."""
+    try:
         fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -206,6 +229,15 @@ def save_atomic(obj, path: str) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def remove_stale_temporaries(path: str) -> None:
+    """Removes the temporary files of :func:`save_atomic` calls that a kill interrupted."""
+    directory, name = os.path.split(os.path.abspath(path))
+    if os.path.isdir(directory):
+        for entry in os.listdir(directory):
+            if entry.startswith(name + TEMPORARY_SUFFIX):
+                os.remove(os.path.join(directory, entry))
 
 
 def load_checkpoint(path: str) -> dict:
@@ -242,6 +274,134 @@ def _set_rng_state(s: dict) -> None:
     np.random.set_state(("MT19937", arr.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
+# ---- logs ----------------------------------------------------------------------------------------
+
+
+class CsvLog:
+    """An append-only CSV log. Rows are buffered; :meth:`sync` makes every row written so far
+    durable and returns the file's length, which the checkpoint records: on resume the log is cut
+    back to that length, so that it holds each step up to the checkpoint exactly once."""
+
+    def __init__(self, path: str, header: list[str]):
+        fresh = not os.path.exists(path) or os.path.getsize(path) == 0
+        self.file = open(path, "a", newline="")
+        self.writer = csv.writer(self.file)
+        if fresh:
+            self.writer.writerow(header)
+
+    def write(self, row: list) -> None:
+        self.writer.writerow(row)
+
+    def sync(self) -> int:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        return os.fstat(self.file.fileno()).st_size
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _parse_row(line: str, width: int) -> list[str] | None:
+    """A log row's fields, or None unless the line is ``width`` numbers, the first two integers."""
+    fields = next(csv.reader([line.rstrip("\r\n")]), [])
+    if len(fields) != width:
+        return None
+    try:
+        int(fields[0]), int(fields[1])
+        [float(v) for v in fields[2:]]
+    except ValueError:
+        return None
+    return fields
+
+
+def read_log(path: str, header: list[str]) -> tuple[list[dict], list[str]]:
+    """The rows of a CSV log that parse (dicts keyed by ``header``) and what is wrong with the
+    rest (a missing header, torn or garbled lines), for readers that show what is there."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines(keepends=True)
+    problems = []
+    if lines and lines[0].rstrip("\r\n") == ",".join(header):
+        lines = lines[1:]
+    elif lines:
+        problems.append("no header line")
+    rows = []
+    for line in lines:
+        fields = _parse_row(line, len(header))
+        if fields is None:
+            problems.append(f"a line that does not parse: {line.strip()[:60]!r}")
+        else:
+            rows.append(dict(zip(header, fields)))
+    return rows, problems
+
+
+def _steps(steps: list[int]) -> str:
+    """[1, 2, 3, 7] -> "steps 1-3, 7 are", [4] -> "step 4 is"."""
+    out, start = [], None
+    for i, s in enumerate(steps):
+        if start is None:
+            start = s
+        if i + 1 == len(steps) or steps[i + 1] != s + 1:
+            out.append(str(start) if start == s else f"{start}-{s}")
+            start = None
+    return f"step {out[0]} is" if len(steps) == 1 else f"steps {', '.join(out)} are"
+
+
+def repair_log(path: str, header: list[str], step: int, length: int | None, every_step: bool) -> list[str]:
+    """Makes the log at ``path`` hold exactly its rows of the first ``step`` steps, as the
+    checkpoint of ``step`` found it, and returns what it repaired beyond that (empty: nothing).
+
+    ``length``: the log's length when the checkpoint was written (None in checkpoints from before
+    it was recorded: then rows are kept by their step). Rows written after the checkpoint are
+    dropped; a missing header and a line torn by a kill are repaired. A log shorter than at the
+    checkpoint, lacking rows of its steps (``every_step``: the log has a row for every step) or
+    with lines that do not parse among them raises :class:`CheckpointError` and is left as it is.
+    """
+    name = os.path.basename(path)
+
+    def damaged(reason: str) -> CheckpointError:
+        return CheckpointError(f"cannot resume from step {step}: {path} does not match the checkpoint ({reason}); "
+                               f"move {name} aside to resume with a new log from step {step + 1}")
+
+    with open(path, "rb") as f:
+        original = f.read()
+    if length is not None and len(original) < length:
+        raise damaged(f"it is shorter than at the checkpoint: {len(original)} bytes, not {length}")
+    lines = original[:length].decode("utf-8", errors="replace").splitlines(keepends=True)
+    repairs = []
+    if lines and lines[0].rstrip("\r\n") == ",".join(header):
+        lines = lines[1:]
+    elif lines:
+        repairs.append("added the missing header line")
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        fields = _parse_row(line, len(header)) if line.endswith("\n") else None
+        if fields is None:
+            if length is None and number == len(lines):
+                repairs.append(f"dropped a torn last line {line.strip()[:60]!r}")
+                continue
+            raise damaged(f"a line that does not parse: {line.strip()[:60]!r}")
+        if int(fields[0]) <= step:
+            kept.append((int(fields[0]), line))
+    if every_step:
+        steps = [s for s, _ in kept]
+        if steps != list(range(1, step + 1)):
+            missing = sorted(set(range(1, step + 1)) - set(steps))
+            repeated = sorted({s for s in steps if steps.count(s) > 1})
+            reasons = [f"{_steps(missing)} missing" if missing else "",
+                       f"{_steps(repeated)} logged more than once" if repeated else ""]
+            raise damaged("; ".join(r for r in reasons if r) or "its steps are out of order")
+    content = (",".join(header) + "\r\n" + "".join(line for _, line in kept)).encode()
+    if content != original:
+        tmp = f"{path}{TEMPORARY_SUFFIX}{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_directory(os.path.dirname(os.path.abspath(path)))
+    return [f"{name}: {r}" for r in repairs]
+
+
 # ---- the trainer ---------------------------------------------------------------------------------
 
 
@@ -256,6 +416,9 @@ def use_sync_bn(requested: bool | None, method: nn.Module, world_size: int, devi
         return bool(requested)
     return world_size > 1 and device_type == "cuda" and bool(getattr(method, "sync_bn_by_default", True))
 
+
+#: A CPU run whose first steps predict at least this many more seconds gets a warning.
+SLOW_RUN_WARNING_S = 3600.0
 
 #: "auto" keeps the data set on the GPU while it takes at most this share of the free memory.
 DATA_ON_DEVICE_SHARE = 0.4
@@ -294,10 +457,14 @@ class Trainer:
     (``step`` counts completed steps); raising :class:`StopTraining` ends the run abruptly.
     ``method_spec``: ``{"name": ..., "cfg": {...}}`` stored in checkpoints so that ``pyssl eval``
     can rebuild the method; ``extra``: any more JSON-like info to store (data spec ...).
+    ``probe`` (crash tests): a function ``f(instant, step)`` called after every step
+    (``"step"``) and at each of the ``CHECKPOINT_INSTANTS`` of every checkpoint, so that a test
+    can kill the process at an exact instant; unlike a callback it changes nothing else.
     """
 
     def __init__(self, method: nn.Module, train: ImageDataset, config: TrainConfig, test: ImageDataset | None = None,
-                 callbacks: list[Callable] | None = None, method_spec: dict | None = None, extra: dict | None = None):
+                 callbacks: list[Callable] | None = None, method_spec: dict | None = None, extra: dict | None = None,
+                 probe: Callable[[str, int], None] | None = None):
         config.validate()
         if config.batch_size > len(train):
             raise ConfigError(f"batch size {config.batch_size} is larger than the data set ({len(train)} images)")
@@ -331,6 +498,9 @@ class Trainer:
         self.step = 0
         self.ckpt_path = os.path.join(config.out_dir, CHECKPOINT_NAME)
         self._loaded_from: str | None = None
+        self.probe = probe
+        self.checkpoint_step: int | None = None  # of the last checkpoint written or loaded
+        self._logs: dict[str, CsvLog] = {}  # open while fit runs (rank 0)
 
     # -- state --
 
@@ -358,23 +528,61 @@ class Trainer:
                 distributed.parameter_digest(self.method))
         return state
 
+    def _probe(self, instant: str) -> None:
+        if self.probe is not None:
+            self.probe(instant, self.step)
+
     def save(self) -> str:
         """Writes the checkpoint (rank 0). Distributed: every rank must call it (the RNG states
-        are gathered), and returns once the file is complete."""
+        are gathered), and returns once the file is complete.
+
+        The logs are made durable first and their lengths recorded in the checkpoint: whenever a
+        run is killed, the logs hold at least the rows of the checkpoint's steps, and resume cuts
+        them back to exactly those."""
+        self._probe("checkpoint-start")
+        log_lengths = {name: log.sync() for name, log in self._logs.items()}
+        self._probe("logs-synced")
         state = self.state_dict()
+        if self._logs:
+            state["log_lengths"] = log_lengths
         if self.is_main:
-            save_atomic(state, self.ckpt_path)
+            save_atomic(state, self.ckpt_path, probe=self._probe)
         distributed.barrier()
+        self.checkpoint_step = self.step
+        self._probe("checkpoint-done")
         return self.ckpt_path
+
+    def _differences(self, ckpt: dict) -> list[str]:
+        """What makes the run of ``ckpt`` another run than this trainer's, as "KEY X there, Y here"."""
+        found, wanted = [], []
+        old_spec, spec = ckpt.get("method") or {}, self.method_spec
+        if "name" in old_spec and "name" in spec:
+            found.append(("method", old_spec["name"], spec["name"]))
+            old_cfg, cfg = old_spec.get("cfg", {}), spec.get("cfg", {})
+            found += [(k, old_cfg.get(k), cfg.get(k)) for k in sorted(set(old_cfg) | set(cfg))
+                      if k not in ("mean", "std")]
+        old_data, data = (ckpt.get("extra") or {}).get("data"), self.extra.get("data")
+        if old_data is not None and data is not None:  # the kind: a data set may have moved since
+            found.append(("data", old_data.partition(":")[0], data.partition(":")[0]))
+        found += [(k, ckpt["config"].get(k), getattr(self.cfg, k)) for k in ("batch_size", "seed", "epochs")]
+        for key, there, here in found:
+            if there != here:
+                wanted.append(f"{key} {there if there is not None else '(unset)'} there, "
+                              f"{here if here is not None else '(unset)'} here")
+        return wanted
+
+    def _describe(self, ckpt: dict) -> str:
+        name = (ckpt.get("method") or {}).get("name", "a")
+        data = (ckpt.get("extra") or {}).get("data")
+        return f"{name} run{f' on {data}' if data else ''} at step {ckpt['step']}"
 
     def load(self, path: str | None = None) -> None:
         path = path or self.ckpt_path
         ckpt = load_checkpoint(path)
-        old = ckpt["config"]
-        for key in ("batch_size", "seed", "epochs"):
-            if old.get(key) != getattr(self.cfg, key):
-                raise CheckpointError(f"cannot resume {path}: it was trained with {key}={old.get(key)}, "
-                                      f"now {key}={getattr(self.cfg, key)}")
+        differences = self._differences(ckpt)
+        if differences:
+            raise CheckpointError(f"cannot resume {path}: it holds a {self._describe(ckpt)}, which differs from this "
+                                  f"one: {'; '.join(differences)}")
         try:
             self.method.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -388,38 +596,39 @@ class Trainer:
             _set_rng_state(per_rank[self.rank])
         else:  # another number of processes: the shards differ anyway, so no exact resume
             self._seed_rngs(self.cfg.seed + 7919 * self.step)
-        self._loaded_from = path
         if self.is_main:
-            self._truncate_logs(self.step)
+            self._repair_logs(ckpt.get("log_lengths"))
+        self._loaded_from, self.checkpoint_step = path, self.step
 
     # -- logs --
 
-    def _truncate_logs(self, step: int) -> None:
-        """Drops log rows written after the checkpoint a resumed run starts from."""
-        for name, key, limit in (("metrics.csv", "step", step), ("knn.csv", "step", step)):
+    def _repair_logs(self, lengths: dict | None) -> None:
+        """Cuts the logs back to the checkpoint a resumed run starts from (see :func:`repair_log`)."""
+        remove_stale_temporaries(self.ckpt_path)
+        for name, header in LOGS.items():
             path = os.path.join(self.cfg.out_dir, name)
+            remove_stale_temporaries(path)
             if not os.path.exists(path):
+                if name == "metrics.csv" and self.step:
+                    print(f"note: {path} is missing; a new log starts at step {self.step + 1}", file=sys.stderr)
                 continue
-            with open(path, newline="") as f:
-                rows = list(csv.DictReader(f))
-            if not rows:
-                continue
-            keep = [r for r in rows if int(r[key]) <= limit]
-            tmp = path + ".tmp"
-            with open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-                w.writeheader()
-                w.writerows(keep)
-            os.replace(tmp, path)
+            length = (lengths or {}).get(name)
+            for repair in repair_log(path, header, self.step, length, every_step=name == "metrics.csv"):
+                print(f"note: repaired {repair}", file=sys.stderr)
 
-    def _csv(self, name: str, header: list[str]):
-        path = os.path.join(self.cfg.out_dir, name)
-        new = not os.path.exists(path)
-        f = open(path, "a", newline="")
-        w = csv.writer(f)
-        if new:
-            w.writerow(header)
-        return f, w
+    def _remove_previous_run(self) -> None:
+        """A fresh run in a used directory: the previous run's checkpoint, logs and TensorBoard
+        events go, so that none of them is mistaken for this run's."""
+        remove_stale_temporaries(self.ckpt_path)
+        for name in (CHECKPOINT_NAME, *LOGS):
+            path = os.path.join(self.cfg.out_dir, name)
+            if os.path.exists(path):
+                os.remove(path)
+        tb = os.path.join(self.cfg.out_dir, "tb")
+        if os.path.isdir(tb):
+            for entry in os.listdir(tb):
+                if entry.startswith("events.out.tfevents."):
+                    os.remove(os.path.join(tb, entry))
 
     # -- training --
 
@@ -437,14 +646,14 @@ class Trainer:
             self.load()
         elif self._loaded_from is None:  # a fresh run (resume without a checkpoint starts one too)
             self._seed_rngs(cfg.seed)
-            for name in ("metrics.csv", "knn.csv"):
-                if self.is_main and os.path.exists(os.path.join(cfg.out_dir, name)):
-                    os.remove(os.path.join(cfg.out_dir, name))
+            if self.is_main:
+                self._remove_previous_run()
         distributed.broadcast_module(self.method)
         result = TrainResult(steps=self.step)
         writer = self._tensorboard() if self.is_main else None
-        mfile, mcsv = self._csv("metrics.csv", ["step", "epoch", "loss", "lr", "images_per_s"]) if self.is_main else (None, None)
-        kfile, kcsv = self._csv("knn.csv", ["step", "epoch", "knn_accuracy"]) if self.is_main else (None, None)
+        if self.is_main:
+            self._logs = {name: CsvLog(os.path.join(cfg.out_dir, name), header) for name, header in LOGS.items()}
+        metrics, knn_log = self._logs.get("metrics.csv"), self._logs.get("knn.csv")
         bar = self._progress() if self.is_main else None
         self.method.train()
         images, texts = self.train_data.images, self.train_data.texts
@@ -452,6 +661,8 @@ class Trainer:
         own_rows = slice(self.rank * shard, (self.rank + 1) * shard)
         try:
             t_last, n_last, ips = time.perf_counter(), 0, 0.0
+            t_start, start_step = t_last, self.step
+            timed = not self.is_main or self.device.type != "cpu"
             pending: list[tuple[int, int, Tensor, float]] = []
             while self.step < self.total_steps:
                 epoch, first = divmod(self.step, self.steps_per_epoch)
@@ -468,7 +679,9 @@ class Trainer:
                     lr = self.optimizer.param_groups[0]["lr"]
                     pending.append((self.step, epoch, loss.detach(), lr))
                     n_last += cfg.batch_size
-                    if len(pending) >= cfg.log_every or self.step % self.steps_per_epoch == 0 or self.callbacks:
+                    checkpoint_due = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                    if (len(pending) >= cfg.log_every or self.step % self.steps_per_epoch == 0 or self.callbacks
+                            or checkpoint_due):
                         now = time.perf_counter()
                         ips = n_last / max(now - t_last, 1e-9)
                         t_last, n_last = now, 0
@@ -476,24 +689,25 @@ class Trainer:
                         for (s, e, _, r), v in zip(pending, values):
                             if not math.isfinite(v):
                                 raise FloatingPointError(f"loss is {v} at step {s}; lower the learning rate or disable AMP")
-                            if mcsv is not None:
-                                mcsv.writerow([s, e, repr(v), f"{r:.6g}", f"{ips:.1f}"])
+                            if metrics is not None:
+                                metrics.write([s, e, repr(v), f"{r:.6g}", f"{ips:.1f}"])
                             result.losses.append(v)
                             if writer is not None:
                                 writer.add_scalar("train/loss", v, s)
                                 writer.add_scalar("train/lr", r, s)
                         if writer is not None:
                             writer.add_scalar("train/images_per_s", ips, self.step)
-                        if mfile is not None:
-                            mfile.flush()
                         if bar is not None:
                             bar.update(len(pending))
                             bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{ips:.0f}", epoch=epoch + 1)
                         pending = []
-                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    if checkpoint_due:
                         self.save()
                     for cb in self.callbacks:
                         cb(self, self.step, result.losses[-1])
+                    self._probe("step")
+                    if not timed:
+                        timed = self._warn_if_slow(time.perf_counter() - t_start, self.step - start_step, bar)
                 epoch_done = self.step // self.steps_per_epoch
                 if bar is None and cfg.progress and result.losses and self.is_main:
                     print(f"epoch {epoch_done}/{cfg.epochs}: step {self.step}, loss {result.losses[-1]:.4f}, "
@@ -502,8 +716,7 @@ class Trainer:
                         and (epoch_done % cfg.knn_every == 0 or self.step == self.total_steps)):
                     acc = self.knn_accuracy()
                     result.knn.append((epoch_done, acc))
-                    kcsv.writerow([self.step, epoch_done, f"{acc:.6f}"])
-                    kfile.flush()
+                    knn_log.write([self.step, epoch_done, f"{acc:.6f}"])
                     if writer is not None:
                         writer.add_scalar("eval/knn_accuracy", acc, self.step)
                     msg = f"epoch {epoch_done}: kNN accuracy {acc * 100:.2f}%"
@@ -512,15 +725,29 @@ class Trainer:
         except StopTraining:
             result.stopped = True
         finally:
-            for f in (mfile, kfile):
-                if f is not None:
-                    f.close()
+            for log in self._logs.values():
+                log.close()
+            self._logs = {}
             if bar is not None:
                 bar.close()
             if writer is not None:
                 writer.close()
         result.steps = self.step
         return result
+
+    def _warn_if_slow(self, elapsed: float, steps: int, bar) -> bool:
+        """Once the first steps are timed, warns if the rest of the run would take hours on the
+        CPU (a large model, as the defaults of real data sets are, runs at a few images/s there).
+        Returns whether the first steps are timed."""
+        if elapsed < 5 and steps < 5:
+            return False
+        remaining = elapsed / steps * (self.total_steps - self.step)
+        if remaining >= SLOW_RUN_WARNING_S:
+            message = (f"warning: at {steps * self.cfg.batch_size / elapsed:.1f} images/s the rest of this run takes "
+                       f"about {remaining / 3600:.1f} hours on the CPU; a GPU, a smaller backbone or image size, or "
+                       f"fewer epochs would shorten it")
+            bar.write(message) if bar is not None else print(message, file=sys.stderr, flush=True)
+        return True
 
     def _train_step(self, batch: Tensor | tuple[Tensor, Tensor]) -> Tensor:
         self.method.set_progress(self.step, self.total_steps)
@@ -574,5 +801,6 @@ class Trainer:
 
 
 __all__ = ["TrainConfig", "Trainer", "TrainResult", "LARS", "ConfigError", "CheckpointError", "StopTraining",
-           "save_atomic", "load_checkpoint", "build_optimizer", "warmup_cosine", "use_sync_bn", "data_device",
-           "CHECKPOINT_NAME"]
+           "save_atomic", "load_checkpoint", "remove_stale_temporaries", "CsvLog", "read_log", "repair_log",
+           "build_optimizer", "warmup_cosine", "use_sync_bn", "data_device", "CHECKPOINT_NAME", "LOGS",
+           "CHECKPOINT_INSTANTS"]

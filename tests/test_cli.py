@@ -1,4 +1,5 @@
 """CLI: --help everywhere, one-line errors before any training, train -> eval -> plot."""
+import csv
 import os
 import pickle
 import subprocess
@@ -162,3 +163,154 @@ def test_init_backbone_starts_from_another_runs_backbone(tmp_path, capsys):
                "resnet-tiny", "--epochs", "1", "--out", str(tmp_path / "bad"), "--init-backbone", str(first)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "does not fit this method's" in err[0] and "--backbone" in err[0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+    (["train", "--batch-size", "0"], "argument --batch-size: must be >= 2, got 0"),
+    (["train", "--image-size", "0"], "argument --image-size: must be >= 1, got 0"),
+    (["train", "--epochs", "-3"], "argument --epochs: must be >= 1, got -3"),
+    (["train", "--hidden-dim", "0"], "argument --hidden-dim: must be >= 1, got 0"),
+    (["train", "--knn-k", "0"], "argument --knn-k: must be >= 1, got 0"),
+    (["train", "--knn-t", "0"], "argument --knn-t: must be > 0, got 0"),
+    (["train", "--epochs", "two"], "argument --epochs: must be an integer, got 'two'"),
+    (["train", "--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
+    (["eval", "run", "--k", "0"], "argument --k: must be >= 1, got 0"),
+])
+def test_zero_sizes_are_refused_not_replaced_by_defaults(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
+
+
+def test_help_lists_every_method_and_the_defaults(capsys):
+    from pyssl.cli import METHODS
+    from pyssl.methods import available_methods
+
+    assert sorted(METHODS) == available_methods()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split()).partition("options:")[2]  # argparse wraps lines
+    assert all(f"{name} (" in text for name in METHODS)
+    for flag, default in (("--epochs", "40 on digits"), ("--batch-size", "128 on digits"),
+                          ("--seed", "(default 0)"), ("--knn-t", "(default 0.1)")):
+        assert default in text[text.index(f"{flag} {flag[2:].upper().replace('-', '_')}"):][:400], flag
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pyssl: error:"), err
+    return err[0]
+
+
+def test_a_run_is_never_overwritten_without_being_asked(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--epochs", "1", "--batch-size", "256", "--knn-every", "0", "--out", str(run), *TINY]
+    os.makedirs(run / "tb")
+    files = {"checkpoint.pt": b"a finished run", "metrics.csv": b"step\n", "eval.json": b"{}",
+             "tb/events.out.tfevents.1.old": b"old events"}
+    for name, content in files.items():
+        (run / name).write_bytes(content)
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert f"{run} already holds a run with a checkpoint" in line and "--resume" in line and "--overwrite" in line
+    assert all((run / name).read_bytes() == content for name, content in files.items())
+    (run / "checkpoint.pt").unlink()  # a run stopped before its first checkpoint: only --overwrite helps
+    assert main(argv) == 2
+    assert "logs of a run stopped before its first checkpoint; pass --overwrite" in _one_error_line(capsys)
+    assert main(argv + ["--resume"]) == 2
+    assert "stopped before the first checkpoint; pass --overwrite" in _one_error_line(capsys)
+    assert main(argv + ["--overwrite"]) == 0
+    assert not os.path.exists(run / "eval.json") and os.listdir(run / "tb") == []  # the old run's, gone
+    assert [r["step"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["1", "2", "3", "4"]
+
+
+def test_ctrl_c_says_how_to_resume_and_resume_says_where_it_starts(tmp_path, capsys, monkeypatch):
+    import shlex
+
+    import pyssl.cli
+
+    def interrupt_at(step):
+        def probe(instant, now):
+            if instant == "step" and now == step:
+                raise KeyboardInterrupt
+        return lambda: probe
+
+    run = tmp_path / "run"
+    argv = ["train", "--epochs", "1", "--batch-size", "256", "--knn-every", "0", "--checkpoint-every", "2",
+            "--out", str(run), *TINY]
+    monkeypatch.setattr(pyssl.cli, "crash_probe", interrupt_at(1))
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "pyssl: interrupted at step 1 of 4, before the first checkpoint: nothing to resume" in err
+    monkeypatch.setattr(pyssl.cli, "crash_probe", interrupt_at(3))
+    assert main(argv + ["--overwrite"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-2] == f"pyssl: interrupted at step 3 of 4; {run} holds the checkpoint of step 2. Resume with:"
+    resume = shlex.split(err[-1])
+    assert resume[0] == "pyssl" and resume[1:] == argv + ["--resume"]  # --overwrite would start over
+    monkeypatch.setattr(pyssl.cli, "crash_probe", lambda: None)
+    assert main(resume[1:]) == 0
+    assert "resuming from step 2 of 4" in capsys.readouterr().err
+    assert [r["step"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["1", "2", "3", "4"]
+
+
+def test_unlabelled_image_folder_trains_without_knn(tmp_path, capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    run = tmp_path / "run"
+    argv = ["train", "--data", f"folder:{tmp_path}", "--epochs", "1", "--batch-size", "16", "--out", str(run), *TINY]
+    assert main(argv + ["--knn-every", "1"]) == 2
+    assert "--knn-every 1: folder:" in _one_error_line(capsys)
+    assert main(argv) == 0
+    assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 2 and not list(csv.DictReader(open(run / "knn.csv")))
+
+
+def test_plot_names_its_run_counts_steps_in_integers_and_draws_a_damaged_log(tmp_path, capsys, monkeypatch):
+    import matplotlib.figure
+
+    run = tmp_path / "mocov2-digits"
+    os.makedirs(run)
+    # a log of an earlier version killed before its first checkpoint: no header line, a torn last row
+    (run / "metrics.csv").write_text("1,0,5.5,0.1,90.0\r\n2,0,5.25,0.1,91.0\r\n3,0,5.2")
+    (run / "knn.csv").write_text("step,epoch,knn_accuracy\r\n2,1,0.5\r\n4,2,0.75\r\n")
+    saved = {}
+
+    def record(fig, path, **kw):
+        ax = fig.axes[0]
+        saved[os.path.basename(path)] = (ax.get_title(), ax.xaxis.get_major_locator(), ax.get_lines()[0].get_xdata())
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    assert main(["plot", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "metrics.csv: skipped 2 damaged line(s) (no header line)" in err
+    title, locator, steps = saved["loss.png"]
+    assert title == "training loss (mocov2-digits)" and list(steps) == [1, 2]
+    assert locator._integer  # no step 1.5 on the axis
+    title, locator, _ = saved["knn.png"]
+    assert "mocov2-digits" in title and locator._integer
+
+
+def test_plot_default_embedding_is_the_demos_tsne():
+    from pyssl.cli import build_parser
+
+    assert build_parser().parse_args(["plot", "run"]).embedding == "tsne"
+
+
+def test_resuming_another_runs_directory_says_what_differs(tmp_path, capsys):
+    _write_cifar(tmp_path / "c")
+    run = tmp_path / "run"
+    argv = ["train", "--data", f"cifar10:{tmp_path}/c", "--epochs", "1", "--batch-size", "16", "--knn-every", "0",
+            "--out", str(run), *TINY]
+    assert main(argv + ["--method", "simclr"]) == 0
+    os.rename(tmp_path / "c", tmp_path / "moved")  # the same data set elsewhere is the same run
+    moved = [a.replace(f"{tmp_path}/c", f"{tmp_path}/moved") for a in argv]
+    assert main(moved + ["--method", "simclr", "--resume"]) == 0
+    capsys.readouterr()
+    assert main(moved + ["--method", "mocov2", "--resume"]) == 2
+    line = _one_error_line(capsys)
+    assert "it holds a simclr run on cifar10:" in line and "method simclr there, mocov2 here" in line

@@ -128,3 +128,15 @@ def test_evaluation_with_images_on_the_host_and_the_encoder_on_the_gpu():
     res = evaluate_encoders({"enc": gpu_enc}, transform, data.subset(torch.arange(40)), data.subset(torch.arange(40, 60)),
                             fractions=(1.0,), k=5, finetune_steps=5)
     assert all(0.0 <= res["enc"][p][1.0] <= 1.0 for p in ("linear", "knn", "finetune"))
+
+
+def test_progress_leaves_out_what_raw_pixels_cannot_do():
+    from pyssl.data import load_digits
+
+    train, test = load_digits("train", size=8).subset(torch.arange(200)), load_digits("test", size=8)
+    lines = []
+    results = evaluate_encoders({"raw pixels": None}, lambda x: x.float() / 255, train, test, fractions=(1.0,),
+                                protocols=("knn", "finetune"), k=5, log=lines.append)
+    assert math.isnan(results["raw pixels"]["finetune"][1.0])  # nothing to fine-tune
+    assert len(lines) == 1 and lines[0].startswith("raw pixels, 100% labels: knn ") and "nan" not in lines[0]
+    assert "finetune" not in lines[0]

@@ -123,10 +123,13 @@ def test_resume_mid_epoch_reproduces_losses_exactly(tmp_path, method, opt):
 
 def test_resume_refuses_other_settings(tmp_path):
     Trainer(make_method(), SMALL, cfg(tmp_path, epochs=1)).fit()
-    with pytest.raises(CheckpointError, match="batch_size"):
+    with pytest.raises(CheckpointError, match="batch_size 32 there, 16 here"):
         Trainer(make_method(), SMALL, cfg(tmp_path, epochs=1, batch_size=16)).fit(resume=True)
-    with pytest.raises(CheckpointError, match="another model"):
+    with pytest.raises(CheckpointError) as e:
         Trainer(make_method("mocov2"), SMALL, cfg(tmp_path, epochs=1)).fit(resume=True)
+    message = str(e.value)  # which run was found and what differs, not torch's cut-off load_state_dict error
+    assert "it holds a simclr run at step 3" in message and "method simclr there, mocov2 here" in message
+    assert "queue_size (unset) there, 64 here" in message and "state_dict" not in message
 
 
 def test_logs_knn_amp_and_tensorboard(tmp_path):
@@ -162,7 +165,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
                             text=True, timeout=300, env={**os.environ, "PYSSL_CRASH_AT_STEP": "5"})
     assert killed.returncode == -9, killed.stderr
     assert load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["step"] == 3
-    assert len(_losses(tmp_path / "cut")) == 5  # steps 4 and 5 were logged, then lost with the process
+    assert len(_losses(tmp_path / "cut")) == 3  # the checkpoint's steps are on disk; 4 and 5 died in the buffer
     assert main(_train_argv(tmp_path / "cut", "--resume")) == 0
     assert _losses(tmp_path / "cut") == _losses(tmp_path / "full")
     assert len(_losses(tmp_path / "full")) == 9
@@ -198,3 +201,123 @@ def test_training_from_host_memory_matches_training_from_the_gpu(tmp_path):
         assert results["cpu"].knn == pytest.approx(results["device"].knn, abs=0.02)
     finally:
         torch.backends.cudnn.deterministic = False
+
+
+# Each kill resumes from the checkpoint the one before left: (PYSSL_CRASH_AT, the checkpoint's
+# step afterwards). 9 steps, checkpoints at 2, 4, 6, 8 and 9.
+KILLS = [
+    ("checkpoint-done:2", 2),  # right after the first checkpoint
+    ("checkpoint-start:4", 2),  # before the checkpoint: rows 3 and 4 still in the buffer
+    ("logs-synced:4", 2),  # rows 3 and 4 on disk, the checkpoint still at step 2
+    ("checkpoint-written:4", 2),  # during: the temporary file complete, not yet renamed
+    ("checkpoint-replaced:4", 4),  # the rename done, the directory not yet synced
+    ("step:5", 4),  # between checkpoints
+    ("checkpoint-replaced:9", 9),  # the last checkpoint
+]
+
+# One process imports torch once and forks a run per kill (a fresh interpreter per kill costs ten
+# seconds of imports); it never computes anything itself, so the forks start clean. Per kill it
+# prints the signal, the checkpoint's step and the steps in the log on disk.
+_KILL_EACH_FORK = """
+import json, os, sys
+import pyssl.methods, sklearn.datasets  # imported once, for every fork
+from pyssl.cli import main
+from pyssl.train import LOGS, load_checkpoint, read_log
+argv, kills = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+for number, instant in enumerate(kills):
+    pid = os.fork()
+    if pid == 0:
+        os.environ["PYSSL_CRASH_AT"] = instant
+        os._exit(main(argv + (["--resume"] if number else [])))
+    status = os.waitpid(pid, 0)[1]
+    run = argv[argv.index("--out") + 1]
+    rows, problems = read_log(os.path.join(run, "metrics.csv"), LOGS["metrics.csv"])
+    print(json.dumps([os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+                      load_checkpoint(os.path.join(run, "checkpoint.pt"))["step"],
+                      [int(r["step"]) for r in rows], problems]), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_at_every_instant_around_checkpoints_then_resume(tmp_path):
+    import json
+    import signal
+
+    from pyssl.cli import main
+    from pyssl.train import LOGS, read_log
+
+    assert main(_train_argv(tmp_path / "full", "--checkpoint-every", "2")) == 0
+    cut = tmp_path / "cut"
+    argv = _train_argv(cut, "--checkpoint-every", "2")
+    r = subprocess.run([sys.executable, "-c", _KILL_EACH_FORK, json.dumps(argv), json.dumps([k for k, _ in KILLS])],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    reports = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(reports) == len(KILLS), r.stderr
+    for (instant, checkpoint_step), (sig, step, logged, problems) in zip(KILLS, reports):
+        assert sig == signal.SIGKILL and step == checkpoint_step, (instant, sig, step, r.stderr)
+        # at every instant the log on disk holds every step of the checkpoint, each once
+        assert not problems and logged[:checkpoint_step] == list(range(1, checkpoint_step + 1)), (instant, logged)
+    assert main(argv + ["--resume"]) == 0
+    rows, problems = read_log(str(cut / "metrics.csv"), LOGS["metrics.csv"])
+    assert not problems and [int(r["step"]) for r in rows] == list(range(1, 10))
+    assert _losses(cut) == _losses(tmp_path / "full")
+    assert sorted(os.listdir(cut)) == ["checkpoint.pt", "config.json", "knn.csv", "metrics.csv"]  # no temporary left
+
+
+def _log(path, *lines):
+    with open(path, "w", newline="") as f:
+        f.write("".join(line + "\r\n" for line in lines))
+
+
+HEADER = "step,epoch,loss,lr,images_per_s"
+
+
+def _row(step):
+    return f"{step},0,{1 / step!r},0.1,100.0"
+
+
+def test_resume_repairs_a_log_or_refuses_it_with_a_clear_message(tmp_path):
+    from pyssl.train import LOGS, repair_log
+
+    header, path = LOGS["metrics.csv"], str(tmp_path / "metrics.csv")
+    # recorded length: the rows after the checkpoint, a torn one among them, are cut off
+    _log(path, HEADER, *map(_row, (1, 2, 3)))
+    length = os.path.getsize(path)
+    with open(path, "a") as f:
+        f.write(_row(4) + "\r\n" + "5,0,0.2")
+    assert repair_log(path, header, 3, length, every_step=True) == []
+    assert open(path, newline="").read() == "".join(line + "\r\n" for line in (HEADER, *map(_row, (1, 2, 3))))
+    # no recorded length (checkpoints of earlier versions): a missing header and a torn line are repaired
+    _log(path, *map(_row, (1, 2, 3, 4)))
+    with open(path, "a") as f:
+        f.write("5,0,0.2")
+    assert repair_log(path, header, 3, None, every_step=True) == [
+        "metrics.csv: added the missing header line", "metrics.csv: dropped a torn last line '5,0,0.2'"]
+    assert open(path, newline="").read().splitlines() == [HEADER, *map(_row, (1, 2, 3))]
+    # what cannot be repaired is refused, and the log is left as it is
+    refused = [((HEADER, _row(1), _row(2)), 3, None, "step 3 is missing"),
+               ((_row(4), _row(5)), 3, None, "steps 1-3 are missing"),
+               ((HEADER, _row(1), _row(1), _row(2)), 2, None, "step 1 is logged more than once"),
+               ((HEADER, _row(1), "garbage", _row(2)), 2, None, "a line that does not parse: 'garbage'"),
+               ((HEADER, _row(1)), 2, 10_000, "it is shorter than at the checkpoint")]
+    for lines, step, length, reason in refused:
+        _log(path, *lines)
+        before = open(path, "rb").read()
+        with pytest.raises(CheckpointError) as e:
+            repair_log(path, header, step, length, every_step=True)
+        assert reason in str(e.value)
+        assert f"move metrics.csv aside to resume with a new log from step {step + 1}" in str(e.value)
+        assert open(path, "rb").read() == before
+
+
+def test_a_cpu_run_predicted_to_take_hours_is_warned_about(tmp_path, capsys, monkeypatch):
+    import pyssl.train
+
+    Trainer(make_method(), SMALL, cfg(tmp_path / "fast")).fit()
+    assert "warning" not in capsys.readouterr().err  # six tiny steps: seconds, not hours
+    monkeypatch.setattr(pyssl.train, "SLOW_RUN_WARNING_S", 0.0)  # every run is "hours" now
+    Trainer(make_method(), SMALL, cfg(tmp_path / "slow")).fit()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "images/s the rest of this run takes about" in warnings[0]
+    assert "hours on the CPU; a GPU, a smaller backbone or image size, or fewer epochs" in warnings[0]

@@ -278,12 +278,17 @@ def _read_images(paths: list[str], size: int, channels: int) -> Tensor:
 
 def load_image_folder(path: str, size: int = 32, channels: int = 3) -> ImageDataset:
     """Every image under ``path/<class>/...``, resized (shorter side, then centre crop) to
-    ``size`` x ``size``; classes are the sorted sub-directory names."""
+    ``size`` x ``size``; classes are the sorted sub-directory names. A folder of images without
+    sub-directories is unlabelled (labels -1): self-supervised training needs no labels."""
     if not os.path.isdir(path):
         raise DataError(f"folder: data path {path} does not exist or is not a directory")
     classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
     if not classes:
-        raise DataError(f"folder: {path} has no class sub-directories")
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise DataError(f"folder: no images ({', '.join(IMAGE_EXTENSIONS)}) in {path}, and no class "
+                            f"sub-directories")
+        return ImageDataset(_read_images(files, size, channels), torch.full((len(files),), -1), [], "folder")
     files, labels = [], []
     for ci, cname in enumerate(classes):
         for dirpath, _, names in sorted(os.walk(os.path.join(path, cname))):

@@ -244,7 +244,9 @@ def evaluate_encoders(encoders: dict[str, nn.Module | None], transform: Callable
                     enc, transform, train.images[idx], train.labels[idx], test.images, test.labels, num_classes,
                     steps=finetune_steps, seed=seed)
             if log is not None:
-                log(f"{name}, {f:.0%} labels: " + ", ".join(f"{p} {res[p][f] * 100:.1f}%" for p in protocols))
+                # raw pixels have nothing to fine-tune (NaN): left out, as the table shows "-"
+                log(f"{name}, {f:.0%} labels: " + ", ".join(f"{p} {res[p][f] * 100:.1f}%" for p in protocols
+                                                            if not math.isnan(res[p][f])))
     return results
 
 
