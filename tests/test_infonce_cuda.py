@@ -205,12 +205,14 @@ def _tensor_core_run(backend, dtype, symmetric, n, d, scale):
 
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
 @pytest.mark.parametrize("symmetric", [None, False, True], ids=["ntxent", "infonce", "clip"])
-def test_mma_kernels_form_logits_in_float32(backend, dtype, symmetric, monkeypatch):
+@pytest.mark.parametrize("d", [70, 200])
+def test_mma_kernels_form_logits_in_float32(backend, dtype, symmetric, d, monkeypatch):
     # The mma.sync kernels multiply the input values themselves (exact products, float32 sums)
     # and apply the inverse norms in float32: every lse is within float32 accuracy of the float64
     # truth on the same rounded inputs, far inside the WMMA kernels' fp16-unit-row error, which
-    # this test also measures (partial tiles: 97 rows, 70 features; running-max path: scale 50).
-    n, d, scale = 97, 70, 50.0
+    # this test also measures (partial tiles: 97 rows, 70 or 200 features, i.e. the row block's
+    # fragments held in registers or streamed; running-max path: scale 50).
+    n, scale = 97, 50.0
     errors = {}
     for kernels in ("mma", "wmma"):
         monkeypatch.setenv("PYSSL_INFONCE_KERNELS", kernels)

@@ -32,6 +32,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 #include "infonce/infonce_check.h"
@@ -185,25 +186,40 @@ const __half* half_ptr(const Tensor& t) {
   return reinterpret_cast<const __half*>(t.const_data_ptr<at::Half>());
 }
 
+// Calls f(std::true_type) when x's rows are short enough for the mma kernels to keep the row
+// block's fragments in registers, else f(std::false_type).
+template <typename F>
+void with_resident_rows(const Normalized& x, F&& f) {
+  if (x.op_ld <= mma::kResidentSlices * mma::kStage) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 template <typename op_t>
 void launch_lse_partial_mma(dim3 grid, const Normalized& x, const Normalized& y, const Tensor& scale,
                             bool mask_diagonal, int64_t per_split, Tensor& part_max, Tensor& part_sum,
                             cudaStream_t stream) {
-  device::launch<mma::lse_partial_kernel<op_t>>(grid, mma::kThreads, 0, stream, bits_ptr(x.op_raw),
-      bits_ptr(y.op_raw), x.inv.const_data_ptr<float>(), y.inv.const_data_ptr<float>(),
-      static_cast<int>(x.rows), static_cast<int>(y.rows), x.op_ld, scale.const_data_ptr<float>(),
-      mask_diagonal, static_cast<int>(per_split), part_max.mutable_data_ptr<float>(),
-      part_sum.mutable_data_ptr<float>());
+  with_resident_rows(x, [&](auto resident) {
+    device::launch<mma::lse_partial_kernel<op_t, decltype(resident)::value>>(grid, mma::kThreads, 0, stream,
+        bits_ptr(x.op_raw), bits_ptr(y.op_raw), x.inv.const_data_ptr<float>(), y.inv.const_data_ptr<float>(),
+        static_cast<int>(x.rows), static_cast<int>(y.rows), x.op_ld, scale.const_data_ptr<float>(),
+        mask_diagonal, static_cast<int>(per_split), part_max.mutable_data_ptr<float>(),
+        part_sum.mutable_data_ptr<float>());
+  });
 }
 
 template <typename op_t>
 void launch_grad_partial_mma(dim3 grid, const Normalized& x, const Normalized& y, const Tensor& scale,
                              const GradTerms<float>& terms, int64_t per_split, Tensor& part,
                              float* prob_cos, cudaStream_t stream) {
-  device::launch<mma::grad_partial_kernel<op_t>>(grid, mma::kThreads, 0, stream, bits_ptr(x.op_raw),
-      bits_ptr(y.op_raw), bits_ptr(y.op_unit), x.inv.const_data_ptr<float>(), y.inv.const_data_ptr<float>(),
-      x.op_ld, static_cast<int>(x.rows_pad), static_cast<int>(x.dim_pad), scale.const_data_ptr<float>(), terms,
-      static_cast<int>(per_split), part.mutable_data_ptr<float>(), prob_cos);
+  with_resident_rows(x, [&](auto resident) {
+    device::launch<mma::grad_partial_kernel<op_t, decltype(resident)::value>>(grid, mma::kThreads, 0, stream,
+        bits_ptr(x.op_raw), bits_ptr(y.op_raw), bits_ptr(y.op_unit), x.inv.const_data_ptr<float>(), y.inv.const_data_ptr<float>(),
+        x.op_ld, static_cast<int>(x.rows_pad), static_cast<int>(x.dim_pad), scale.const_data_ptr<float>(), terms,
+        static_cast<int>(per_split), part.mutable_data_ptr<float>(), prob_cos);
+  });
 }
 
 // lse_out[i] = log sum_j exp(scale x_i . y_j) over the allowed columns j of y.

@@ -67,23 +67,91 @@ __device__ __forceinline__ void stage_slice(uint16_t (*dst)[kRow], const uint16_
   }
 }
 
+// acc[n] (8 columns each) += A . V_s[0 .. 64)[kk .. kk + 16)^T for the warp's A fragment (its 16
+// rows, the same 16 features).
+template <typename op_t>
+__device__ __forceinline__ void mma_k16(const uint32_t (&a)[4], const uint16_t (*vs)[kRow], int kk,
+                                        float (&acc)[8][4]) {
+  const int lane = threadIdx.x % 32, quad = lane / 8, r = lane % 8;  // lane 8 quad + r: row r of matrix quad
+#pragma unroll
+  for (int np = 0; np < 4; ++np) {  // columns 16 np .. +16: two n-tiles from one ldmatrix
+    uint32_t b[4];
+    ptx::ldmatrix<4>(b, &vs[np * 16 + (quad >> 1) * 8 + r][kk + (quad & 1) * 8]);
+    const uint32_t b_lo[2] = {b[0], b[1]}, b_hi[2] = {b[2], b[3]};
+    ptx::mma_m16n8k16<op_t>(acc[2 * np], a, b_lo, acc[2 * np]);
+    ptx::mma_m16n8k16<op_t>(acc[2 * np + 1], a, b_hi, acc[2 * np + 1]);
+  }
+}
+
+// The warp's A fragment of U_s[16 warp .. +16][kk .. kk + 16).
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const uint16_t (*us)[kRow], int kk) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, quad = lane / 8, r = lane % 8;
+  ptx::ldmatrix<4>(a, &us[warp * 16 + (quad & 1) * 8 + r][kk + (quad >> 1) * 8]);
+}
+
 // acc[n] (8 columns each) += U_s[16 warp .. +16] . V_s[0 .. 64)^T over one kStage slice.
 template <typename op_t>
 __device__ __forceinline__ void mma_slice(const uint16_t (*us)[kRow], const uint16_t (*vs)[kRow],
                                           float (&acc)[8][4]) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int quad = lane / 8, r = lane % 8;  // lane 8 quad + r supplies row r of matrix quad
 #pragma unroll
   for (int kk = 0; kk < kStage; kk += 16) {
     uint32_t a[4];
-    ptx::ldmatrix<4>(a, &us[warp * 16 + (quad & 1) * 8 + r][kk + (quad >> 1) * 8]);
+    load_a(a, us, kk);
+    mma_k16<op_t>(a, vs, kk, acc);
+  }
+}
+
+// Rows of at most kResidentSlices * kStage features keep the row block's A fragments in registers
+// for the whole sweep (FlashAttention's resident Q): each tile then stages and reads only V.
+constexpr int kResidentSlices = 4;
+
+// The row block's A fragments, 2 per slice, staged once through the `us` buffers. Entries past
+// the row's slices are zero and never read.
+__device__ __forceinline__ void load_row_fragments(const uint16_t* __restrict__ x, int64_t row0, int64_t ld,
+                                                   uint16_t (*us)[kTile][kRow],
+                                                   uint32_t (&resident)[2 * kResidentSlices][4]) {
+  const int slices = static_cast<int>(ld / kStage);
 #pragma unroll
-    for (int np = 0; np < 4; ++np) {  // columns 16 np .. +16: two n-tiles from one ldmatrix
-      uint32_t b[4];
-      ptx::ldmatrix<4>(b, &vs[np * 16 + (quad >> 1) * 8 + r][kk + (quad & 1) * 8]);
-      const uint32_t b_lo[2] = {b[0], b[1]}, b_hi[2] = {b[2], b[3]};
-      ptx::mma_m16n8k16<op_t>(acc[2 * np], a, b_lo, acc[2 * np]);
-      ptx::mma_m16n8k16<op_t>(acc[2 * np + 1], a, b_hi, acc[2 * np + 1]);
+  for (int s = 0; s < kResidentSlices; ++s) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) resident[2 * s + h][e] = 0u;
+    if (s < slices) {  // uniform over the block
+      stage_slice(us[s & 1], x, row0, ld, int64_t{s} * kStage);
+      ptx::cp_async_commit();
+      ptx::cp_async_wait(0);
+      __syncthreads();
+      load_a(resident[2 * s], us[s & 1], 0);
+      load_a(resident[2 * s + 1], us[s & 1], 16);
+    }
+  }
+  __syncthreads();  // the buffers are free
+}
+
+// tile_dots (below) with the row block's fragments in registers: only V's slices are staged.
+template <typename op_t>
+__device__ __forceinline__ void tile_dots_resident(const uint16_t* __restrict__ y, int64_t col0, int64_t ld,
+                                                   const uint32_t (&resident)[2 * kResidentSlices][4],
+                                                   uint16_t (*vs)[kTile][kRow], float (&acc)[8][4]) {
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.0f;
+  stage_slice(vs[0], y, col0, ld, 0);
+  ptx::cp_async_commit();
+  const int slices = static_cast<int>(ld / kStage);
+#pragma unroll
+  for (int s = 0; s < kResidentSlices; ++s) {
+    if (s < slices) {  // uniform over the block; unrolled, so `resident` is indexed statically
+      const int buf = s & 1;
+      if (s + 1 < slices) stage_slice(vs[buf ^ 1], y, col0, ld, int64_t{s + 1} * kStage);
+      ptx::cp_async_commit();
+      ptx::cp_async_wait(1);
+      __syncthreads();
+      mma_k16<op_t>(resident[2 * s], vs[buf], 0, acc);
+      mma_k16<op_t>(resident[2 * s + 1], vs[buf], 16, acc);
+      __syncthreads();
     }
   }
 }
@@ -118,10 +186,11 @@ __device__ __forceinline__ void tile_dots(const uint16_t* __restrict__ x, const 
   }
 }
 
+// kResident: ld <= kResidentSlices * kStage, the row block's fragments stay in registers.
 // Row log-sum-exp partials, as lse_partial_mma_kernel: block (bx, by) owns rows 64 bx .. +64 of
 // x and the column tiles of split by; writes (max, sum) of its rows to part_*[by * n_x + row].
 // inv_x / inv_y: 1 / max(||z||, eps) per padded row (0 on padding rows).
-template <typename op_t>
+template <typename op_t, bool kResident>
 __global__ void __launch_bounds__(kThreads)
     lse_partial_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ y,
                        const float* __restrict__ inv_x, const float* __restrict__ inv_y, int n_x, int n_y,
@@ -143,13 +212,19 @@ __global__ void __launch_bounds__(kThreads)
     sum[h] = 0.0f;
   }
 
+  uint32_t resident[2 * kResidentSlices][4];
+  if constexpr (kResident) load_row_fragments(x, row0, ld, us, resident);
   const int col_tiles = (n_y + kTile - 1) / kTile;
   const int t_begin = static_cast<int>(blockIdx.y) * tiles_per_split;
   const int t_end = t_begin + tiles_per_split < col_tiles ? t_begin + tiles_per_split : col_tiles;
   for (int tile = t_begin; tile < t_end; ++tile) {
     const int col0 = tile * kTile;
     float acc[8][4];
-    tile_dots<op_t>(x, y, row0, col0, ld, us, vs, acc);
+    if constexpr (kResident) {
+      tile_dots_resident<op_t>(y, col0, ld, resident, vs, acc);
+    } else {
+      tile_dots<op_t>(x, y, row0, col0, ld, us, vs, acc);
+    }
     // Padding columns and (NT-Xent) the diagonal are masked by predicate, on the tiles that
     // have them only.
     const bool edge = col0 + kTile > n_y || (mask_diagonal && col0 == row0);
@@ -211,7 +286,7 @@ __global__ void __launch_bounds__(kThreads)
 // G = exp(S - lse_x[i]) + exp(S - lse_y[j]) - n_pos [j = p(i)] and adds G V_J (V = unit rows,
 // y_unit, fp16) to grad_part[bz][row][feature] (features < dim_pad, the float32 layout's padding).
 // prob_cos_part[bz * gridDim.x + bx] gets sum_ij G_ij cos_ij (blocks with by == 0).
-template <typename op_t>
+template <typename op_t, bool kResident>
 __global__ void __launch_bounds__(kThreads)
     grad_partial_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ y,
                         const uint16_t* __restrict__ y_unit, const float* __restrict__ inv_x,
@@ -247,6 +322,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int e = 0; e < 4; ++e) grad[n][e] = 0.0f;
   float prob_cos = 0.0f;
+  uint32_t resident[2 * kResidentSlices][4];
+  if constexpr (kResident) load_row_fragments(x, row0, ld, us, resident);
 
   const int col_tiles = (n_y + kTile - 1) / kTile;
   const int t_begin = static_cast<int>(blockIdx.z) * tiles_per_split;
@@ -260,7 +337,11 @@ __global__ void __launch_bounds__(kThreads)
       ptx::cp_async_16(&vchunk[row][c], y_unit + (col0 + row) * ld + feat0 + c);
     }
     float acc[8][4];
-    tile_dots<op_t>(x, y, row0, col0, ld, us, vs, acc);  // waits for every copy, vchunk's too
+    if constexpr (kResident) {  // both wait for every copy, vchunk's too
+      tile_dots_resident<op_t>(y, col0, ld, resident, vs, acc);
+    } else {
+      tile_dots<op_t>(x, y, row0, col0, ld, us, vs, acc);
+    }
 
     const bool edge = col0 + kTile > n_y || (terms.mask_diagonal && col0 == row0);
 #pragma unroll
