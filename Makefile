@@ -14,6 +14,8 @@ export PYSSL_CUDA_ARCH ?= 90
 # here without a GPU (tests/test_*: backend "emu").
 export PYSSL_CUDA_EMULATE ?= ON
 PYTEST_ARGS ?=
+# Arguments of `make demo` (python -m pyssl.demo), e.g. DEMO_ARGS=--finetune.
+DEMO_ARGS ?=
 
 .PHONY: setup build test pytest sass-check check-cpu-build demo bench clean
 
@@ -54,7 +56,7 @@ check-cpu-build:
 	cd /tmp && $(abspath $(CPU_VENV))/bin/python $(abspath tests/cpu_build_smoke.py)
 
 demo: build
-	$(PY) -m pyssl.demo
+	$(PY) -m pyssl.demo $(DEMO_ARGS)
 
 bench: build
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

@@ -128,3 +128,28 @@ def test_evaluation_with_images_on_the_host_and_the_encoder_on_the_gpu():
     res = evaluate_encoders({"enc": gpu_enc}, transform, data.subset(torch.arange(40)), data.subset(torch.arange(40, 60)),
                             fractions=(1.0,), k=5, finetune_steps=5)
     assert all(0.0 <= res["enc"][p][1.0] <= 1.0 for p in ("linear", "knn", "finetune"))
+
+
+def test_pyssl_eval_fine_tunes_only_when_asked(tmp_path, monkeypatch):
+    # Fine-tuning is opt-in, as the README says (a CLIP run took 8:42 with it, 22 s without).
+    # An untrained method stands in for a run: the protocols are what is checked.
+    import pyssl.cli
+    import pyssl.eval
+    from pyssl.methods import build_method
+
+    def untrained_run(path, device):
+        cfg = dict(backbone="convnet-small", image_size=8)
+        return build_method("simclr", **cfg).eval(), None, {"extra": {"data": "digits", "image_size": 8}}
+
+    asked = []
+
+    def recording(encoders, transform, train, test, *, fractions, protocols, **kwargs):
+        asked.append(tuple(protocols))
+        return {name: {p: {f: 0.5 for f in fractions} for p in protocols} for name in encoders}
+
+    monkeypatch.setattr(pyssl.cli, "load_run", untrained_run)
+    monkeypatch.setattr(pyssl.eval, "evaluate_encoders", recording)
+    common = [str(tmp_path), "--fractions", "100%", "--no-baselines", "--device", "cpu"]
+    assert pyssl.cli.main(["eval", *common]) == 0
+    assert pyssl.cli.main(["eval", *common, "--finetune", "--finetune-steps", "1"]) == 0
+    assert asked == [("linear", "knn"), ("linear", "knn", "finetune")]
