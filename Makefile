@@ -14,6 +14,8 @@ export PYSSL_CUDA_ARCH ?= 90
 # here without a GPU (tests/test_*: backend "emu").
 export PYSSL_CUDA_EMULATE ?= ON
 PYTEST_ARGS ?=
+# Arguments of `make demo` (python -m pyssl.demo), e.g. DEMO_ARGS=--finetune.
+DEMO_ARGS ?=
 
 .PHONY: setup build test pytest sass-check check-cpu-build demo bench clean
 
@@ -45,16 +47,34 @@ sass-check: build
 	$(PY) benchmarks/sass_report.py --check $(KNOWN_SPILLS)
 
 # The same sources must build and import against a CPU-only torch (no CUDA sources compiled).
+# PyPI serves no CPU-only torch: TORCH_CPU_SPEC comes from a local wheel on this project's
+# machines (pip's find-links) or from PyTorch's CPU index (PIP_EXTRA_INDEX_URL=
+# https://download.pytorch.org/whl/cpu). Where it cannot be installed, the check says so and
+# builds with PYSSL_CUDA=OFF against the torch of $(VENV) instead, which $(CPU_VENV) then sees
+# through a .pth file (its own torch, if any, is removed so that one is used).
+CPU_PIP := $(CPU_VENV)/bin/python -m pip install -q --disable-pip-version-check
 check-cpu-build:
 	test -x $(CPU_VENV)/bin/python || $(PYTHON) -m venv $(CPU_VENV)
-	$(CPU_VENV)/bin/python -m pip install -q --disable-pip-version-check $(TORCH_CPU_SPEC) numpy \
-	    "scikit-build-core>=0.10" cmake==4.4.5 ninja==1.13.2
-	PYSSL_CUDA=AUTO $(CPU_VENV)/bin/python -m pip install -q --disable-pip-version-check \
-	    --no-build-isolation --no-deps . -Cbuild-dir=build/cpu-only
-	cd /tmp && $(abspath $(CPU_VENV))/bin/python $(abspath tests/cpu_build_smoke.py)
+	@site=$$($(CPU_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_path('purelib'))"); \
+	rm -f "$$site/pyssl-borrowed-torch.pth"; \
+	if $(CPU_PIP) $(TORCH_CPU_SPEC); then \
+	    cuda=AUTO; torch_kind=cpu-only; build_dir=build/cpu-only; \
+	else \
+	    echo "check-cpu-build: $(TORCH_CPU_SPEC) cannot be installed (PyPI has no CPU-only torch; set" \
+	         "PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu for it): building with PYSSL_CUDA=OFF" \
+	         "against the torch of $(VENV) instead"; \
+	    test -x $(PY) || { echo "check-cpu-build: $(PY) is missing: run make setup first"; exit 1; }; \
+	    $(CPU_VENV)/bin/python -m pip uninstall -q -y torch >/dev/null 2>&1; \
+	    $(PY) -c "import sysconfig; print(sysconfig.get_path('purelib'))" >"$$site/pyssl-borrowed-torch.pth"; \
+	    cuda=OFF; torch_kind=borrowed; build_dir=build/cpu-only-borrowed; \
+	fi; \
+	set -e; \
+	$(CPU_PIP) numpy "scikit-build-core>=0.10" cmake==4.4.5 ninja==1.13.2; \
+	PYSSL_CUDA=$$cuda $(CPU_PIP) --no-build-isolation --no-deps . -Cbuild-dir=$$build_dir; \
+	cd /tmp && PYSSL_SMOKE_TORCH=$$torch_kind $(abspath $(CPU_VENV))/bin/python $(abspath tests/cpu_build_smoke.py)
 
 demo: build
-	$(PY) -m pyssl.demo
+	$(PY) -m pyssl.demo $(DEMO_ARGS)
 
 bench: build
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

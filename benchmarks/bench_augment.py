@@ -100,9 +100,6 @@ if __name__ == "__main__":
         if on_cuda
         else [{"batch": 256, "in": 32, "out": 32}, {"batch": 64, "in": 256, "out": 224}]
     )
-    run_benchmark(__file__, CANDIDATES, configs)
-    if "--child" not in sys.argv:
-        out = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else os.path.join(
-            os.path.dirname(os.path.abspath(__file__)), "results", f"bench_augment_{'cuda' if on_cuda else 'cpu'}.json"
-        )
+    out = run_benchmark(__file__, CANDIDATES, configs)
+    if out is not None:
         _add_images_per_second(out)

@@ -26,6 +26,9 @@ from pyssl.cli import build_parser, prepare_training
 from pyssl.data.colour import _stratified_test_mask, captioned_digits
 from pyssl.eval import balanced_subset, extract_features, linear_probe, zero_shot_accuracy
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import default_output  # noqa: E402
+
 FRACTIONS = (0.01, 0.1, 1.0)
 
 
@@ -45,7 +48,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "clip_table_cpu.json"))
+    p.add_argument("--json", default=default_output("clip_table_cpu"),
+                   help="output (default runs/benchmarks/clip_table_cpu.json; the recorded one is benchmarks/results/)")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     images, labels, _, attr = captioned_digits(32)

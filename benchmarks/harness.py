@@ -8,6 +8,10 @@ mark is reset after set-up (``/proc/self/clear_refs``), so the peak resident-set
 the first call is its extra memory; on CUDA the peak of
 ``torch.cuda.max_memory_allocated`` above the allocation before the call is used.
 
+The JSON goes to ``--out`` or, by default, to ``runs/benchmarks/`` (git-ignored): a run never
+rewrites the recorded results in ``benchmarks/results/``; name one of those with ``--out`` to
+refresh it.
+
 Usage inside a benchmark script::
 
     from harness import run_benchmark
@@ -136,14 +140,25 @@ def _fmt_bytes(n) -> str:
         n /= 1024
 
 
-def run_benchmark(script: str, candidates: dict, configs: list[dict], *, reference: str = "pyssl", name: str | None = None):
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def default_output(name: str) -> str:
+    """Where a benchmark's JSON goes without ``--out``: ``runs/benchmarks/NAME.json`` (git-ignored)."""
+    return os.path.join(REPO_ROOT, "runs", "benchmarks", f"{name}.json")
+
+
+def run_benchmark(
+    script: str, candidates: dict, configs: list[dict], *, reference: str = "pyssl", name: str | None = None
+) -> str | None:
+    """Runs the benchmark the command line asks for; the path of the JSON written (None in a child)."""
     parser = argparse.ArgumentParser(description=f"benchmark: {os.path.basename(script)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timed calls per candidate")
     parser.add_argument("--max-iters", type=int, default=20)
     parser.add_argument("--only", default="", help="comma-separated candidate names")
-    parser.add_argument("--quick", action="store_true", help="first config only (written to *_quick.json, which git ignores)")
-    parser.add_argument("--out", default="", help="JSON output path")
+    parser.add_argument("--quick", action="store_true", help="first config only (written to *_quick.json)")
+    parser.add_argument("--out", default="", help="JSON output path (default runs/benchmarks/NAME_DEVICE.json)")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--config", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -192,8 +207,9 @@ def run_benchmark(script: str, candidates: dict, configs: list[dict], *, referen
                 f"{(f'{tr:.2f}x' if tr else '-'):>16}{(f'{mr:.2f}x' if mr else '-'):>16}"
             )
         report["results"].append({"config": config, "candidates": rows})
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(script)), "results", f"{bench_name}_{args.device.split(':')[0]}{'_quick' if args.quick else ''}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    out = args.out or default_output(f"{bench_name}_{args.device.split(':')[0]}{'_quick' if args.quick else ''}")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"\nwrote {out}")
+    return out

@@ -209,12 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
 
     e = sub.add_parser("eval", help="evaluate a pre-trained encoder", description=(
-        "Linear probe, kNN and fine-tuning with fractions of the labels (class-balanced), for the "
-        "pre-trained encoder beside a random-init encoder and raw pixels."))
+        "Linear probe and kNN (and, with --finetune, fine-tuning) with fractions of the labels "
+        "(class-balanced), for the pre-trained encoder beside a random-init encoder and raw pixels."))
     e.add_argument("run", help="run directory (or checkpoint file) written by pyssl train")
     e.add_argument("--data", help="evaluation data (default: the data the run trained on)")
     e.add_argument("--fractions", type=_fractions, default=[0.01, 0.1, 1.0], help="label fractions (default 0.01,0.1,1)")
-    e.add_argument("--protocols", default="linear,knn,finetune", help="any of linear,knn,finetune")
+    e.add_argument("--protocols", default="linear,knn", help="any of linear,knn,finetune (default linear,knn)")
+    e.add_argument("--finetune", action="store_true", help="also fine-tune (slow: minutes where the probes take seconds)")
     e.add_argument("--k", type=_at_least(1), default=None, help="kNN neighbours (default 200; 20 on digits)")
     e.add_argument("--t", type=_positive_float, default=0.1, help="kNN temperature (default 0.1)")
     e.add_argument("--finetune-steps", type=_at_least(1), default=300, help="fine-tuning steps (default 300)")
@@ -571,6 +572,8 @@ def cmd_eval(args) -> int:
 
     device = args.device or _default_device()
     protocols = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
+    if args.finetune and "finetune" not in protocols:
+        protocols += ("finetune",)
     bad = [p for p in protocols if p not in PROTOCOLS]
     if bad or not protocols:
         raise CLIError(f"unknown protocol {bad[0] if bad else ''!r} (choose from {', '.join(PROTOCOLS)})")

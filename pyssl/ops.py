@@ -20,15 +20,15 @@ _ops = torch.ops.pyssl
 # ---- argument checks shared by the op families -------------------------------------------------
 
 
-def check_embeddings(name: str, t, *, op: str) -> None:
-    """Checks that ``t`` is a non-empty 2-D floating tensor (batch, dim)."""
+def check_embeddings(name: str, t, *, op: str, allow_empty: bool = False) -> None:
+    """Checks that ``t`` is a 2-D floating tensor (batch, dim), with rows unless ``allow_empty``."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{op}: {name} must be a floating tensor, got dtype {t.dtype}")
     if t.dim() != 2:
         raise ValueError(f"{op}: {name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
-    if t.shape[0] == 0:
+    if t.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{op}: {name} is an empty batch (shape {tuple(t.shape)})")
     if t.shape[1] == 0:
         raise ValueError(f"{op}: {name} has no features (shape {tuple(t.shape)})")

@@ -172,6 +172,54 @@ def test_property_ops_match_torchvision(batch, channels, height, width, out, dty
     assert_matches(AF.gaussian_blur(expected, sigma, ksize), TF.gaussian_blur(expected, [ksize] * 2, [sigma] * 2), dtype)
 
 
+# ---- empty batches ------------------------------------------------------------------------------
+
+# (ours, torchvision's) on one batch: torchvision's kernels take (0, C, H, W) and return one.
+EMPTY_BATCH_OPS = {
+    "resized_crop": (
+        lambda x: AF.resized_crop(x, torch.zeros(0, 4, dtype=torch.long), (4, 5)),
+        lambda x: TF.resized_crop(x, 0, 0, 4, 4, [4, 5], antialias=False),
+    ),
+    "hflip": (AF.hflip, TF.horizontal_flip),
+    "adjust_brightness": (lambda x: AF.adjust_brightness(x, 1.2), lambda x: TF.adjust_brightness(x, 1.2)),
+    "adjust_contrast": (lambda x: AF.adjust_contrast(x, 1.2), lambda x: TF.adjust_contrast(x, 1.2)),
+    "adjust_saturation": (lambda x: AF.adjust_saturation(x, 1.2), lambda x: TF.adjust_saturation(x, 1.2)),
+    "adjust_hue": (lambda x: AF.adjust_hue(x, 0.1), lambda x: TF.adjust_hue(x, 0.1)),
+    "rgb_to_grayscale": (lambda x: AF.rgb_to_grayscale(x, 3), lambda x: TF.rgb_to_grayscale(x, 3)),
+    "gaussian_blur": (lambda x: AF.gaussian_blur(x, 1.0), lambda x: TF.gaussian_blur(x, [7, 7], [1.0, 1.0])),
+    "gaussian_blur_per_image": (
+        lambda x: AF.gaussian_blur(x, torch.empty(0), torch.empty(0, dtype=torch.long)),
+        lambda x: TF.gaussian_blur(x, [3, 3], [1.0, 1.0]),
+    ),
+    "solarize": (lambda x: AF.solarize(x, 0.5 * _bound(x)), lambda x: TF.solarize(x, 0.5 * _bound(x))),
+    "normalize": (
+        lambda x: AF.normalize(x, [0.5] * x.shape[1], [0.2] * x.shape[1]),
+        lambda x: TF.normalize(x, [0.5] * x.shape[1], [0.2] * x.shape[1]),
+    ),
+}
+
+
+def _bound(images):
+    return 255 if images.dtype == torch.uint8 else 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("name", EMPTY_BATCH_OPS)
+def test_empty_batch_gives_an_empty_batch_as_torchvision(name, channels, dtype):
+    if name == "normalize" and dtype == torch.uint8:
+        pytest.skip("normalize takes floating images only")
+    ours, theirs = EMPTY_BATCH_OPS[name]
+    images = torch.zeros(0, channels, 8, 6, dtype=dtype)
+    got, want = ours(images), theirs(images)
+    assert got.shape == want.shape and got.dtype == want.dtype
+
+
+def test_images_without_pixels_are_an_error():
+    with pytest.raises(ValueError, match="no pixels"):
+        AF.adjust_brightness(torch.zeros(2, 3, 0, 4), 1.0)
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 
 

@@ -118,6 +118,20 @@ def test_batch_of_one_and_tiny_images():
         assert_close_to(out, reference(aug, images, params), scale=std_scale(aug))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_empty_batch_gives_empty_views(channels_last):
+    # As torchvision's transforms: (0, C, H, W) in, an empty batch of the output size out.
+    images = torch.zeros(0, 3, 12, 10, dtype=torch.uint8)
+    aug = SimCLRAugment.simclr(8, dtype=torch.bfloat16, channels_last=channels_last)
+    out, params = aug(images, return_params=True)
+    views = aug.views(images)
+    assert len(params) == 0 and len(views) == 2
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    for view in (out, *views):
+        assert view.shape == (0, 3, 8, 8) and view.dtype == torch.bfloat16 and view.is_contiguous(memory_format=layout)
+    assert [view.shape for view in byol_pair(8)(images)] == [(0, 3, 8, 8)] * 2
+
+
 @settings(max_examples=20, deadline=None)
 @given(
     batch=st.integers(1, 4),

@@ -140,3 +140,28 @@ def test_progress_leaves_out_what_raw_pixels_cannot_do():
     assert math.isnan(results["raw pixels"]["finetune"][1.0])  # nothing to fine-tune
     assert len(lines) == 1 and lines[0].startswith("raw pixels, 100% labels: knn ") and "nan" not in lines[0]
     assert "finetune" not in lines[0]
+
+
+def test_pyssl_eval_fine_tunes_only_when_asked(tmp_path, monkeypatch):
+    # Fine-tuning is opt-in, as the README says (a CLIP run took 8:42 with it, 22 s without).
+    # An untrained method stands in for a run: the protocols are what is checked.
+    import pyssl.cli
+    import pyssl.eval
+    from pyssl.methods import build_method
+
+    def untrained_run(path, device):
+        cfg = dict(backbone="convnet-small", image_size=8)
+        return build_method("simclr", **cfg).eval(), None, {"extra": {"data": "digits", "image_size": 8}}
+
+    asked = []
+
+    def recording(encoders, transform, train, test, *, fractions, protocols, **kwargs):
+        asked.append(tuple(protocols))
+        return {name: {p: {f: 0.5 for f in fractions} for p in protocols} for name in encoders}
+
+    monkeypatch.setattr(pyssl.cli, "load_run", untrained_run)
+    monkeypatch.setattr(pyssl.eval, "evaluate_encoders", recording)
+    common = [str(tmp_path), "--fractions", "100%", "--no-baselines", "--device", "cpu"]
+    assert pyssl.cli.main(["eval", *common]) == 0
+    assert pyssl.cli.main(["eval", *common, "--finetune", "--finetune-steps", "1"]) == 0
+    assert asked == [("linear", "knn"), ("linear", "knn", "finetune")]

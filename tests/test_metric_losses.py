@@ -640,6 +640,119 @@ def test_soft_nearest_neighbors_matches_pml_nca(pml):
     check_parity(SoftNearestNeighborsLoss(4.0)(x, y), theirs(x, y), (x,))
 
 
+# ---- NaN in, NaN out; nothing to compare gives a connected 0 ------------------------------------
+
+POISON_LOSSES = {
+    "contrastive": ContrastiveLoss(squared_hinge=False),
+    "contrastive_unnormalised": ContrastiveLoss(normalize_embeddings=False),
+    "contrastive_cosine": ContrastiveLoss(distance="cosine"),
+    "triplet": TripletLoss(),
+    "triplet_batch_hard": TripletLoss(mining="batch_hard"),
+    "lifted_structure": LiftedStructureLoss(),
+    "soft_nearest_neighbors": SoftNearestNeighborsLoss(),
+}
+
+
+def _poisoned(kind, shape):
+    x = torch.randn(*shape, dtype=torch.float64)
+    if kind == "all_nan":
+        x.fill_(float("nan"))
+    elif kind == "one_nan_row":
+        x[1] = float("nan")
+    else:  # one infinite entry
+        x[2, 0] = float("inf")
+    return x.requires_grad_()
+
+
+@pytest.mark.parametrize("kind", ["all_nan", "one_nan_row", "one_inf"])
+@pytest.mark.parametrize("name", POISON_LOSSES)
+def test_non_finite_embeddings_give_nan_loss_and_gradients(name, kind):
+    # ContrastiveLoss hid all-NaN embeddings behind its non-zero filter (0.0), and one NaN row
+    # behind it as well: no loss may return a clean number for a non-finite input.
+    x = _poisoned(kind, (8, 5))
+    loss = POISON_LOSSES[name](x, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    (grad,) = torch.autograd.grad(loss, x)
+    assert torch.isnan(loss) and torch.isnan(grad).all()
+
+
+@pytest.mark.parametrize("kind", ["all_nan", "one_nan_row", "one_inf"])
+def test_non_finite_pairs_and_features_give_nan(kind):
+    anchors, positives = _poisoned(kind, (6, 4)), leaf((6, 4), torch.float64)
+    loss = NPairLoss()(anchors, positives)
+    assert torch.isnan(loss) and all(torch.isnan(g).all() for g in grads_of(loss, anchors, positives))
+    features = _poisoned(kind, (6, 4))
+    loss = NCELoss(0.1, 3, normalizer=10.0)(features, torch.randn(20, 4, dtype=torch.float64), torch.arange(6))
+    assert torch.isnan(loss) and torch.isnan(grads_of(loss, features)[0]).all()
+
+
+def test_nce_non_finite_bank_row_drawn_gives_nan():
+    features = (torch.rand(4, 3, dtype=torch.float64) + 0.1).requires_grad_()
+    bank = torch.randn(10, 3, dtype=torch.float64)
+    noise = torch.tensor([[5, 6], [6, 7], [7, 8], [8, 9]])
+    loss_fn = NCELoss(0.1, 2, normalizer=10.0)
+    bank[0] = float("nan")  # not drawn: the loss stays finite
+    assert torch.isfinite(loss_fn(features, bank, torch.arange(1, 5), noise))
+    # Drawn as noise: a score of -inf, whose noise term log(1 - h) = 0 would look clean.
+    bank[9] = torch.tensor([-float("inf"), 0.0, 0.0])
+    assert torch.isnan(loss_fn(features, bank, torch.arange(1, 5), noise))
+
+
+def test_nan_rule_leaves_finite_losses_unchanged(pml):
+    # The NaN guard adds an exact 0 for finite input: parity with pml (value and gradient) holds.
+    _, losses, _, _ = pml
+    x, y = leaf((16, 4), torch.float64), labels_for(16, 3)
+    check_parity(ContrastiveLoss(squared_hinge=False)(x, y), losses.ContrastiveLoss()(x, y), (x,))
+
+
+def _no_pair_batches():
+    # (embeddings, labels): an empty batch, a single sample, one class (no negatives).
+    return [
+        (leaf((0, 5), torch.float64), torch.zeros(0, dtype=torch.long)),
+        (leaf((1, 5), torch.float64), torch.zeros(1, dtype=torch.long)),
+        (leaf((4, 5), torch.float64), torch.zeros(4, dtype=torch.long)),
+    ]
+
+
+@pytest.mark.parametrize(
+    "ours,theirs",
+    [
+        (lambda: TripletLoss(), lambda losses, distances: losses.TripletMarginLoss()),
+        (lambda: LiftedStructureLoss(), lambda losses, distances: losses.LiftedStructureLoss()),
+        (
+            lambda: SoftNearestNeighborsLoss(),
+            lambda losses, distances: losses.NCALoss(distance=distances.LpDistance(power=2, normalize_embeddings=False)),
+        ),
+    ],
+    ids=["triplet", "lifted_structure", "soft_nearest_neighbors"],
+)
+def test_no_valid_pair_gives_zero_connected_to_the_graph_as_pml(pml, ours, theirs):
+    distances, losses, _, _ = pml
+    for x, y in _no_pair_batches():
+        loss, reference = ours()(x, y), theirs(losses, distances)(x, y)
+        # pml's NCA takes the log of a softmax sum of 1 on one class: 0 within rounding.
+        assert loss.item() == 0.0 and abs(reference.item()) < 1e-12 and loss.requires_grad and reference.requires_grad
+        (grad,) = torch.autograd.grad(loss, x)
+        assert torch.equal(grad, torch.zeros_like(x))
+
+
+def test_contrastive_empty_batch_and_single_sample_as_pml(pml):
+    _, losses, _, _ = pml
+    for x, y in _no_pair_batches()[:2]:
+        loss = ContrastiveLoss(squared_hinge=False)(x, y)
+        assert loss.item() == losses.ContrastiveLoss()(x, y).item() == 0.0
+        assert torch.equal(torch.autograd.grad(loss, x)[0], torch.zeros_like(x))
+
+
+def test_npair_and_nce_empty_batch_give_connected_zero():
+    anchors, positives = leaf((0, 4), torch.float64), leaf((0, 4), torch.float64)
+    loss = NPairLoss()(anchors, positives)
+    assert loss.item() == 0.0 and all(g.shape == (0, 4) for g in grads_of(loss, anchors, positives))
+    loss_fn, features = NCELoss(0.1, 3), leaf((0, 4))
+    loss = loss_fn(features, torch.randn(20, 4), torch.zeros(0, dtype=torch.long))
+    assert loss.item() == 0.0 and loss.requires_grad
+    assert torch.isnan(loss_fn.log_normalizer)  # Z is estimated from the first non-empty batch
+
+
 # ---- exports and bad input ----------------------------------------------------------------------
 
 
@@ -673,7 +786,6 @@ def _bank_call(**overrides):
         (lambda: NCELoss(0.1, 2.0), TypeError, "num_noise must be an int"),
         (lambda: NCELoss(0.1, normalizer=0.0), ValueError, "normalizer"),
         (lambda: TripletLoss()(torch.randn(4), torch.zeros(4, dtype=torch.long)), ValueError, "embeddings must be 2-D"),
-        (lambda: TripletLoss()(torch.randn(0, 3), torch.zeros(0, dtype=torch.long)), ValueError, "embeddings is an empty batch"),
         (lambda: ContrastiveLoss()(torch.ones(4, 3, dtype=torch.long), torch.zeros(4)), TypeError, "embeddings must be a floating"),
         (lambda: ContrastiveLoss()(torch.randn(4, 3), torch.zeros(4)), TypeError, "labels must be an integer"),
         (lambda: LiftedStructureLoss()(torch.randn(4, 3), [0, 0, 1, 1]), TypeError, "labels must be a torch.Tensor"),

@@ -1,5 +1,9 @@
 """MoCo queue loss: fused op against a float64 reference, the module's queue against lightly."""
+import copy
 import io
+import math
+import sys
+import threading
 
 import pytest
 import torch
@@ -355,6 +359,76 @@ def test_moco_loss_is_never_negative_and_nan_stays_nan(backend, dtype):
     queue = backend.to(unit_queue(3, 16, torch.float64 if dtype == torch.float64 else torch.float32))
     assert torch.isnan(backend.ops.moco_forward(backend.to(q), backend.to(q), queue, 0.2)[0])
     assert torch.isnan(torch.ops.pyssl.moco_forward(q, q, queue.cpu(), 0.2)[0])
+
+
+def test_moco_module_first_step_is_zero_at_every_temperature():
+    # MoCo's first step with queue_init="empty": only the positive logit, so every row's
+    # cross-entropy is log 1 = 0. It was 0.0169 at T = 0.01 (float32) and -inf at T = 0.001
+    # (float64) while the merge took the empty queue's shift 0 as a maximum.
+    for dtype, temperature in ((torch.float32, 0.01), (torch.float64, 0.001), (torch.float32, 1e-4)):
+        loss_fn = MoCoLoss(temperature, 64, 16, queue_init="empty", queue_dtype=dtype)
+        query, key = leaf((32, 16), dtype), leaf((32, 16), dtype).detach()
+        loss = loss_fn(query, key)
+        assert loss.item() == 0.0 and int(loss_fn.queue_len) == 32
+        assert grads(loss, query)[0].abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("dtype,temperature", [(torch.float32, 0.01), (torch.float64, 0.001)])
+def test_moco_kernels_first_step_is_zero(backend, dtype, temperature):
+    # The same on the CUDA kernels: their merge starts from the positive logit, so an empty
+    # queue (no column split) leaves lse = S_i0 exactly.
+    query, key = leaf((40, 16), dtype).detach(), leaf((40, 16), dtype).detach()
+    empty = torch.empty(0, 16, dtype=dtype)
+    loss, lse, _ = backend.ops.moco_forward(backend.to(query), backend.to(key), backend.to(empty), temperature)
+    positive = (F.normalize(query.double(), dim=1) * F.normalize(key.double(), dim=1)).sum(1) / temperature
+    assert loss.item() == 0.0
+    assert_close(lse.cpu(), positive, dtype, scale=1 / temperature)
+
+
+def test_moco_enqueue_from_threads_loses_no_key():
+    # 4 threads x 50 steps x 7 keys into one module: every key is written once, and the write
+    # position is 1400 (without the enqueue lock, about 1370: positions read before another
+    # thread moved them). Angles identify the keys.
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # thread switches as often as possible, to expose a race
+    threads, steps, batch = 4, 50, 7
+    total = threads * steps * batch
+    loss_fn = MoCoLoss(0.2, 2000, 2, queue_init="empty")
+    start = threading.Barrier(threads)
+
+    def keys(first):
+        angle = torch.arange(first, first + batch, dtype=torch.float64) * (math.pi / total)
+        return torch.stack([angle.cos(), angle.sin()], 1).float()
+
+    def worker(t):
+        start.wait()
+        for i in range(steps):
+            key = keys(batch * (steps * t + i))
+            loss_fn(key.clone(), key, update=True)
+
+    try:
+        workers = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        sys.setswitchinterval(previous)
+    assert (int(loss_fn.queue_ptr), int(loss_fn.queue_len)) == (total, total)
+    angles = torch.atan2(loss_fn.queue[:total, 1].double(), loss_fn.queue[:total, 0].double()).sort().values
+    torch.testing.assert_close(angles, torch.arange(total, dtype=torch.float64) * (math.pi / total), rtol=0, atol=1e-5)
+
+
+def test_moco_module_copies_get_their_own_lock():
+    loss_fn = MoCoLoss(0.2, 10, 4)
+    copied = copy.deepcopy(loss_fn)
+    buffer = io.BytesIO()
+    torch.save(loss_fn, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (copied, loaded):
+        other.enqueue(torch.randn(3, 4))
+        assert int(other.queue_ptr) == 3 and int(loss_fn.queue_ptr) == 0
 
 
 def test_moco_non_contiguous_inputs():

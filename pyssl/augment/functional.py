@@ -1,7 +1,7 @@
 """Batched functional image ops with per-image parameters.
 
 Every op takes a batch ``images`` of shape (B, C, H, W), uint8 (values 0..255) or floating
-(values in [0, 1]), and per-image parameters: a number (the same for every image) or a tensor
+(values in [0, 1]; B = 0 gives an empty batch back), and per-image parameters: a number (the same for every image) or a tensor
 of B values. Each returns what ``torchvision.transforms.v2.functional`` returns for one image
 and its parameters, in the input's dtype: uint8 results are truncated or rounded the way
 torchvision does (bilinear resizing without antialias). These are plain PyTorch, vectorised
@@ -38,8 +38,10 @@ def check_images(op: str, images, *, channels: Sequence[int] = (1, 3)) -> None:
             f"{op}: images must have {' or '.join(map(str, channels))} channels, got {images.shape[1]} "
             f"(shape {tuple(images.shape)})"
         )
-    if images.numel() == 0:
-        raise ValueError(f"{op}: images is empty (shape {tuple(images.shape)})")
+    # An empty batch (0, C, H, W) is valid and gives one back, as torchvision's kernels do;
+    # images without pixels are not.
+    if images.shape[2] == 0 or images.shape[3] == 0:
+        raise ValueError(f"{op}: images have no pixels (shape {tuple(images.shape)})")
 
 
 def per_image(op: str, name: str, value, images: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -342,7 +344,7 @@ def gaussian_blur(images: Tensor, sigma, kernel_size=None) -> Tensor:
         if bool(((ksize % 2 == 0) | (ksize < 1) | (ksize > MAX_KERNEL_SIZE)).any()):
             raise ValueError(f"{op}: kernel_size must be odd and in [1, {MAX_KERNEL_SIZE}], got {kernel_size}")
     batch, channels, height, width = images.shape
-    kmax = int(ksize.max())
+    kmax = int(ksize.max()) if batch else 1  # an empty batch has no kernel to size
     rmax = kmax // 2
     # One weight table (B, kmax), each image's kernel centred and zero-padded to kmax taps.
     taps = torch.arange(kmax, device=images.device, dtype=torch.float64) - rmax

@@ -330,6 +330,11 @@ class SimCLRAugment(nn.Module):
         F.check_images(type(self).__name__, images)
         mean, std = self._mean_std(images.shape[1], images.device)
         p = params
+        if len(p) == 0:
+            # No view to make (an empty batch): the fused op wants images; the answer is known.
+            layout = torch.channels_last if self.channels_last else torch.contiguous_format
+            shape = (0, images.shape[1], self.size[0], self.size[1])
+            return torch.empty(shape, dtype=self.dtype, device=images.device, memory_format=layout)
         return ops.augment_fused(
             # Data augmentation: no gradient flows through it.
             images.detach(), p.source_index, p.crop_boxes, p.flip, p.jitter_factors, p.jitter_order, p.gray,

@@ -7,6 +7,18 @@ triplet loss over all triplets never forms the :math:`B^3` triplet tensor (it so
 anchor's negative distances once, see :class:`TripletLoss`). Inputs of any floating dtype are
 accepted: float64 is computed in float64, everything else in float32, and the loss is returned
 in the input dtype.
+
+Two rules hold for every loss here:
+
+- NaN in, NaN out: if any input embedding holds a NaN or an infinity, the loss is NaN and so are
+  the gradients of the embeddings, even where the loss's own masks (hinges at zero, pairs with
+  a zero loss left out of a mean) would drop the affected terms. A diverged model therefore never
+  yields a clean-looking loss, and ``torch.amp.GradScaler`` skips the step. pytorch-metric-learning
+  can hide a NaN behind its non-zero filter (its ``TripletMarginLoss`` with one NaN row returns
+  the mean of the other triplets; its ``ContrastiveLoss`` can too); here it cannot.
+- Nothing to compare is not an error: an empty batch (``(0, D)`` embeddings) or a batch without
+  a single valid pair or triplet gives 0, connected to the graph with zero gradients, as
+  pytorch-metric-learning's losses do.
 """
 from __future__ import annotations
 
@@ -72,6 +84,18 @@ def _masked_logsumexp(values: Tensor, mask: Tensor) -> Tensor:
     return torch.logsumexp(values.masked_fill(~keep, float("-inf")), dim=1)
 
 
+def _nan_unless_finite(loss: Tensor, *inputs: Tensor) -> Tensor:
+    """``loss``, made NaN in value and gradients when any of ``inputs`` holds NaN or inf.
+
+    Adds ``sum(x * poison)`` with ``poison`` 0 or NaN, decided on the device (no synchronisation):
+    0 and a zero gradient for finite inputs, NaN for both otherwise.
+    """
+    for x in inputs:
+        poison = torch.where(torch.isfinite(x).all(), 0.0, float("nan")).to(x.dtype)
+        loss = loss + (x * poison).sum().to(loss.dtype)
+    return loss
+
+
 def _mean_where(values: Tensor, counted: Tensor) -> Tensor:
     """Mean of ``values`` over ``counted``; 0 (with zero gradient) when nothing is counted."""
     return torch.where(counted, values, 0.0).sum() / torch.count_nonzero(counted).clamp_min(1)
@@ -90,7 +114,7 @@ class _LabelledBatchLoss(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         op = type(self).__name__
-        ops.check_embeddings("embeddings", embeddings, op=op)
+        ops.check_embeddings("embeddings", embeddings, op=op, allow_empty=True)
         if not isinstance(labels, Tensor):
             raise TypeError(f"{op}: labels must be a torch.Tensor, got {type(labels).__name__}")
         if labels.is_floating_point() or labels.is_complex():
@@ -102,12 +126,12 @@ class _LabelledBatchLoss(nn.Module):
         ops.check_same_device(op, embeddings=embeddings, labels=labels)
         if self.check_inputs_finite:
             ops.check_finite(op, embeddings=embeddings)
-        x = embeddings.to(ops.accumulate_dtype(embeddings.dtype))
-        if self.normalize_embeddings:
-            x = F.normalize(x, dim=1)
+        raw = embeddings.to(ops.accumulate_dtype(embeddings.dtype))
+        x = F.normalize(raw, dim=1) if self.normalize_embeddings else raw
         same_label = labels[:, None] == labels[None, :]
         not_self = ~torch.eye(labels.shape[0], dtype=torch.bool, device=labels.device)
-        return self._loss(x, same_label & not_self, ~same_label).to(embeddings.dtype)
+        loss = self._loss(x, same_label & not_self, ~same_label)
+        return _nan_unless_finite(loss, raw).to(embeddings.dtype)
 
     def _loss(self, x: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
         raise NotImplementedError
@@ -140,6 +164,8 @@ class ContrastiveLoss(_LabelledBatchLoss):
     value and gradients): ``distance="euclidean"`` matches its default ``LpDistance`` (with
     ``normalize_embeddings`` passed to it); ``distance="cosine"`` matches
     ``distance=CosineSimilarity()`` with its margins :math:`1 - m_+` and :math:`1 - m_-`.
+    One exception (the module's rules): a NaN or inf embedding makes this loss NaN, where pml's
+    non-zero filter can drop the NaN terms and return a clean number.
 
     Args:
         pos_margin: :math:`m_+ \ge 0`; positive pairs closer than this cost nothing.
@@ -240,6 +266,8 @@ class TripletLoss(_LabelledBatchLoss):
 
     With the defaults (``margin=0.05``, Euclidean distance of normalised embeddings) this is
     pytorch-metric-learning's ``TripletMarginLoss()`` (same value and gradients).
+    One exception (the module's rules): a NaN or inf embedding makes this loss NaN, where pml
+    averages the triplets that stay finite.
 
     Args:
         margin: :math:`m \ge 0`.
@@ -477,8 +505,8 @@ class NPairLoss(nn.Module):
 
     def forward(self, anchors: Tensor, positives: Tensor) -> Tensor:
         op = "NPairLoss"
-        ops.check_embeddings("anchors", anchors, op=op)
-        ops.check_embeddings("positives", positives, op=op)
+        ops.check_embeddings("anchors", anchors, op=op, allow_empty=True)
+        ops.check_embeddings("positives", positives, op=op, allow_empty=True)
         if anchors.shape != positives.shape:
             raise ValueError(
                 f"{op}: anchors and positives must have the same shape, got {tuple(anchors.shape)} and {tuple(positives.shape)}"
@@ -488,11 +516,14 @@ class NPairLoss(nn.Module):
             ops.check_finite(op, anchors=anchors, positives=positives)
         out_dtype = torch.promote_types(anchors.dtype, positives.dtype)
         a, p = anchors.to(ops.accumulate_dtype(out_dtype)), positives.to(ops.accumulate_dtype(out_dtype))
+        if a.shape[0] == 0:
+            # No pair: cross_entropy and mean would give the NaN of an empty mean.
+            return ((a * 0).sum() + (p * 0).sum()).to(out_dtype)
         logits = a @ p.T
         loss = F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
         if self.l2_reg:
             loss = loss + self.l2_reg * (a.square().sum(1).mean() + p.square().sum(1).mean()) / 2
-        return loss.to(out_dtype)
+        return _nan_unless_finite(loss, a, p).to(out_dtype)
 
     def extra_repr(self) -> str:
         return f"l2_reg={self.l2_reg}"
@@ -561,6 +592,10 @@ class NCELoss(nn.Module):
     backward gathers them again rather than keeping them. The indices are range-checked first,
     which costs one device synchronisation per call.
 
+    NaN in, NaN out (module docstring) covers the features and the bank rows that a call reads
+    (its data and noise samples); a non-finite bank row that is not drawn does not enter the loss.
+    A batch of no features gives 0 and leaves the estimate of :math:`Z` to the next batch.
+
     Args:
         temperature: :math:`\tau > 0`.
         num_noise: :math:`m \ge 1` noise samples per data sample.
@@ -611,7 +646,7 @@ class NCELoss(nn.Module):
         self, features: Tensor, memory_bank: Tensor, indices: Tensor, noise_indices: Tensor | None = None
     ) -> Tensor:
         op = "NCELoss"
-        ops.check_embeddings("features", features, op=op)
+        ops.check_embeddings("features", features, op=op, allow_empty=True)
         ops.check_embeddings("memory_bank", memory_bank, op=op)
         if memory_bank.shape[1] != features.shape[1]:
             raise ValueError(
@@ -636,10 +671,15 @@ class NCELoss(nn.Module):
                 )
         if self.check_inputs_finite:
             ops.check_finite(op, features=features, memory_bank=memory_bank)
-        unit = F.normalize(features.to(ops.accumulate_dtype(features.dtype)), dim=1)
+        if features.shape[0] == 0:
+            # No sample: 0, and no estimate of Z from an empty batch (it would be -inf for good).
+            return (features * 0).sum()
+        raw = features.to(ops.accumulate_dtype(features.dtype))
         sampled = torch.cat([indices[:, None], noise_indices], dim=1).long()
-        scores = _BankScores.apply(unit, memory_bank.detach(), sampled)
-        return self.loss_from_scores(scores[:, 0], scores[:, 1:], bank_rows).to(features.dtype)
+        scores = _BankScores.apply(F.normalize(raw, dim=1), memory_bank.detach(), sampled)
+        loss = self.loss_from_scores(scores[:, 0], scores[:, 1:], bank_rows)
+        # The bank is too large to check each step; the rows read are the scores.
+        return _nan_unless_finite(loss, raw, scores).to(features.dtype)
 
     def loss_from_scores(self, data_scores: Tensor, noise_scores: Tensor, num_data: int) -> Tensor:
         r"""The loss from precomputed scores :math:`v^\top f` (not yet divided by :math:`\tau`).

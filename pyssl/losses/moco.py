@@ -7,6 +7,8 @@ therefore never reads the queue, and the keys can be enqueued right after the fo
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,6 +36,12 @@ class MoCoLoss(nn.Module):
     The queue (``queue``), the write position (``queue_ptr``) and the number of filled rows
     (``queue_len``) are buffers: they follow ``.to()`` and are saved in and restored from
     ``state_dict()``, so training resumes with the exact same queue.
+
+    Threads may share one module: an enqueue (reading the write position, writing the rows,
+    moving the position) holds a lock, so keys enqueued from several threads are all written,
+    each once. A loss computed while another thread enqueues may see some of that thread's keys
+    among its negatives, as the order of the threads decides. (``nn.DataParallel`` replicas
+    hold copies of the buffers: their enqueues never reach this module.)
 
     The key gets the gradient of its positive logit (it is usually produced under
     ``torch.no_grad()`` by the momentum encoder); the queue never gets a gradient.
@@ -109,7 +117,18 @@ class MoCoLoss(nn.Module):
         # dropped when a state_dict is loaded (re-read from the buffers on the next step).
         self._ptr: int | None = 0
         self._len: int | None = filled
+        self._enqueue_lock = threading.Lock()
         self.register_load_state_dict_post_hook(MoCoLoss._forget_cached_position)
+
+    # A lock can be neither pickled nor deep-copied: copies (torch.save, copy.deepcopy) get their own.
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_enqueue_lock"]
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._enqueue_lock = threading.Lock()
 
     @staticmethod
     def _forget_cached_position(module, incompatible_keys) -> None:
@@ -152,15 +171,16 @@ class MoCoLoss(nn.Module):
         ops.check_embeddings("key", key, op="MoCoLoss.enqueue")
         if key.shape[1] != self.dim:
             raise ValueError(f"MoCoLoss.enqueue: key must have {self.dim} features, got shape {tuple(key.shape)}")
-        ptr, filled = self._position()
-        count = min(key.shape[0], self.queue_size - ptr)
-        rows = key[:count].detach()
-        rows = F.normalize(rows.to(ops.accumulate_dtype(rows.dtype)), dim=1)
-        self.queue[ptr : ptr + count].copy_(rows)
-        self._ptr = (ptr + count) % self.queue_size
-        self._len = min(filled + count, self.queue_size)
-        self.queue_ptr.fill_(self._ptr)
-        self.queue_len.fill_(self._len)
+        with self._enqueue_lock:
+            ptr, filled = self._position()
+            count = min(key.shape[0], self.queue_size - ptr)
+            rows = key[:count].detach()
+            rows = F.normalize(rows.to(ops.accumulate_dtype(rows.dtype)), dim=1)
+            self.queue[ptr : ptr + count].copy_(rows)
+            self._ptr = (ptr + count) % self.queue_size
+            self._len = min(filled + count, self.queue_size)
+            self.queue_ptr.fill_(self._ptr)
+            self.queue_len.fill_(self._len)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, queue_size={self.queue_size}, dim={self.dim}, "
