@@ -517,3 +517,68 @@ def test_property_infonce_matches_cpu(backend, n, extra, d, log_scale, symmetric
     for a, b in zip(grads[:2], cpu_grads[:2]):
         assert_grad_close(a.cpu(), b, torch.float32, scale.item())
     torch.testing.assert_close(grads[2].cpu(), cpu_grads[2], rtol=1e-4, atol=1e-4)
+
+
+# ---- a loss that is exactly 0 is 0 ------------------------------------------------------------------
+
+
+def test_aligned_single_pair_gives_exactly_zero(backend):
+    # Parallel views, one pair: each row's only logit is its positive, so the loss is exactly 0
+    # (lightly's value). The normalised views' dot product is 1 - 2^-24 here, so a fixed shift of
+    # 1/T rounds exp(S - 1/T) to 1 and lse - S loses one ulp of 1/T (1.5e-8) unless the positive
+    # is kept out of the sum.
+    a, b = torch.tensor([[0.3, 0.6]]), torch.tensor([[0.7, 1.4]])
+    assert pyssl.losses.NTXentLoss(7.0)(a, b).item() == 0.0
+    assert pyssl.ops.infonce(a, b, 1 / 7.0).item() == 0.0
+    assert pyssl.ops.infonce(a, b, 1 / 7.0, symmetric=True).item() == 0.0
+    assert pyssl.ops.moco(a, b, torch.empty(0, 2), 7.0).item() == 0.0
+    with backend:
+        da, db = backend.to(a), backend.to(b)
+        assert pyssl.losses.NTXentLoss(7.0)(da, db).item() == 0.0
+        assert pyssl.ops.infonce(da, db, 1 / 7.0).item() == 0.0
+        assert pyssl.ops.infonce(da, db, 1 / 7.0, symmetric=True).item() == 0.0
+        assert pyssl.ops.moco(da, db, backend.to(torch.empty(0, 2)), 7.0).item() == 0.0
+
+
+def _far_apart_pairs(pairs, d, seed):
+    """Two views of `pairs` directions, each pair the same direction at other lengths, the
+    directions orthonormal (other pairs far away), plus orthonormal queue rows."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g))[0]
+    directions = basis[:pairs]
+    view0 = (directions * (0.5 + torch.rand(pairs, 1, dtype=torch.float64, generator=g))).float()
+    view1 = (directions * (0.5 + torch.rand(pairs, 1, dtype=torch.float64, generator=g))).float()
+    return view0, view1, basis[pairs:].float()
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    pairs=st.integers(1, 6),
+    extra=st.integers(0, 20),
+    temperature=st.floats(0.02, 0.05),
+    kind=st.sampled_from(["ntxent", "infonce", "clip", "moco"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_identical_views_far_from_others_give_a_tiny_loss(backend, pairs, extra, temperature, kind, seed):
+    # Every positive has cosine 1 and every negative cosine ~0: the exact loss is about
+    # (negatives) * exp(-1/T) < 1e-7, and the kernels must give it to float32's relative precision
+    # (never below 0), not to an ulp of the shift 1/T (~1e-6).
+    view0, view1, queue = _far_apart_pairs(pairs, pairs + 1 + extra, seed)
+    if kind == "ntxent":
+        expected = ref_ntxent(torch.cat([view0, view1]), temperature)[0]
+        run = lambda a, b, q: pyssl.losses.NTXentLoss(temperature)(a, b)  # noqa: E731
+    elif kind in ("infonce", "clip"):
+        expected = ref_infonce(view0, view1, 1 / temperature, kind == "clip")[0]
+        run = lambda a, b, q: pyssl.ops.infonce(a, b, 1 / temperature, symmetric=kind == "clip")  # noqa: E731
+    else:
+        u, v, w = (F.normalize(t.double(), dim=1) for t in (view0, view1, queue))
+        logits = torch.cat([(u * v).sum(1, keepdim=True), u @ w.T], dim=1) / temperature
+        expected = F.cross_entropy(logits, torch.zeros(pairs, dtype=torch.long))
+        run = lambda a, b, q: pyssl.ops.moco(a, b, q, temperature)  # noqa: E731
+    expected = expected.item()
+    losses = {"cpu": run(view0, view1, queue).item()}
+    with backend:
+        losses[backend.name] = run(backend.to(view0), backend.to(view1), backend.to(queue)).item()
+    for where, loss in losses.items():
+        assert loss >= 0, (where, loss)
+        assert abs(loss - expected) <= 1e-5 * expected + 1e-12, (where, loss, expected)

@@ -8,7 +8,7 @@
 //   lse_partial       grid (row tiles, column splits); merged by lse_merge (1 thread per row)
 //   grad_partial      grid (row tiles, 128-feature chunks, column splits), 33 KiB (fp32) /
 //                     65 KiB (fp64) dynamic shared memory; summed by grad_finalize (1 block/row)
-//   positive_dot      one warp per row; loss / scale_grad: one block.
+//   loss / scale_grad: one block (the positive logits are taken by lse_partial from its tiles).
 // fp16/bf16 input takes the *_mma variants (same grids): the tiles S = U V^T and G V run on the
 // tensor cores (WMMA 16x16x16, fp16 operands, float32 accumulators), 8 warps per block, each
 // owning 16 x 32 of the S tile and 16 x 64 of the block's dX chunk; 17 KiB (forward) and
@@ -140,54 +140,43 @@ const __half* half_ptr(const Tensor& t) {
   return reinterpret_cast<const __half*>(t.const_data_ptr<at::Half>());
 }
 
-// lse_out[i] = log sum_j exp(scale x_i . y_j) over the allowed columns j of y.
-void row_lse(const Normalized& x, const Normalized& y, bool mask_diagonal, const Tensor& scale,
-             Tensor& lse_out, cudaStream_t stream) {
+// lse_out[i] = log sum_j exp(scale x_i . y_j) over the allowed columns j of y, and ce_out[i]
+// = lse_out[i] - S_{i,p(i)}, row i's cross-entropy against its positive column p(i) (i, or the
+// NT-Xent partner when pairs > 0), the positive taken from the same tiles.
+void row_lse(const Normalized& x, const Normalized& y, bool mask_diagonal, int64_t pairs, const Tensor& scale,
+             Tensor& lse_out, Tensor& ce_out, cudaStream_t stream) {
   const int64_t row_tiles = x.rows_pad / kTile, col_tiles = ceil_div(y.rows, kTile);
   const std::pair<int64_t, int64_t> split = column_splits(col_tiles, row_tiles, 4 * int64_t{sm_count()}, /*round_up=*/true);
   const int64_t splits = split.first, per_split = split.second;
   Tensor part_max = at::empty({splits, x.rows}, x.unit.options());
   Tensor part_sum = at::empty({splits, x.rows}, x.unit.options());
+  Tensor pos = at::empty({x.rows}, x.unit.options());
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(splits));
   AT_DISPATCH_FLOATING_TYPES(x.unit.scalar_type(), "pyssl_row_lse_cuda", [&] {
     if (x.unit_half.defined() && y.unit_half.defined()) {
       device::launch<lse_partial_mma_kernel>(grid, kThreads, 0, stream,
           half_ptr(x.unit_half), half_ptr(y.unit_half), x.rows, y.rows, x.dim_pad,
-          scale.const_data_ptr<float>(), mask_diagonal, per_split,
+          scale.const_data_ptr<float>(), mask_diagonal, PositiveLogits<float>{pos.mutable_data_ptr<float>(), x.rows, pairs}, per_split,
           part_max.mutable_data_ptr<float>(), part_sum.mutable_data_ptr<float>());
     } else {
       device::launch<lse_partial_kernel<scalar_t>>(grid, kThreads, 0, stream,
           x.unit.const_data_ptr<scalar_t>(), y.unit.const_data_ptr<scalar_t>(), x.rows, y.rows,
-          x.dim_pad, scale.const_data_ptr<scalar_t>(), mask_diagonal, per_split,
+          x.dim_pad, scale.const_data_ptr<scalar_t>(), mask_diagonal,
+          PositiveLogits<scalar_t>{pos.mutable_data_ptr<scalar_t>(), x.rows, pairs}, per_split,
           part_max.mutable_data_ptr<scalar_t>(), part_sum.mutable_data_ptr<scalar_t>());
     }
     device::launch<lse_merge_kernel<scalar_t>>(static_cast<unsigned>(ceil_div(x.rows, kThreads)), kThreads, 0, stream,
         part_max.const_data_ptr<scalar_t>(), part_sum.const_data_ptr<scalar_t>(), splits, x.rows,
-        lse_out.mutable_data_ptr<scalar_t>());
+        pos.const_data_ptr<scalar_t>(), lse_out.mutable_data_ptr<scalar_t>(), ce_out.mutable_data_ptr<scalar_t>());
   });
 }
 
-// pos[i] = x_i . y_{p(i)} for i < rows (p(i) = i, or the NT-Xent partner when pairs > 0).
-Tensor positive_dots(const Normalized& x, const Normalized& y, int64_t rows, int64_t pairs,
-                     cudaStream_t stream) {
-  Tensor pos = at::empty({rows}, x.unit.options());
-  AT_DISPATCH_FLOATING_TYPES(x.unit.scalar_type(), "pyssl_positive_dots_cuda", [&] {
-    device::launch<positive_dot_kernel<scalar_t>>(static_cast<unsigned>(ceil_div(rows, kWarps)), kThreads, 0, stream,
-        x.unit.const_data_ptr<scalar_t>(), y.unit.const_data_ptr<scalar_t>(), rows, x.dim_pad,
-        pairs, pos.mutable_data_ptr<scalar_t>());
-  });
-  return pos;
-}
-
-Tensor reduce_loss(const Tensor& lse_row, const Tensor* lse_col, const Tensor& pos,
-                   const Tensor& scale, cudaStream_t stream) {
-  Tensor loss = at::empty({}, lse_row.options());
-  AT_DISPATCH_FLOATING_TYPES(lse_row.scalar_type(), "pyssl_infonce_loss_cuda", [&] {
+Tensor reduce_loss(const Tensor& ce_row, const Tensor* ce_col, const Tensor& scale, cudaStream_t stream) {
+  Tensor loss = at::empty({}, ce_row.options());
+  AT_DISPATCH_FLOATING_TYPES(ce_row.scalar_type(), "pyssl_infonce_loss_cuda", [&] {
     device::launch<loss_kernel<scalar_t>>(1, kThreads, 0, stream,
-        lse_row.const_data_ptr<scalar_t>(),
-        lse_col != nullptr ? lse_col->const_data_ptr<scalar_t>() : nullptr,
-        pos.const_data_ptr<scalar_t>(), pos.size(0), scale.const_data_ptr<scalar_t>(),
-        loss.mutable_data_ptr<scalar_t>());
+        ce_row.const_data_ptr<scalar_t>(), ce_col != nullptr ? ce_col->const_data_ptr<scalar_t>() : nullptr,
+        ce_row.size(0), scale.const_data_ptr<scalar_t>(), loss.mutable_data_ptr<scalar_t>());
   });
   return loss;
 }
@@ -292,9 +281,9 @@ std::tuple<Tensor, Tensor> ntxent_forward_cuda(const Tensor& z, double temperatu
   Tensor scale = at::empty({}, n.unit.options()).fill_(1.0 / temperature);
 
   Tensor lse = at::empty({rows}, n.unit.options());
-  row_lse(n, n, /*mask_diagonal=*/true, scale, lse, stream);
-  Tensor pos = positive_dots(n, n, rows, pairs, stream);
-  Tensor loss = reduce_loss(lse, nullptr, pos, scale, stream);
+  Tensor ce = at::empty({rows}, n.unit.options());
+  row_lse(n, n, /*mask_diagonal=*/true, pairs, scale, lse, ce, stream);
+  Tensor loss = reduce_loss(ce, nullptr, scale, stream);
   return {loss.to(z.scalar_type()), lse};
 }
 
@@ -342,12 +331,14 @@ std::tuple<Tensor, Tensor, Tensor> infonce_forward_cuda(const Tensor& query, con
   Tensor scale = device_scalar(logit_scale, "pyssl.infonce", "logit_scale", query.device(), acc);
 
   Tensor lse_row = at::empty({rows}, nq.unit.options());
-  row_lse(nq, nk, /*mask_diagonal=*/false, scale, lse_row, stream);
+  Tensor ce_row = at::empty({rows}, nq.unit.options());
+  row_lse(nq, nk, /*mask_diagonal=*/false, /*pairs=*/0, scale, lse_row, ce_row, stream);
   Tensor lse_col = at::empty({symmetric ? keys : 0}, nq.unit.options());
-  // CLIP's column statistics: the same sweep with the roles of query and key swapped.
-  if (symmetric) row_lse(nk, nq, /*mask_diagonal=*/false, scale, lse_col, stream);
-  Tensor pos = positive_dots(nq, nk, rows, /*pairs=*/0, stream);
-  Tensor loss = reduce_loss(lse_row, symmetric ? &lse_col : nullptr, pos, scale, stream);
+  Tensor ce_col = at::empty({symmetric ? keys : 0}, nq.unit.options());
+  // CLIP's column statistics: the same sweep with the roles of query and key swapped (each side
+  // takes its positive S_ii from its own sweep).
+  if (symmetric) row_lse(nk, nq, /*mask_diagonal=*/false, /*pairs=*/0, scale, lse_col, ce_col, stream);
+  Tensor loss = reduce_loss(ce_row, symmetric ? &ce_col : nullptr, scale, stream);
   return {loss.to(query.scalar_type()), lse_row, lse_col};
 }
 

@@ -242,11 +242,12 @@ __global__ void moco_merge_kernel(const acc_t* __restrict__ positive, const acc_
   const acc_t pos = positive[row];
   acc_t max_all = pos;
   for (int64_t s = 0; s < splits; ++s) max_all = fmax(max_all, part_max[s * rows + row]);
-  acc_t sum = exp_acc(pos - max_all);
+  acc_t queue_sum = 0;
   for (int64_t s = 0; s < splits; ++s) {
     const acc_t m = part_max[s * rows + row];
-    if (m != -INFINITY) sum += part_sum[s * rows + row] * exp_acc(m - max_all);
+    if (m != -INFINITY) queue_sum += part_sum[s * rows + row] * exp_acc(m - max_all);
   }
+  const acc_t sum = queue_sum + exp_acc(pos - max_all);
   for (int64_t f = threadIdx.x; f < dim; f += blockDim.x) {
     acc_t a = 0;
     for (int64_t s = 0; s < splits; ++s) {
@@ -258,8 +259,9 @@ __global__ void moco_merge_kernel(const acc_t* __restrict__ positive, const acc_
   if (threadIdx.x == 0) {
     const acc_t value = max_all + log_acc(sum);
     lse[row] = value;
-    const acc_t cross_entropy = value - pos;
-    row_loss[row] = cross_entropy < acc_t(0) ? acc_t(0) : cross_entropy;  // >= 0 despite rounding; NaN stays
+    // lse - pos from the queue's sum alone, as the CPU kernel (common.h): exactly 0 without a
+    // queue, never negative, NaN stays.
+    row_loss[row] = cross_entropy_from_negatives<acc_t>(max_all, queue_sum, pos);
   }
 }
 
