@@ -309,25 +309,55 @@ def test_infonce_non_positive_device_scale_is_nan(backend):
 
 
 def test_no_host_sync(backend):
-    if backend.emulated:
-        pytest.skip("CUDA's sync debug mode has no emulated counterpart")
+    # Forward and backward of every fused loss, through the ops and through the wrappers, never
+    # make the host wait for the device: on a GPU CUDA's sync debug mode raises on any such call;
+    # emulated, pyssl.emulation.count_host_calls counts the launchers' copies and synchronisations
+    # (the emulator's runtime) and every syncing ATen op (.item(), bool(), data-dependent sizes).
     query, key = _randn(backend, 300, 64), _randn(backend, 300, 64)
     scale = torch.tensor(14.0, device=backend.device)
     grad_out = torch.ones((), device=backend.device)
     z = _randn(backend, 256, 64)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    queue = backend.to(F.normalize(torch.randn(200, 64), dim=1))
+    moco_module = pyssl.losses.MoCoLoss(0.2, 512, 64).to(backend.device)
+
+    def losses_forward_and_backward():
         loss, lse_row, lse_col = backend.ops.infonce_forward(query, key, scale, True)
         backend.ops.infonce_backward(grad_out, query, key, scale, lse_row, lse_col, True)
         loss, lse = backend.ops.ntxent_forward(z, 0.3)
         backend.ops.ntxent_backward(grad_out, z, lse, 0.3)
         # The wrappers with a Python-float logit scale and temperature, forward and backward.
         q, k = query.detach().requires_grad_(), key.detach().requires_grad_()
-        pyssl.ops.infonce(q, k, 14.0, symmetric=True).backward()
-        pyssl.losses.NTXentLoss(0.3)(q, k).backward()
+        with backend:
+            pyssl.ops.infonce(q, k, 14.0, symmetric=True).backward()
+            pyssl.ops.infonce(q, k, 14.0).backward()
+            pyssl.losses.NTXentLoss(0.3)(q, k).backward()
+            pyssl.ops.moco(q, k, queue, 0.2).backward()
+            moco_module(q, k).backward()  # the module's queue: loss, then enqueue
+
+    if backend.emulated:
+        with pyssl.emulation.count_host_calls() as calls:
+            losses_forward_and_backward()
+        assert calls.syncs == 0 and calls.host_to_device == 0, calls
+        return
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses_forward_and_backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_the_emulated_sync_count_sees_syncs(backend):
+    # The counter of test_no_host_sync is not blind: a value read back, from Python or by a
+    # launcher, counts.
+    if not backend.emulated:
+        pytest.skip("the emulator's counter")
+    z = _randn(backend, 8, 4)
+    with pyssl.emulation.count_host_calls() as calls:
+        loss, _ = backend.ops.ntxent_forward(z, 0.3)
+        loss.item()
+        bool(loss > 0)
+    assert calls.aten == ("aten::_local_scalar_dense", "aten::_local_scalar_dense") and calls.syncs == 2, calls
 
 
 # ---- autograd through the Python wrappers ----------------------------------------------------------
