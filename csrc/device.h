@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <string_view>
+#include <type_traits>
 #include <utility>
 
 #ifdef PYSSL_CUDA_EMULATION
@@ -59,8 +60,19 @@ inline cudaStream_t current_stream() { return nullptr; }
 
 inline bool on_device(const at::Tensor& t) { return t.is_cpu(); }
 
+// What nvcc checks of a kernel's parameters: copyable bytes (a struct passed by value is
+// fine) within the 4 KiB that every CUDA release accepts.
+template <typename... Params>
+constexpr bool valid_kernel_params(void (*)(Params...)) {
+  static_assert((std::is_trivially_copyable_v<std::remove_cv_t<Params>> && ...),
+                "a kernel parameter must be trivially copyable");
+  static_assert((sizeof(Params) + ... + 0) <= 4096, "kernel parameters above 4 KiB");
+  return true;
+}
+
 template <auto Kernel, typename... Args>
 void launch(dim3 grid, dim3 block, size_t dynamic_smem, cudaStream_t, Args&&... args) {
+  static_assert(valid_kernel_params(Kernel));
   emu::launch_fn(kernel_name<Kernel>(), reinterpret_cast<const void*>(Kernel), grid, block, dynamic_smem,
                  [&] { Kernel(args...); });
 }

@@ -20,6 +20,7 @@ import glob
 import os
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyssl import ops as _ops_module
 
@@ -81,6 +82,79 @@ def set_seed(seed: int) -> None:
 def launch_count() -> int:
     load()
     return int(torch.ops.pyssl_emulator.launch_count())
+
+
+# ATen ops that make the host wait for a CUDA device (torch.cuda.set_sync_debug_mode flags them):
+# a value read back (item(), bool(), float() of a tensor) or an output size that depends on data.
+_SYNCING_ATEN_OPS = frozenset({
+    "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_dim",
+    "aten::_unique2", "aten::unique_consecutive", "aten::repeat_interleave", "aten::equal",
+})
+
+
+_EMULATED_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+
+
+class _SyncingOpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in _SYNCING_ATEN_OPS:
+            self.calls.append(name)
+        if name.startswith("pyssl_emu::"):
+            # The emulated kernel itself (its CPU kernel, past this mode) with the mode still on,
+            # so that the ATen calls its launcher makes (an .item() there) are seen too.
+            with self:
+                return func.redispatch(_EMULATED_KEYS, *args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+class HostCalls:
+    """What ran inside ``count_host_calls()`` that a CUDA graph cannot capture or that makes the
+    host wait for the device: the launchers' host-to-device copies, device-to-host copies and
+    synchronisations (counted by the emulator's runtime), and ATen ops that read device values
+    back (``item()``, ``bool()``, data-dependent sizes), by name, from Python or from the
+    emulated launchers."""
+
+    host_to_device: int = 0
+    device_to_host: int = 0
+    synchronize: int = 0
+    aten: tuple = ()
+
+    @property
+    def syncs(self) -> int:
+        """Everything that makes a GPU's host wait (``set_sync_debug_mode("error")`` raises on it)."""
+        return self.device_to_host + self.synchronize + len(self.aten)
+
+    def __repr__(self):
+        return (f"HostCalls(host_to_device={self.host_to_device}, device_to_host={self.device_to_host}, "
+                f"synchronize={self.synchronize}, aten={list(self.aten)})")
+
+
+def host_call_counts() -> tuple[int, int, int]:
+    """The emulator's running counts of host-to-device copies, device-to-host copies and
+    synchronisations made through its runtime."""
+    load()
+    return tuple(int(c) for c in torch.ops.pyssl_emulator.host_call_counts())
+
+
+@contextlib.contextmanager
+def count_host_calls():
+    """``with count_host_calls() as calls: ...``: fills ``calls`` (a ``HostCalls``) when it ends;
+    the emulated counterpart of ``torch.cuda.set_sync_debug_mode("error")``."""
+    before = host_call_counts()
+    calls = HostCalls()
+    counter = _SyncingOpCounter()
+    try:
+        with counter:
+            yield calls
+    finally:
+        after = host_call_counts()
+        calls.host_to_device, calls.device_to_host, calls.synchronize = (a - b for a, b in zip(after, before))
+        calls.aten = tuple(counter.calls)
 
 
 @contextlib.contextmanager

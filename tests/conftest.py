@@ -16,6 +16,12 @@ def pytest_report_header(config):
     return f"pyssl test seed: {_SEED} (replay with PYSSL_TEST_SEED={_SEED})"
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # -q drops the header: a failing run repeats its seed at the end.
+    if terminalreporter.stats.get("failed") or terminalreporter.stats.get("error"):
+        terminalreporter.write_line(f"pyssl test seed: {_SEED} (replay with PYSSL_TEST_SEED={_SEED})")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     seed = (_SEED + zlib.crc32(request.node.nodeid.encode())) % (2**31)

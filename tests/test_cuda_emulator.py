@@ -143,11 +143,14 @@ def test_emulated_ops_run_the_cuda_kernels():
 
 
 def test_shared_memory_limit_of_the_h200_is_enforced():
-    # MoCo's sweep asks for 2 x 16 rows x d floats of shared memory: past the opt-in 227 KiB
-    # the launcher refuses (on the GPU cudaDeviceGetAttribute gives the same limit).
-    q = torch.randn(4, 4000)
-    with pytest.raises(RuntimeError, match="too large for the CUDA kernel"):
-        emulation.ops().moco_forward(q, q, torch.nn.functional.normalize(torch.randn(64, 4000), dim=1), 0.2)
+    # 48 KiB of dynamic shared memory without the opt-in, 227 KiB with it (cudaDeviceGetAttribute
+    # gives the same limits on the GPU).
+    assert selftest.launch_with_smem(48 * 1024, False).item() == 31.0
+    with pytest.raises(RuntimeError, match="without cudaFuncAttributeMaxDynamicSharedMemorySize"):
+        selftest.launch_with_smem(48 * 1024 + 4, False)
+    assert selftest.launch_with_smem(227 * 1024, True).item() == 31.0
+    with pytest.raises(RuntimeError, match="opt-in limit"):
+        selftest.launch_with_smem(227 * 1024 + 4, True)
 
 
 @pytest.mark.skipif(shutil.which("readelf") is None, reason="needs binutils' readelf")

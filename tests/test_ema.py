@@ -242,3 +242,77 @@ def test_ema_cuda_non_contiguous_and_models(backend):
     with backend:
         update_momentum(ema_model, model, 0.9)
     check(list(ema_model.parameters()), expected)
+
+
+# The CUDA launcher passes its table of tensors by value, as a kernel argument (168 tensors a
+# launch, csrc/ema/cuda/ema_cuda.cu): no host-to-device copy, so the update can be captured in a
+# CUDA graph; longer lists take one launch per group of 168.
+EMA_GROUP = 168
+
+
+def ema_lists_over_groups(count):
+    """`count` tensor pairs cycling through every (ema, online) dtype pair, with empty tensors,
+    scalars and tensors on both sides of a 16 Ki-element chunk boundary among them."""
+    sizes = [(3,), (0,), (16384,), (16385,), (), (2, 0), (32768 + 7,), (5, 7)]
+    ema, online = [], []
+    for i in range(count):
+        shape = sizes[i % len(sizes)] if i % 3 == 0 else (i % 11 + 1,)
+        ema.append(torch.randn(shape).to(DTYPES[i % 4]))
+        online.append(torch.randn(shape).to(DTYPES[(i // 4) % 4]))
+    return ema, online
+
+
+@pytest.mark.parametrize("count", [1, EMA_GROUP, EMA_GROUP + 1, 3 * EMA_GROUP + 5])
+def test_ema_cuda_groups_match_cpu(backend, count):
+    ema, online = ema_lists_over_groups(count)
+    expected = ref_ema(ema, online, 0.9)
+    ema_dev = [backend.to(e.clone()) for e in ema]
+    online_dev = [backend.to(o) for o in online]
+    pyssl.ops.ema_update_(ema, online, 0.9)  # the CPU kernel
+    with backend:
+        pyssl.ops.ema_update_(ema_dev, online_dev, 0.9)
+    check(ema_dev, expected)
+    for a, b in zip(ema_dev, ema):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        if backend.emulated:  # the same float operations in the same order (no FMA on either)
+            assert torch.equal(a.cpu(), b), (a.dtype, a.shape)
+        else:  # nvcc may contract keep * e + take * o into an FMA
+            torch.testing.assert_close(a.cpu(), b, **TOL[a.dtype])
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize("count,launches", [(1, 1), (150, 1), (EMA_GROUP, 1), (EMA_GROUP + 1, 2), (3 * EMA_GROUP + 5, 4)])
+def test_ema_emulated_launches_without_host_copies(count, launches):
+    emu = pytest.importorskip("pyssl.emulation")
+    if not emu.available():
+        pytest.skip("pyssl was built without its CUDA emulator")
+    ema = [torch.randn(i % 5 + 1) for i in range(count)]
+    online = [torch.randn(i % 5 + 1) for i in range(count)]
+    expected = ref_ema(ema, online, 0.5)
+    before = emu.launch_count()
+    with emu.count_host_calls() as calls:
+        emu.ops().ema_update_(ema, online, 0.5)
+    assert emu.launch_count() - before == launches
+    assert calls.host_to_device == 0 and calls.syncs == 0, calls
+    check(ema, expected)
+
+
+@pytest.mark.cuda
+def test_ema_cuda_graph_capture():
+    if not torch.cuda.is_available() or not pyssl.cuda_kernels_built:
+        pytest.skip("needs a CUDA device and pyssl built with CUDA kernels")
+    ema = [torch.randn(i % 7 + 1, device="cuda") for i in range(2 * EMA_GROUP + 3)]
+    online = [torch.randn(i % 7 + 1, device="cuda") for i in range(2 * EMA_GROUP + 3)]
+    start = [e.clone() for e in ema]
+    pyssl.ops.ema_update_(ema, online, 0.9)  # warm-up outside the capture
+    for e, s in zip(ema, start):
+        e.copy_(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pyssl.ops.ema_update_(ema, online, 0.9)
+    for e, s in zip(ema, start):
+        e.copy_(s)
+    expected = ref_ema(ema, online, 0.9)
+    graph.replay()
+    torch.cuda.synchronize()
+    check(ema, expected)

@@ -361,25 +361,55 @@ def test_infonce_non_positive_device_scale_is_nan(backend):
 
 
 def test_no_host_sync(backend):
-    if backend.emulated:
-        pytest.skip("CUDA's sync debug mode has no emulated counterpart")
+    # Forward and backward of every fused loss, through the ops and through the wrappers, never
+    # make the host wait for the device: on a GPU CUDA's sync debug mode raises on any such call;
+    # emulated, pyssl.emulation.count_host_calls counts the launchers' copies and synchronisations
+    # (the emulator's runtime) and every syncing ATen op (.item(), bool(), data-dependent sizes).
     query, key = _randn(backend, 300, 64), _randn(backend, 300, 64)
     scale = torch.tensor(14.0, device=backend.device)
     grad_out = torch.ones((), device=backend.device)
     z = _randn(backend, 256, 64)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    queue = backend.to(F.normalize(torch.randn(200, 64), dim=1))
+    moco_module = pyssl.losses.MoCoLoss(0.2, 512, 64).to(backend.device)
+
+    def losses_forward_and_backward():
         loss, lse_row, lse_col = backend.ops.infonce_forward(query, key, scale, True)
         backend.ops.infonce_backward(grad_out, query, key, scale, lse_row, lse_col, True)
         loss, lse = backend.ops.ntxent_forward(z, 0.3)
         backend.ops.ntxent_backward(grad_out, z, lse, 0.3)
         # The wrappers with a Python-float logit scale and temperature, forward and backward.
         q, k = query.detach().requires_grad_(), key.detach().requires_grad_()
-        pyssl.ops.infonce(q, k, 14.0, symmetric=True).backward()
-        pyssl.losses.NTXentLoss(0.3)(q, k).backward()
+        with backend:
+            pyssl.ops.infonce(q, k, 14.0, symmetric=True).backward()
+            pyssl.ops.infonce(q, k, 14.0).backward()
+            pyssl.losses.NTXentLoss(0.3)(q, k).backward()
+            pyssl.ops.moco(q, k, queue, 0.2).backward()
+            moco_module(q, k).backward()  # the module's queue: loss, then enqueue
+
+    if backend.emulated:
+        with pyssl.emulation.count_host_calls() as calls:
+            losses_forward_and_backward()
+        assert calls.syncs == 0 and calls.host_to_device == 0, calls
+        return
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses_forward_and_backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_the_emulated_sync_count_sees_syncs(backend):
+    # The counter of test_no_host_sync is not blind: a value read back, from Python or by a
+    # launcher, counts.
+    if not backend.emulated:
+        pytest.skip("the emulator's counter")
+    z = _randn(backend, 8, 4)
+    with pyssl.emulation.count_host_calls() as calls:
+        loss, _ = backend.ops.ntxent_forward(z, 0.3)
+        loss.item()
+        bool(loss > 0)
+    assert calls.aten == ("aten::_local_scalar_dense", "aten::_local_scalar_dense") and calls.syncs == 2, calls
 
 
 # ---- autograd through the Python wrappers ----------------------------------------------------------
@@ -569,3 +599,100 @@ def test_property_infonce_matches_cpu(backend, n, extra, d, log_scale, symmetric
     for a, b in zip(grads[:2], cpu_grads[:2]):
         assert_grad_close(a.cpu(), b, torch.float32, scale.item())
     torch.testing.assert_close(grads[2].cpu(), cpu_grads[2], rtol=1e-4, atol=1e-4)
+
+
+# ---- a loss that is exactly 0 is 0 ------------------------------------------------------------------
+
+
+def test_aligned_single_pair_gives_exactly_zero(backend):
+    # Parallel views, one pair: each row's only logit is its positive, so the loss is exactly 0
+    # (lightly's value). The normalised views' dot product is 1 - 2^-24 here, so a fixed shift of
+    # 1/T rounds exp(S - 1/T) to 1 and lse - S loses one ulp of 1/T (1.5e-8) unless the positive
+    # is kept out of the sum.
+    a, b = torch.tensor([[0.3, 0.6]]), torch.tensor([[0.7, 1.4]])
+    assert pyssl.losses.NTXentLoss(7.0)(a, b).item() == 0.0
+    assert pyssl.ops.infonce(a, b, 1 / 7.0).item() == 0.0
+    assert pyssl.ops.infonce(a, b, 1 / 7.0, symmetric=True).item() == 0.0
+    assert pyssl.ops.moco(a, b, torch.empty(0, 2), 7.0).item() == 0.0
+    with backend:
+        da, db = backend.to(a), backend.to(b)
+        assert pyssl.losses.NTXentLoss(7.0)(da, db).item() == 0.0
+        assert pyssl.ops.infonce(da, db, 1 / 7.0).item() == 0.0
+        assert pyssl.ops.infonce(da, db, 1 / 7.0, symmetric=True).item() == 0.0
+        assert pyssl.ops.moco(da, db, backend.to(torch.empty(0, 2)), 7.0).item() == 0.0
+
+
+def _far_apart_pairs(pairs, d, seed):
+    """Two views of `pairs` directions, each pair the same direction at other lengths, the
+    directions orthonormal (other pairs far away), plus orthonormal queue rows."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g))[0]
+    directions = basis[:pairs]
+    view0 = (directions * (0.5 + torch.rand(pairs, 1, dtype=torch.float64, generator=g))).float()
+    view1 = (directions * (0.5 + torch.rand(pairs, 1, dtype=torch.float64, generator=g))).float()
+    return view0, view1, basis[pairs:].float()
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    pairs=st.integers(1, 6),
+    extra=st.integers(0, 20),
+    temperature=st.floats(0.02, 0.05),
+    kind=st.sampled_from(["ntxent", "infonce", "clip", "moco"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_identical_views_far_from_others_give_a_tiny_loss(backend, pairs, extra, temperature, kind, seed):
+    # Every positive has cosine 1 and every negative cosine ~0: the exact loss is about
+    # (negatives) * exp(-1/T) < 1e-7, and the kernels must give it to float32's relative precision
+    # (never below 0), not to an ulp of the shift 1/T (~1e-6).
+    view0, view1, queue = _far_apart_pairs(pairs, pairs + 1 + extra, seed)
+    if kind == "ntxent":
+        expected = ref_ntxent(torch.cat([view0, view1]), temperature)[0]
+        run = lambda a, b, q: pyssl.losses.NTXentLoss(temperature)(a, b)  # noqa: E731
+    elif kind in ("infonce", "clip"):
+        expected = ref_infonce(view0, view1, 1 / temperature, kind == "clip")[0]
+        run = lambda a, b, q: pyssl.ops.infonce(a, b, 1 / temperature, symmetric=kind == "clip")  # noqa: E731
+    else:
+        u, v, w = (F.normalize(t.double(), dim=1) for t in (view0, view1, queue))
+        logits = torch.cat([(u * v).sum(1, keepdim=True), u @ w.T], dim=1) / temperature
+        expected = F.cross_entropy(logits, torch.zeros(pairs, dtype=torch.long))
+        run = lambda a, b, q: pyssl.ops.moco(a, b, q, temperature)  # noqa: E731
+    expected = expected.item()
+    losses = {"cpu": run(view0, view1, queue).item()}
+    with backend:
+        losses[backend.name] = run(backend.to(view0), backend.to(view1), backend.to(queue)).item()
+    for where, loss in losses.items():
+        assert loss >= 0, (where, loss)
+        assert abs(loss - expected) <= 1e-5 * expected + 1e-12, (where, loss, expected)
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize("kind", ["ntxent", "infonce", "clip"])
+def test_tensor_core_gradient_of_a_near_zero_loss_is_relatively_accurate(backend, kind, dtype):
+    # Parallel views far from the others at T = 0.05: the loss and every gradient entry are
+    # ~1e-8, the sum of P - [j = p(i)] over each row, where P_pos = exp(S_pos - lse) ~ 1 - 1e-8.
+    # The backward must see the very S_pos (row and column side) and lse the forward formed:
+    # a logit one ulp off (2e-6 at |S| = 20) moves P_pos - 1 a hundred times the exact value.
+    temperature = 0.05
+    view0, view1, _ = _far_apart_pairs(5, 40, seed=7)
+    view0, view1 = view0.to(dtype), view1.to(dtype)
+    grad_scale = 2.0**14  # the fp16 gradients of ~1e-8 would be subnormal or 0
+
+    def loss_of(a, b):
+        if kind == "ntxent":
+            return pyssl.losses.NTXentLoss(temperature)(a, b)
+        return pyssl.ops.infonce(a, b, 1 / temperature, symmetric=kind == "clip")
+
+    a, b = view0.double().requires_grad_(), view1.double().requires_grad_()
+    if kind == "ntxent":
+        ref = ref_ntxent(torch.cat([a, b]), temperature)[0]
+    else:
+        ref = ref_infonce(a, b, 1 / temperature, kind == "clip")[0]
+    (ref * grad_scale).backward()
+    with backend:
+        x, y = backend.to(view0).requires_grad_(), backend.to(view1).requires_grad_()
+        (loss_of(x, y) * grad_scale).backward()
+    peak = max(a.grad.abs().max().item(), b.grad.abs().max().item())
+    assert 1e-5 < peak < 1e-3  # the case is as described
+    for actual, expected in ((x.grad, a.grad), (y.grad, b.grad)):
+        torch.testing.assert_close(actual.cpu().double(), expected, rtol=0, atol=0.03 * peak)

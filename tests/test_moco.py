@@ -283,8 +283,8 @@ def test_moco_bad_input():
 
 
 # On each backend (conftest.py): a GPU, or the same CUDA kernel sources on the CPU emulator. Sizes:
-# partial row blocks and queue tiles, a queue that is not a multiple of the batch, d = 1100 (above
-# the shared-memory limit of one row block at 1653 floats). The largest GPU case (K = 65,536) is
+# partial row blocks and queue tiles, a queue that is not a multiple of the batch, d = 1100 (its
+# accumulators in global memory, d <= 377 in shared memory). The largest GPU case (K = 65,536) is
 # too slow to emulate; K = 5,000 covers the same column splits.
 MOCO_CASES = [(1, 0, 3), (5, 3, 7), (256, 65536, 128), (300, 5000, 200), (70, 999, 1100), (97, 4100, 1)]
 
@@ -304,6 +304,28 @@ def test_moco_cuda_matches_cpu(backend, n, k, d, queue_dtype):
         assert_close(loss_gpu.cpu(), loss_cpu, torch.float32, scale=1 / temperature)
         for g, w in zip(device_grads, grads(loss_cpu, query, key)):
             assert_close(g.cpu(), w, torch.float32, scale=1 / temperature)
+
+
+# Feature dims past what one row block's query rows and accumulators once held in shared memory
+# (1653 fp32 / 745 fp64 features): the CUDA sweep tiles the features, so any dim runs, as on the
+# CPU. Small batches and queues (a partial row block, a partial second queue tile) keep the
+# emulated cases to seconds.
+@pytest.mark.parametrize("d,dtype", [(1100, torch.float32), (2048, torch.float32), (3000, torch.float32),
+                                     (800, torch.float64)])
+def test_moco_cuda_large_feature_dims(backend, d, dtype):
+    n, k, temperature = 5, 70, 0.2
+    query, key, queue = leaf((n, d), dtype), leaf((n, d), dtype), unit_queue(k, d, dtype)
+    qc, kc = backend.to(query.detach()).requires_grad_(), backend.to(key.detach()).requires_grad_()
+    loss_cpu = pyssl.ops.moco(query, key, queue, temperature)
+    with backend:
+        loss_dev = pyssl.ops.moco(qc, kc, backend.to(queue), temperature)
+        device_grads = grads(loss_dev, qc, kc)
+    expected = ref_moco(query, key, queue, temperature)
+    assert_close(loss_dev.cpu(), loss_cpu, dtype, scale=1 / temperature)
+    assert_close(loss_dev.cpu(), expected, dtype, scale=1 / temperature)
+    for g, w, r in zip(device_grads, grads(loss_cpu, query, key), grads(expected, query, key)):
+        assert_close(g.cpu(), w, dtype, scale=1 / temperature)
+        assert_close(g.cpu(), r, dtype, scale=1 / temperature)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])

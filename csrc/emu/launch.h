@@ -61,4 +61,16 @@ bool set_guarded_allocation(bool enabled);
 // Launches and emulated threads run so far (for tests that a path really ran).
 int64_t launch_count();
 
+// The runtime calls of the launchers that involve the host and so cannot be captured in a CUDA
+// graph, or make the host wait for the device (what torch.cuda.set_sync_debug_mode flags),
+// counted by the shadow <cuda_runtime.h>: tests check that a path makes none.
+enum class HostCall : int {
+  kHostToDeviceCopy,  // pageable source: the host may wait until the copy is staged
+  kDeviceToHostCopy,  // the host waits for the device's stream to reach the copy
+  kSynchronize,       // cudaStreamSynchronize, cudaDeviceSynchronize, cudaMemcpy
+  kCount,
+};
+void record_host_call(HostCall call);
+int64_t host_call_count(HostCall call);
+
 }  // namespace pyssl::emu

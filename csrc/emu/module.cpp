@@ -6,6 +6,8 @@
 // PYSSL_CUDA_EMULATE=ON (make does).
 #include <torch/library.h>
 
+#include <vector>
+
 #include "emu/launch.h"
 #include "schemas.h"
 
@@ -20,6 +22,14 @@ TORCH_LIBRARY(pyssl_emulator, m) {
   // every float format): emulated kernels that read past a buffer or read unwritten memory fail.
   m.def("set_guarded_allocation(bool enabled) -> bool", [](bool on) { return pyssl::emu::set_guarded_allocation(on); });
   m.def("launch_count() -> int", [] { return pyssl::emu::launch_count(); });
+  // Runtime calls so far that a CUDA graph cannot capture or that make the host wait: host-to-
+  // device copies, device-to-host copies, synchronisations (the shadow <cuda_runtime.h>).
+  m.def("host_call_counts() -> int[]", [] {
+    using pyssl::emu::HostCall;
+    return std::vector<int64_t>{pyssl::emu::host_call_count(HostCall::kHostToDeviceCopy),
+                                pyssl::emu::host_call_count(HostCall::kDeviceToHostCopy),
+                                pyssl::emu::host_call_count(HostCall::kSynchronize)};
+  });
   m.def("torch_version() -> str", [] { return std::string(PYSSL_TORCH_VERSION); });
   m.def("sm_count() -> int", [] { return static_cast<int64_t>(pyssl::emu::limits().sm_count); });
 }

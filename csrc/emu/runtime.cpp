@@ -931,6 +931,13 @@ void set_seed(uint64_t seed) { g_seed = seed; }
 uint64_t seed() { return g_seed; }
 int64_t launch_count() { return g_launches; }
 
+namespace {
+std::atomic<int64_t> g_host_calls[static_cast<int>(HostCall::kCount)];
+}
+
+void record_host_call(HostCall call) { ++g_host_calls[static_cast<int>(call)]; }
+int64_t host_call_count(HostCall call) { return g_host_calls[static_cast<int>(call)]; }
+
 bool set_guarded_allocation(bool enabled) {
   const bool was = g_previous_allocator != nullptr;
   if (enabled && !was) {

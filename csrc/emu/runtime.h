@@ -24,6 +24,8 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+// A kernel argument read in place; here every argument is the launch's own copy.
+#define __grid_constant__
 // One instance per OS thread; blocks run one at a time on an OS thread, so each block sees its
 // own shared arrays (poisoned by the scheduler before the block starts).
 #define __shared__ static thread_local

@@ -88,9 +88,21 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int d
 
 // Device and host memory are one: copies and fills happen at once (stream order is trivially kept,
 // every emulated launch completes before it returns).
-inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpyKind, cudaStream_t = nullptr) {
+// Copies that involve the host are counted (pyssl::emu::host_call_count): on a GPU they make the
+// host wait or cannot be captured in a CUDA graph. Every emulated tensor is a CPU tensor, so
+// cudaMemcpyDefault counts as neither.
+inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpyKind kind,
+                                   cudaStream_t = nullptr) {
+  using pyssl::emu::HostCall;
+  if (kind == cudaMemcpyHostToDevice) pyssl::emu::record_host_call(HostCall::kHostToDeviceCopy);
+  if (kind == cudaMemcpyDeviceToHost) pyssl::emu::record_host_call(HostCall::kDeviceToHostCopy);
   if (count > 0) std::memmove(dst, src, count);
   return cudaSuccess;
+}
+
+inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t count, cudaMemcpyKind kind) {
+  pyssl::emu::record_host_call(pyssl::emu::HostCall::kSynchronize);
+  return cudaMemcpyAsync(dst, src, count, kind);
 }
 
 inline cudaError_t cudaMemsetAsync(void* dst, int value, size_t count, cudaStream_t = nullptr) {
@@ -98,4 +110,12 @@ inline cudaError_t cudaMemsetAsync(void* dst, int value, size_t count, cudaStrea
   return cudaSuccess;
 }
 
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) {
+  pyssl::emu::record_host_call(pyssl::emu::HostCall::kSynchronize);
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaDeviceSynchronize() {
+  pyssl::emu::record_host_call(pyssl::emu::HostCall::kSynchronize);
+  return cudaSuccess;
+}

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "device.h"
+#include "device_smem.h"
 #include "ptx.h"
 
 namespace pyssl::emu_selftest {
@@ -196,16 +197,35 @@ Tensor mma(const std::string& kernel, const std::string& flaw_name, const Tensor
   return d;
 }
 
+__global__ void touch_shared_kernel(float* __restrict__ out) {
+  float* smem = dynamic_shared_memory<float>();
+  smem[threadIdx.x] = static_cast<float>(threadIdx.x);
+  __syncthreads();
+  if (threadIdx.x == 0) out[0] = smem[31];
+}
+
+// One block of 32 threads with `bytes` of dynamic shared memory, after the opt-in to `bytes`
+// when `opt_in`: what the H200 accepts must run, what it rejects must fail.
+Tensor launch_with_smem(int64_t bytes, bool opt_in) {
+  Tensor out = at::empty({1}, at::TensorOptions().dtype(at::kFloat));
+  if (opt_in) device::set_max_dynamic_shared_memory<touch_shared_kernel>(static_cast<int>(bytes));
+  device::launch<touch_shared_kernel>(1, 32, static_cast<size_t>(bytes), nullptr, out.mutable_data_ptr<float>());
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pyssl_emu_selftest, m) {
   m.def("reduce(str kernel, str flaw, Tensor x) -> Tensor");
   m.def("mma(str kernel, str flaw, Tensor a, Tensor b_t) -> Tensor");
+  m.def("launch_with_smem(int bytes, bool opt_in) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pyssl_emu_selftest, CPU, m) {
   m.impl("reduce", &reduce);
   m.impl("mma", &mma);
 }
+
+TORCH_LIBRARY_IMPL(pyssl_emu_selftest, CompositeExplicitAutograd, m) { m.impl("launch_with_smem", &launch_with_smem); }
 
 }  // namespace pyssl::emu_selftest

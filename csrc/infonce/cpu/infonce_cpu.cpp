@@ -8,6 +8,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "common_cpu.h"
 #include "infonce/infonce_check.h"
@@ -67,6 +68,26 @@ struct LseState {
     });
   }
 
+  // For statistics over the negatives only (the positives left out of the tiles): (lse, the
+  // row cross-entropies lse - positive), the positive merged in last (cross_entropy_from_negatives).
+  std::pair<Tensor, Tensor> finalize_with(const Tensor& positive) const {
+    Tensor lse = at::empty_like(max), ce = at::empty_like(max);
+    AT_DISPATCH_FLOATING_TYPES(max.scalar_type(), "pyssl_lse_finalize_with", [&] {
+      const scalar_t* m = max.const_data_ptr<scalar_t>();
+      const scalar_t* s = sum.const_data_ptr<scalar_t>();
+      const scalar_t* p = positive.const_data_ptr<scalar_t>();
+      scalar_t* lse_out = lse.mutable_data_ptr<scalar_t>();
+      scalar_t* ce_out = ce.mutable_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < max.size(0); ++i) {
+        ce_out[i] = cross_entropy_from_negatives<scalar_t>(m[i], s[i], p[i]);
+        scalar_t row_max = m[i], row_sum = s[i];
+        lse_merge<scalar_t>(row_max, row_sum, p[i], scalar_t(1));
+        lse_out[i] = lse_finalize<scalar_t>(row_max, row_sum);
+      }
+    });
+    return {lse, ce};
+  }
+
   Tensor finalize() const {
     Tensor out = at::empty_like(max);
     AT_DISPATCH_FLOATING_TYPES(max.scalar_type(), "pyssl_lse_finalize", [&] {
@@ -109,6 +130,30 @@ struct TileLse {
   }
 };
 
+// positive[r] = tile[r - row0][col_of(r) - col0] for the rows r in [row0, row0 + tile rows)
+// whose positive column col_of(r) lies in the tile (col_of(r) < 0: none); with `by_column`,
+// the tile is read transposed (rows are its columns). With `exclude`, those entries become
+// -inf: the sums then hold the negatives only, and the loss adds the positive exactly
+// (cross_entropy_from_negatives). The positive is the very logit of the tile, not a second dot
+// product rounded another way.
+template <typename ColumnOf>
+void take_positives(const Tensor& tile, int64_t row0, int64_t col0, bool by_column, bool exclude, ColumnOf col_of,
+                    Tensor& positive) {
+  const int64_t n_rows = tile.size(by_column ? 1 : 0), n_cols = tile.size(by_column ? 0 : 1);
+  const int64_t row_stride = tile.stride(by_column ? 1 : 0), col_stride = tile.stride(by_column ? 0 : 1);
+  AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "pyssl_gather_positives", [&] {
+    scalar_t* t = tile.mutable_data_ptr<scalar_t>();
+    scalar_t* out = positive.mutable_data_ptr<scalar_t>();
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const int64_t c = col_of(row0 + r) - col0;
+      if (c < 0 || c >= n_cols) continue;
+      scalar_t& entry = t[r * row_stride + c * col_stride];
+      out[row0 + r] = entry;
+      if (exclude) entry = -std::numeric_limits<scalar_t>::infinity();
+    }
+  });
+}
+
 TileLse make_tile_lse(double scale, at::ScalarType acc) {
   const bool fixed = acc == at::kDouble ? can_use_fixed_shift<double>(scale)
                                         : can_use_fixed_shift<float>(static_cast<float>(scale));
@@ -128,6 +173,8 @@ std::tuple<Tensor, Tensor> ntxent_forward_cpu(const Tensor& z, double temperatur
   // S is symmetric: visit each unordered block pair once; the tile feeds the row statistics of
   // block I and, read by columns, those of block J.
   LseState stats(rows, u.options());
+  Tensor positive = at::empty({rows}, u.options());
+  const auto partner = [pairs](int64_t r) { return ntxent_positive(r, pairs); };
   TileLse tile_lse = make_tile_lse(scale, acc);
   Tensor tile_buf = at::empty({kBlock, kBlock}, u.options());
   Tensor scratch_buf = at::empty({kBlock, kBlock}, u.options());
@@ -140,6 +187,10 @@ std::tuple<Tensor, Tensor> ntxent_forward_cpu(const Tensor& z, double temperatur
       Tensor scratch = scratch_buf.narrow(0, 0, bi).narrow(1, 0, bj);
       at::mm_out(tile, u_i, u.narrow(0, j0, bj).t());
       tile.mul_(scale);
+      // Off the diagonal, row r's positive (r, p(r)) is also column p(r)'s: read by both sides,
+      // excluded after the second read.
+      take_positives(tile, i0, j0, /*by_column=*/false, /*exclude=*/i0 == j0, partner, positive);
+      if (i0 != j0) take_positives(tile, j0, i0, /*by_column=*/true, /*exclude=*/true, partner, positive);
       if (i0 == j0) {
         tile.diagonal().fill_(-std::numeric_limits<double>::infinity());
         tile_lse.accumulate(tile, stats, i0, nullptr, 0, scratch);
@@ -148,12 +199,8 @@ std::tuple<Tensor, Tensor> ntxent_forward_cpu(const Tensor& z, double temperatur
       }
     }
   }
-  Tensor lse = stats.finalize();
-  Tensor partner = at::cat({u.narrow(0, pairs, pairs), u.narrow(0, 0, pairs)});
-  Tensor positive = (u * partner).sum(1) * scale;
-  // Each row's cross-entropy is >= 0; rounding of lse and of the positive logit must not make
-  // it negative (a confident row would otherwise report -1e-7).
-  Tensor loss = (lse - positive).clamp_min(0).mean().to(z.scalar_type());
+  auto [lse, ce] = stats.finalize_with(positive);
+  Tensor loss = ce.mean().to(z.scalar_type());
   return {loss, lse};
 }
 
@@ -220,6 +267,8 @@ std::tuple<Tensor, Tensor, Tensor> infonce_forward_cpu(const Tensor& query, cons
 
   LseState row_stats(rows, u.options());
   LseState col_stats(symmetric ? keys : 0, u.options());
+  Tensor positive = at::empty({rows}, u.options());  // S_ii: row i's positive, and column i's
+  const auto diagonal = [rows](int64_t r) { return r < rows ? r : int64_t{-1}; };
   TileLse tile_lse = make_tile_lse(scale, acc);
   Tensor tile_buf = at::empty({kBlock, kBlock}, u.options());
   Tensor scratch_buf = at::empty({kBlock, kBlock}, u.options());
@@ -232,14 +281,19 @@ std::tuple<Tensor, Tensor, Tensor> infonce_forward_cpu(const Tensor& query, cons
       Tensor scratch = scratch_buf.narrow(0, 0, bi).narrow(1, 0, bj);
       at::mm_out(tile, u_i, v.narrow(0, j0, bj).t());
       tile.mul_(scale);
+      // S_ii is row i's positive and, for CLIP, column i's: excluded from both sums.
+      take_positives(tile, i0, j0, /*by_column=*/false, /*exclude=*/true, diagonal, positive);
       tile_lse.accumulate(tile, row_stats, i0, symmetric ? &col_stats : nullptr, j0, scratch);
     }
   }
-  Tensor lse_row = row_stats.finalize();
-  Tensor positive = (u * v.narrow(0, 0, rows)).sum(1) * scale;
-  Tensor loss = (lse_row - positive).clamp_min(0).mean();  // row cross-entropies are >= 0
-  Tensor lse_col = symmetric ? col_stats.finalize() : at::empty({0}, u.options());
-  if (symmetric) loss = 0.5 * (loss + (lse_col - positive).clamp_min(0).mean());
+  auto [lse_row, ce_row] = row_stats.finalize_with(positive);
+  Tensor loss = ce_row.mean();
+  Tensor lse_col = at::empty({0}, u.options());
+  if (symmetric) {
+    auto [lse_c, ce_col] = col_stats.finalize_with(positive);
+    lse_col = lse_c;
+    loss = 0.5 * (loss + ce_col.mean());
+  }
   return {loss.to(query.scalar_type()), lse_row, lse_col};
 }
 

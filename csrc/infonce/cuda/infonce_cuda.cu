@@ -8,7 +8,7 @@
 //   lse_partial       grid (row tiles, column splits); merged by lse_merge (1 thread per row)
 //   grad_partial      grid (row tiles, 128-feature chunks, column splits), 33 KiB (fp32) /
 //                     65 KiB (fp64) dynamic shared memory; summed by grad_finalize (1 block/row)
-//   positive_dot      one warp per row; loss / scale_grad: one block.
+//   loss / scale_grad: one block (the positive logits are taken by lse_partial from its tiles).
 // fp16/bf16 input takes the *_mma variants (same grids): the tiles S = U V^T and G V run on the
 // tensor cores (WMMA 16x16x16, fp16 operands, float32 accumulators), 8 warps per block, each
 // owning 16 x 32 of the S tile and 16 x 64 of the block's dX chunk; 17 KiB (forward) and
@@ -119,8 +119,9 @@ struct Normalized {
   Tensor unit;       // (rows_pad, dim_pad)
   Tensor unit_half;  // the same rounded to fp16 for the WMMA kernels, or undefined
   // The mma.sync kernels' operands (or undefined): the rows in the input's dtype and the unit
-  // rows in fp16, (rows_pad, op_ld), and the inverse norms (rows_pad,), 0 on padding rows.
-  Tensor op_raw, op_unit, inv;
+  // rows in fp16, (rows_pad, op_ld), and root_inv = sqrt(scale) / ||z|| (rows_pad,), 0 on
+  // padding rows (S_ij = dot_ij * (root_inv_i * root_inv_j): the same bits for S_ji).
+  Tensor op_raw, op_unit, root_inv;
   int64_t op_ld = 0;
   Tensor norm;       // (rows,) = ||z||
   int64_t rows, rows_pad, dim, dim_pad;
@@ -137,15 +138,18 @@ void launch_normalize(const Tensor& z, Normalized& n, cudaStream_t stream) {
 }
 
 template <typename in_t, typename op_t>
-void launch_prepare_operands(const Tensor& z, Normalized& n, cudaStream_t stream) {
+void launch_prepare_operands(const Tensor& z, const Tensor& scale, Normalized& n, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(ceil_div(n.rows_pad, 8));
   device::launch<mma::prepare_operands_kernel<in_t, op_t>>(blocks, 256, 0, stream,
       z.const_data_ptr<in_t>(), z.stride(0), z.stride(1), n.rows, n.rows_pad, n.dim, n.op_ld,
-      n.norm.const_data_ptr<float>(), reinterpret_cast<op_t*>(n.op_raw.mutable_data_ptr()),
-      reinterpret_cast<__half*>(n.op_unit.mutable_data_ptr()), n.inv.mutable_data_ptr<float>());
+      n.norm.const_data_ptr<float>(), scale.const_data_ptr<float>(),
+      reinterpret_cast<op_t*>(n.op_raw.mutable_data_ptr()), reinterpret_cast<__half*>(n.op_unit.mutable_data_ptr()),
+      n.root_inv.mutable_data_ptr<float>());
 }
 
-Normalized normalize_rows(const Tensor& z_in, at::ScalarType acc, TensorCores kernels, cudaStream_t stream) {
+// scale: the logit scale (device scalar in acc), folded into the mma kernels' operands.
+Normalized normalize_rows(const Tensor& z_in, at::ScalarType acc, TensorCores kernels, const Tensor& scale,
+                          cudaStream_t stream) {
   const bool tensor_cores = kernels == TensorCores::kWmma;
   const Tensor z = kernel_dtype(z_in.scalar_type()) ? z_in : z_in.to(at::kFloat);
   Normalized n;
@@ -170,11 +174,11 @@ Normalized normalize_rows(const Tensor& z_in, at::ScalarType acc, TensorCores ke
     n.op_ld = ceil_div(n.dim, mma::kStage) * mma::kStage;
     n.op_raw = at::empty({n.rows_pad, n.op_ld}, z.options());
     n.op_unit = at::empty({n.rows_pad, n.op_ld}, z.options().dtype(at::kHalf));
-    n.inv = at::empty({n.rows_pad}, z.options().dtype(at::kFloat));
+    n.root_inv = at::empty({n.rows_pad}, z.options().dtype(at::kFloat));
     if (z.scalar_type() == at::kHalf) {
-      launch_prepare_operands<at::Half, __half>(z, n, stream);
+      launch_prepare_operands<at::Half, __half>(z, scale, n, stream);
     } else {
-      launch_prepare_operands<at::BFloat16, __nv_bfloat16>(z, n, stream);
+      launch_prepare_operands<at::BFloat16, __nv_bfloat16>(z, scale, n, stream);
     }
   }
   return n;
@@ -199,13 +203,13 @@ void with_resident_rows(const Normalized& x, F&& f) {
 
 template <typename op_t>
 void launch_lse_partial_mma(dim3 grid, const Normalized& x, const Normalized& y, const Tensor& scale,
-                            bool mask_diagonal, int64_t per_split, Tensor& part_max, Tensor& part_sum,
-                            cudaStream_t stream) {
+                            bool mask_diagonal, const PositiveLogits<float>& positives, int64_t per_split,
+                            Tensor& part_max, Tensor& part_sum, cudaStream_t stream) {
   with_resident_rows(x, [&](auto resident) {
     device::launch<mma::lse_partial_kernel<op_t, decltype(resident)::value>>(grid, mma::kThreads, 0, stream,
-        bits_ptr(x.op_raw), bits_ptr(y.op_raw), x.inv.const_data_ptr<float>(), y.inv.const_data_ptr<float>(),
+        bits_ptr(x.op_raw), bits_ptr(y.op_raw), x.root_inv.const_data_ptr<float>(), y.root_inv.const_data_ptr<float>(),
         static_cast<int>(x.rows), static_cast<int>(y.rows), x.op_ld, scale.const_data_ptr<float>(),
-        mask_diagonal, static_cast<int>(per_split), part_max.mutable_data_ptr<float>(),
+        mask_diagonal, positives, static_cast<int>(per_split), part_max.mutable_data_ptr<float>(),
         part_sum.mutable_data_ptr<float>());
   });
 }
@@ -216,66 +220,56 @@ void launch_grad_partial_mma(dim3 grid, const Normalized& x, const Normalized& y
                              float* prob_cos, cudaStream_t stream) {
   with_resident_rows(x, [&](auto resident) {
     device::launch<mma::grad_partial_kernel<op_t, decltype(resident)::value>>(grid, mma::kThreads, 0, stream,
-        bits_ptr(x.op_raw), bits_ptr(y.op_raw), bits_ptr(y.op_unit), x.inv.const_data_ptr<float>(), y.inv.const_data_ptr<float>(),
+        bits_ptr(x.op_raw), bits_ptr(y.op_raw), bits_ptr(y.op_unit), x.root_inv.const_data_ptr<float>(), y.root_inv.const_data_ptr<float>(),
         x.op_ld, static_cast<int>(x.rows_pad), static_cast<int>(x.dim_pad), scale.const_data_ptr<float>(), terms,
         static_cast<int>(per_split), part.mutable_data_ptr<float>(), prob_cos);
   });
 }
 
-// lse_out[i] = log sum_j exp(scale x_i . y_j) over the allowed columns j of y.
-void row_lse(const Normalized& x, const Normalized& y, bool mask_diagonal, const Tensor& scale,
-             Tensor& lse_out, cudaStream_t stream) {
+// lse_out[i] = log sum_j exp(scale x_i . y_j) over the allowed columns j of y, and ce_out[i]
+// = lse_out[i] - S_{i,p(i)}, row i's cross-entropy against its positive column p(i) (i, or the
+// NT-Xent partner when pairs > 0), the positive taken from the same tiles.
+void row_lse(const Normalized& x, const Normalized& y, bool mask_diagonal, int64_t pairs, const Tensor& scale,
+             Tensor& lse_out, Tensor& ce_out, cudaStream_t stream) {
   const int64_t row_tiles = x.rows_pad / kTile, col_tiles = ceil_div(y.rows, kTile);
   const std::pair<int64_t, int64_t> split = column_splits(col_tiles, row_tiles, 4 * int64_t{sm_count()}, /*round_up=*/true);
   const int64_t splits = split.first, per_split = split.second;
   Tensor part_max = at::empty({splits, x.rows}, x.unit.options());
   Tensor part_sum = at::empty({splits, x.rows}, x.unit.options());
+  Tensor pos = at::empty({x.rows}, x.unit.options());
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(splits));
   AT_DISPATCH_FLOATING_TYPES(x.unit.scalar_type(), "pyssl_row_lse_cuda", [&] {
     if (x.op_raw.defined() && y.op_raw.defined()) {
+      const PositiveLogits<float> positives_f{pos.mutable_data_ptr<float>(), x.rows, pairs};
       if (x.dtype == at::kHalf) {
-        launch_lse_partial_mma<__half>(grid, x, y, scale, mask_diagonal, per_split, part_max, part_sum, stream);
+        launch_lse_partial_mma<__half>(grid, x, y, scale, mask_diagonal, positives_f, per_split, part_max, part_sum, stream);
       } else {
-        launch_lse_partial_mma<__nv_bfloat16>(grid, x, y, scale, mask_diagonal, per_split, part_max, part_sum, stream);
+        launch_lse_partial_mma<__nv_bfloat16>(grid, x, y, scale, mask_diagonal, positives_f, per_split, part_max, part_sum, stream);
       }
     } else if (x.unit_half.defined() && y.unit_half.defined()) {
       device::launch<lse_partial_mma_kernel>(grid, kThreads, 0, stream,
           half_ptr(x.unit_half), half_ptr(y.unit_half), x.rows, y.rows, x.dim_pad,
-          scale.const_data_ptr<float>(), mask_diagonal, per_split,
+          scale.const_data_ptr<float>(), mask_diagonal, PositiveLogits<float>{pos.mutable_data_ptr<float>(), x.rows, pairs}, per_split,
           part_max.mutable_data_ptr<float>(), part_sum.mutable_data_ptr<float>());
     } else {
       device::launch<lse_partial_kernel<scalar_t>>(grid, kThreads, 0, stream,
           x.unit.const_data_ptr<scalar_t>(), y.unit.const_data_ptr<scalar_t>(), x.rows, y.rows,
-          x.dim_pad, scale.const_data_ptr<scalar_t>(), mask_diagonal, per_split,
+          x.dim_pad, scale.const_data_ptr<scalar_t>(), mask_diagonal,
+          PositiveLogits<scalar_t>{pos.mutable_data_ptr<scalar_t>(), x.rows, pairs}, per_split,
           part_max.mutable_data_ptr<scalar_t>(), part_sum.mutable_data_ptr<scalar_t>());
     }
     device::launch<lse_merge_kernel<scalar_t>>(static_cast<unsigned>(ceil_div(x.rows, kThreads)), kThreads, 0, stream,
         part_max.const_data_ptr<scalar_t>(), part_sum.const_data_ptr<scalar_t>(), splits, x.rows,
-        lse_out.mutable_data_ptr<scalar_t>());
+        pos.const_data_ptr<scalar_t>(), lse_out.mutable_data_ptr<scalar_t>(), ce_out.mutable_data_ptr<scalar_t>());
   });
 }
 
-// pos[i] = x_i . y_{p(i)} for i < rows (p(i) = i, or the NT-Xent partner when pairs > 0).
-Tensor positive_dots(const Normalized& x, const Normalized& y, int64_t rows, int64_t pairs,
-                     cudaStream_t stream) {
-  Tensor pos = at::empty({rows}, x.unit.options());
-  AT_DISPATCH_FLOATING_TYPES(x.unit.scalar_type(), "pyssl_positive_dots_cuda", [&] {
-    device::launch<positive_dot_kernel<scalar_t>>(static_cast<unsigned>(ceil_div(rows, kWarps)), kThreads, 0, stream,
-        x.unit.const_data_ptr<scalar_t>(), y.unit.const_data_ptr<scalar_t>(), rows, x.dim_pad,
-        pairs, pos.mutable_data_ptr<scalar_t>());
-  });
-  return pos;
-}
-
-Tensor reduce_loss(const Tensor& lse_row, const Tensor* lse_col, const Tensor& pos,
-                   const Tensor& scale, cudaStream_t stream) {
-  Tensor loss = at::empty({}, lse_row.options());
-  AT_DISPATCH_FLOATING_TYPES(lse_row.scalar_type(), "pyssl_infonce_loss_cuda", [&] {
+Tensor reduce_loss(const Tensor& ce_row, const Tensor* ce_col, const Tensor& scale, cudaStream_t stream) {
+  Tensor loss = at::empty({}, ce_row.options());
+  AT_DISPATCH_FLOATING_TYPES(ce_row.scalar_type(), "pyssl_infonce_loss_cuda", [&] {
     device::launch<loss_kernel<scalar_t>>(1, kThreads, 0, stream,
-        lse_row.const_data_ptr<scalar_t>(),
-        lse_col != nullptr ? lse_col->const_data_ptr<scalar_t>() : nullptr,
-        pos.const_data_ptr<scalar_t>(), pos.size(0), scale.const_data_ptr<scalar_t>(),
-        loss.mutable_data_ptr<scalar_t>());
+        ce_row.const_data_ptr<scalar_t>(), ce_col != nullptr ? ce_col->const_data_ptr<scalar_t>() : nullptr,
+        ce_row.size(0), scale.const_data_ptr<scalar_t>(), loss.mutable_data_ptr<scalar_t>());
   });
   return loss;
 }
@@ -284,6 +278,7 @@ struct GradSums {
   Tensor part;      // (splits, x.rows_pad, x.dim_pad), rows < x.rows written
   int64_t splits;
   Tensor prob_cos;  // per-block sum_ij G_ij cos_ij, or undefined
+  bool prob_cos_holds_logits = false;  // sums of G_ij S_ij instead (the mma kernels)
 };
 
 // Sums G Y over the columns of y for every row of x (see grad_partial_kernel). lse_x / lse_y
@@ -316,16 +311,18 @@ GradSums grad_sweep(const Normalized& x, const Normalized& y, const Tensor& scal
     terms.n_pos = static_cast<acc_t>(n_pos);
     return terms;
   };
-  float* prob_cos = want_prob_cos ? out.prob_cos.mutable_data_ptr<float>() : nullptr;
   if (x.op_raw.defined() && y.op_raw.defined()) {  // fp16/bf16 input: float32 statistics
+    float* prob_cos = want_prob_cos ? out.prob_cos.mutable_data_ptr<float>() : nullptr;
     if (x.dtype == at::kHalf) {
       launch_grad_partial_mma<__half>(grid, x, y, scale, make_terms(0.0f), per_split, out.part, prob_cos, stream);
     } else {
       launch_grad_partial_mma<__nv_bfloat16>(grid, x, y, scale, make_terms(0.0f), per_split, out.part, prob_cos, stream);
     }
+    out.prob_cos_holds_logits = true;
     return out;
   }
   if (x.unit_half.defined() && y.unit_half.defined()) {  // fp16/bf16 input: float32 statistics
+    float* prob_cos = want_prob_cos ? out.prob_cos.mutable_data_ptr<float>() : nullptr;
     device::launch<grad_partial_mma_kernel>(grid, kThreads, 0, stream,
         half_ptr(x.unit_half), half_ptr(y.unit_half), x.rows_pad, x.dim_pad,
         scale.const_data_ptr<float>(), make_terms(0.0f), per_split,
@@ -384,13 +381,13 @@ std::tuple<Tensor, Tensor> ntxent_forward_cuda(const Tensor& z, double temperatu
   cudaStream_t stream = device::current_stream();
   const at::ScalarType acc = accumulate_type(z);
   const int64_t rows = z.size(0), pairs = rows / 2;
-  Normalized n = normalize_rows(z, acc, tensor_core_kernels(z, z, tensor_cores), stream);
-  Tensor scale = at::empty({}, n.unit.options()).fill_(1.0 / temperature);
+  Tensor scale = at::empty({}, z.options().dtype(acc)).fill_(1.0 / temperature);
+  Normalized n = normalize_rows(z, acc, tensor_core_kernels(z, z, tensor_cores), scale, stream);
 
   Tensor lse = at::empty({rows}, n.unit.options());
-  row_lse(n, n, /*mask_diagonal=*/true, scale, lse, stream);
-  Tensor pos = positive_dots(n, n, rows, pairs, stream);
-  Tensor loss = reduce_loss(lse, nullptr, pos, scale, stream);
+  Tensor ce = at::empty({rows}, n.unit.options());
+  row_lse(n, n, /*mask_diagonal=*/true, pairs, scale, lse, ce, stream);
+  Tensor loss = reduce_loss(ce, nullptr, scale, stream);
   return {loss.to(z.scalar_type()), lse};
 }
 
@@ -403,8 +400,8 @@ Tensor ntxent_backward_cuda(const Tensor& grad_loss, const Tensor& z, const Tens
   device::Guard guard(z.device());
   cudaStream_t stream = device::current_stream();
   const at::ScalarType acc = accumulate_type(z);
-  Normalized n = normalize_rows(z, acc, tensor_core_kernels(z, z, tensor_cores), stream);
-  Tensor scale = at::empty({}, n.unit.options()).fill_(1.0 / temperature);
+  Tensor scale = at::empty({}, z.options().dtype(acc)).fill_(1.0 / temperature);
+  Normalized n = normalize_rows(z, acc, tensor_core_kernels(z, z, tensor_cores), scale, stream);
   Tensor grad = device_scalar(grad_loss, "pyssl.ntxent_backward", "grad_loss", z.device(), acc);
   Tensor lse_acc = lse.to(z.device(), acc).contiguous();
 
@@ -433,17 +430,19 @@ std::tuple<Tensor, Tensor, Tensor> infonce_forward_cuda(const Tensor& query, con
   const at::ScalarType acc = accumulate_type(query);
   const int64_t rows = query.size(0), keys = key.size(0);
   const TensorCores tensor_cores = tensor_core_kernels(query, key, tensor_cores_requested);
-  Normalized nq = normalize_rows(query, acc, tensor_cores, stream);
-  Normalized nk = normalize_rows(key, acc, tensor_cores, stream);
   Tensor scale = device_scalar(logit_scale, "pyssl.infonce", "logit_scale", query.device(), acc);
+  Normalized nq = normalize_rows(query, acc, tensor_cores, scale, stream);
+  Normalized nk = normalize_rows(key, acc, tensor_cores, scale, stream);
 
   Tensor lse_row = at::empty({rows}, nq.unit.options());
-  row_lse(nq, nk, /*mask_diagonal=*/false, scale, lse_row, stream);
+  Tensor ce_row = at::empty({rows}, nq.unit.options());
+  row_lse(nq, nk, /*mask_diagonal=*/false, /*pairs=*/0, scale, lse_row, ce_row, stream);
   Tensor lse_col = at::empty({symmetric ? keys : 0}, nq.unit.options());
-  // CLIP's column statistics: the same sweep with the roles of query and key swapped.
-  if (symmetric) row_lse(nk, nq, /*mask_diagonal=*/false, scale, lse_col, stream);
-  Tensor pos = positive_dots(nq, nk, rows, /*pairs=*/0, stream);
-  Tensor loss = reduce_loss(lse_row, symmetric ? &lse_col : nullptr, pos, scale, stream);
+  Tensor ce_col = at::empty({symmetric ? keys : 0}, nq.unit.options());
+  // CLIP's column statistics: the same sweep with the roles of query and key swapped (each side
+  // takes its positive S_ii from its own sweep).
+  if (symmetric) row_lse(nk, nq, /*mask_diagonal=*/false, /*pairs=*/0, scale, lse_col, ce_col, stream);
+  Tensor loss = reduce_loss(ce_row, symmetric ? &ce_col : nullptr, scale, stream);
   return {loss.to(query.scalar_type()), lse_row, lse_col};
 }
 
@@ -462,9 +461,9 @@ std::tuple<Tensor, Tensor, Tensor> infonce_backward_cuda(const Tensor& grad_loss
   const at::ScalarType acc = accumulate_type(query);
   const at::Device device = query.device();
   const TensorCores tensor_cores = tensor_core_kernels(query, key, tensor_cores_requested);
-  Normalized nq = normalize_rows(query, acc, tensor_cores, stream);
-  Normalized nk = normalize_rows(key, acc, tensor_cores, stream);
   Tensor scale = device_scalar(logit_scale, "pyssl.infonce_backward", "logit_scale", device, acc);
+  Normalized nq = normalize_rows(query, acc, tensor_cores, scale, stream);
+  Normalized nk = normalize_rows(key, acc, tensor_cores, scale, stream);
   Tensor grad = device_scalar(grad_loss, "pyssl.infonce_backward", "grad_loss", device, acc);
   Tensor lse_r = lse_row.to(device, acc).contiguous();
   Tensor lse_c = symmetric ? lse_col.to(device, acc).contiguous() : Tensor();
@@ -485,7 +484,7 @@ std::tuple<Tensor, Tensor, Tensor> infonce_backward_cuda(const Tensor& grad_loss
   Tensor grad_scale = at::empty({}, nq.unit.options());
   AT_DISPATCH_FLOATING_TYPES(nq.unit.scalar_type(), "pyssl_scale_grad_cuda", [&] {
     device::launch<scale_grad_kernel<scalar_t>>(1, kThreads, 0, stream,
-        row_sums.prob_cos.const_data_ptr<scalar_t>(), row_sums.prob_cos.numel(),
+        row_sums.prob_cos.const_data_ptr<scalar_t>(), row_sums.prob_cos.numel(), row_sums.prob_cos_holds_logits,
         grad.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
         static_cast<scalar_t>(mean_factor), grad_scale.mutable_data_ptr<scalar_t>());
   });

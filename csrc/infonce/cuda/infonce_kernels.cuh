@@ -146,6 +146,18 @@ __device__ __forceinline__ void tile_dot(const acc_t* __restrict__ x, const acc_
 
 // ---- per-tile elementwise phases, shared by the SIMT and the tensor-core kernels ----------------
 
+// Where a row sweep leaves each row's positive logit: pos[row] for the rows < n_x; the positive
+// of row i is column ntxent_positive(i, pairs) when pairs > 0, else column i; pos null: none.
+template <typename acc_t>
+struct PositiveLogits {
+  acc_t* pos;
+  int64_t n_x, pairs;
+
+  __device__ __forceinline__ int64_t column(int64_t row) const {
+    return pos == nullptr || row >= n_x ? -1 : (pairs > 0 ? ntxent_positive(row, pairs) : row);
+  }
+};
+
 // Online row statistics of the 4 rows a thread owns, over the columns it owns.
 template <typename acc_t>
 struct RowStats {
@@ -160,22 +172,26 @@ struct RowStats {
   }
 
   // Folds in the thread's 4 x 4 logits scale * dot of the tile at (row0, col0). Columns
-  // >= n_y (padding) and, with mask_diagonal, column == row are left out by predicate.
+  // >= n_y (padding) and, with mask_diagonal, column == row are left out by predicate. So is a
+  // row's positive logit, stored instead (one thread of the grid meets it): the sums hold the
+  // negatives, and lse_merge_kernel adds the positive exactly as the CPU kernel does.
   __device__ __forceinline__ void update(const acc_t (&dot)[kMicro][kMicro], int64_t row0,
                                          int64_t col0, int64_t n_y, bool mask_diagonal,
-                                         bool fixed, acc_t scale) {
+                                         bool fixed, acc_t scale, const PositiveLogits<acc_t>& positives) {
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
     for (int r = 0; r < kMicro; ++r) {
       const int64_t row = row0 + ty + 16 * r;
+      const int64_t positive_col = positives.column(row);
       bool ok[kMicro];
       acc_t s[kMicro];
       acc_t tile_max = acc_t(-INFINITY);
 #pragma unroll
       for (int c = 0; c < kMicro; ++c) {
         const int64_t col = col0 + tx + 16 * c;
-        ok[c] = col < n_y && !(mask_diagonal && col == row);
         s[c] = scale * dot[r][c];
+        if (col == positive_col) positives.pos[row] = s[c];
+        ok[c] = col < n_y && !(mask_diagonal && col == row) && col != positive_col;
         if (ok[c] && s[c] > tile_max) tile_max = s[c];
       }
       if (fixed) {  // |S| <= scale: one exp per logit, no running max
@@ -250,8 +266,8 @@ template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     lse_partial_kernel(const acc_t* __restrict__ x, const acc_t* __restrict__ y, int64_t n_x,
                        int64_t n_y, int64_t dim_pad, const acc_t* __restrict__ scale_ptr,
-                       bool mask_diagonal, int64_t tiles_per_split, acc_t* __restrict__ part_max,
-                       acc_t* __restrict__ part_sum) {
+                       bool mask_diagonal, PositiveLogits<acc_t> positives, int64_t tiles_per_split,
+                       acc_t* __restrict__ part_max, acc_t* __restrict__ part_sum) {
   __shared__ acc_t xs[kDepth][kPad];
   __shared__ acc_t ys[kDepth][kPad];
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -265,20 +281,26 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t t = t_begin; t < t_end; ++t) {
     acc_t dot[kMicro][kMicro];
     tile_dot(x, y, row0, t * kTile, dim_pad, xs, ys, dot);
-    stats.update(dot, row0, t * kTile, n_y, mask_diagonal, fixed, scale);
+    stats.update(dot, row0, t * kTile, n_y, mask_diagonal, fixed, scale, positives);
   }
   stats.write(row0, n_x, blockIdx.y, part_max, part_sum);
 }
 
-// lse[i] from the column splits' partial (max, sum) pairs.
+// lse[i] from the column splits' partial (max, sum) pairs over the negatives and the positive
+// logit pos[i], and row i's cross-entropy ce[i] = lse[i] - pos[i] (cross_entropy_from_negatives:
+// exactly 0 without negatives, never negative, NaN stays).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     lse_merge_kernel(const acc_t* __restrict__ part_max, const acc_t* __restrict__ part_sum,
-                     int64_t splits, int64_t n, acc_t* __restrict__ lse) {
+                     int64_t splits, int64_t n, const acc_t* __restrict__ pos, acc_t* __restrict__ lse,
+                     acc_t* __restrict__ ce) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   acc_t m = acc_t(-INFINITY), s = acc_t(0);
   for (int64_t k = 0; k < splits; ++k) lse_merge<acc_t>(m, s, part_max[k * n + i], part_sum[k * n + i]);
+  const acc_t p = pos[i];
+  ce[i] = cross_entropy_from_negatives<acc_t>(m, s, p);
+  lse_merge<acc_t>(m, s, p, acc_t(1));
   lse[i] = lse_finalize<acc_t>(m, s);
 }
 
@@ -418,8 +440,8 @@ __device__ __forceinline__ void tile_dot_mma(const __half* __restrict__ x, const
 __global__ void __launch_bounds__(kThreads)
     lse_partial_mma_kernel(const __half* __restrict__ x, const __half* __restrict__ y, int64_t n_x,
                            int64_t n_y, int64_t dim_pad, const float* __restrict__ scale_ptr,
-                           bool mask_diagonal, int64_t tiles_per_split, float* __restrict__ part_max,
-                           float* __restrict__ part_sum) {
+                           bool mask_diagonal, PositiveLogits<float> positives, int64_t tiles_per_split,
+                           float* __restrict__ part_max, float* __restrict__ part_sum) {
   __shared__ __align__(32) float s_tile[kTile * kSPad];
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -439,7 +461,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int c = 0; c < kMicro; ++c) dot[r][c] = s_tile[(ty + 16 * r) * kSPad + tx + 16 * c];
     __syncthreads();  // s_tile read: free for the next tile
-    stats.update(dot, row0, t * kTile, n_y, mask_diagonal, fixed, scale);
+    stats.update(dot, row0, t * kTile, n_y, mask_diagonal, fixed, scale, positives);
   }
   stats.write(row0, n_x, blockIdx.y, part_max, part_sum);
 }
@@ -518,58 +540,35 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// pos[i] = x_i . y_{p(i)}, p(i) = ntxent_positive(i, pairs) if pairs > 0 else i. One warp a row.
+// loss = mean_i ce_row_i (the row cross-entropies of lse_merge_kernel), or for CLIP (ce_col
+// non-null) the average of the row and column means. A scale that is not > 0 (checked on the
+// host only when it is a CPU tensor) gives NaN. One block.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    positive_dot_kernel(const acc_t* __restrict__ x, const acc_t* __restrict__ y, int64_t rows,
-                        int64_t dim_pad, int64_t pairs, acc_t* __restrict__ pos) {
-  const int lane = threadIdx.x % 32;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  if (row >= rows) return;  // the whole warp leaves together
-  const int64_t partner = pairs > 0 ? ntxent_positive(row, pairs) : row;
-  const acc_t* a = x + row * dim_pad;
-  const acc_t* b = y + partner * dim_pad;
-  acc_t s = 0;
-  for (int64_t c = lane; c < dim_pad; c += 32) s += a[c] * b[c];
-  s = warp_sum(s);
-  if (lane == 0) pos[row] = s;
-}
-
-// loss = mean_i (lse_row_i - scale pos_i), or for CLIP (lse_col non-null) the average of the
-// row and column means. A scale that is not > 0 (checked on the host only when it is a CPU
-// tensor) gives NaN. One block.
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    loss_kernel(const acc_t* __restrict__ lse_row, const acc_t* __restrict__ lse_col,
-                const acc_t* __restrict__ pos, int64_t n, const acc_t* __restrict__ scale_ptr,
-                acc_t* __restrict__ loss) {
+    loss_kernel(const acc_t* __restrict__ ce_row, const acc_t* __restrict__ ce_col, int64_t n,
+                const acc_t* __restrict__ scale_ptr, acc_t* __restrict__ loss) {
   __shared__ acc_t scratch[32];
   const acc_t scale = *scale_ptr;
   acc_t sum_row = 0, sum_col = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    // Row (and column) cross-entropies are >= 0: rounding must not make one negative (NaN stays).
-    const acc_t positive = pos[i] * scale;
-    const acc_t row = lse_row[i] - positive;
-    sum_row += row < acc_t(0) ? acc_t(0) : row;
-    if (lse_col != nullptr) {
-      const acc_t col = lse_col[i] - positive;
-      sum_col += col < acc_t(0) ? acc_t(0) : col;
-    }
+    sum_row += ce_row[i];
+    if (ce_col != nullptr) sum_col += ce_col[i];
   }
   sum_row = block_sum(sum_row, scratch);
   sum_col = block_sum(sum_col, scratch);
   if (threadIdx.x == 0) {
     acc_t value = sum_row / static_cast<acc_t>(n);
-    if (lse_col != nullptr) value = acc_t(0.5) * (value + sum_col / static_cast<acc_t>(n));
+    if (ce_col != nullptr) value = acc_t(0.5) * (value + sum_col / static_cast<acc_t>(n));
     *loss = scale > acc_t(0) ? value : acc_t(NAN);
   }
 }
 
 // d loss / d logit_scale = sum_ij G_ij cos_ij * grad_loss * mean_factor, from the per-block
-// partial sums of the row sweep (G already holds the -delta). One block.
+// partial sums of the row sweep (G already holds the -delta). One block. parts_hold_logits: the
+// parts are sums of G_ij S_ij = scale G_ij cos_ij (the mma kernels'), divided here once.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    scale_grad_kernel(const acc_t* __restrict__ prob_cos_part, int64_t n_part,
+    scale_grad_kernel(const acc_t* __restrict__ prob_cos_part, int64_t n_part, bool parts_hold_logits,
                       const acc_t* __restrict__ grad_loss, const acc_t* __restrict__ scale_ptr,
                       acc_t mean_factor, acc_t* __restrict__ out) {
   __shared__ acc_t scratch[32];
@@ -577,8 +576,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = threadIdx.x; i < n_part; i += blockDim.x) sum += prob_cos_part[i];
   sum = block_sum(sum, scratch);
   if (threadIdx.x == 0) {
-    const acc_t value = sum * (*grad_loss * mean_factor);
-    *out = *scale_ptr > acc_t(0) ? value : acc_t(NAN);
+    const acc_t scale = *scale_ptr;
+    const acc_t value = (parts_hold_logits ? sum / scale : sum) * (*grad_loss * mean_factor);
+    *out = scale > acc_t(0) ? value : acc_t(NAN);
   }
 }
 

@@ -3,15 +3,18 @@
 // builds its tiles (included by infonce_cuda.cu only; the older WMMA kernels in
 // infonce_kernels.cuh stay selectable for comparison):
 //   - the operands are the input rows themselves in their own dtype (bf16 stays bf16), padded to
-//     kStage features; S = scale * (z_i . z_j) * inv_i * inv_j with the inverse norms applied in
+//     kStage features; S = (z_i . z_j) * (a_i * a_j), a = sqrt(scale) / ||z||, applied in
 //     the epilogue, so the products are exact in the float32 accumulators and no rounded copy
 //     of the unit rows enters S;
 //   - a 64-row block is 4 warps of 16 rows; U and V slices of kStage features are staged in
 //     shared memory by cp.async, double-buffered (the copy of the next slice overlaps the MMAs
 //     of this one), read with ldmatrix into mma.sync.m16n8k16 fragments;
-//   - the epilogue works on the accumulator fragments in registers: one FMUL by inv_j, one FFMA
-//     folding scale * log2(e) * inv_i and the shift, one ex2.approx per logit; masks only on
-//     edge and diagonal tiles, 32-bit local indices;
+//   - the epilogue works on the accumulator fragments in registers: S = dot * (a_i * a_j) with
+//     a = sqrt(scale) / ||z|| (root_inv), then ex2.approx((S - m) * log2(e)); masks only on edge and diagonal
+//     tiles, 32-bit local indices. S is the same bits for (i, j) and (j, i) and stays in natural
+//     units, as lse is stored, so every S - lse of the backward (row and column side) is the
+//     forward's to the bit: a loss near 0 keeps P_pos - 1 exact (an asymmetric product or lse
+//     converted to log2 units and back leaves an ulp of |S| in every positive's gradient);
 //   - the backward forms G in registers and feeds it to the second MMA (dX += G V) straight from
 //     the accumulator registers: the C fragment of two adjacent 8-column tiles is the A fragment
 //     of their 16 columns. That MMA takes fp16 operands for bf16 input too: G and the unit rows
@@ -37,7 +40,6 @@ constexpr int kRow = kStage + 8;       // shared row in 16-bit elements: 80 byte
                                        // one ldmatrix reads start in 8 different bank groups
 constexpr int kGradRow = kGradCols + 8;  // 272-byte rows of the backward's V chunk (same reason)
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 constexpr float kGScale = 8192.0f;
 
@@ -189,13 +191,14 @@ __device__ __forceinline__ void tile_dots(const uint16_t* __restrict__ x, const 
 // kResident: ld <= kResidentSlices * kStage, the row block's fragments stay in registers.
 // Row log-sum-exp partials, as lse_partial_mma_kernel: block (bx, by) owns rows 64 bx .. +64 of
 // x and the column tiles of split by; writes (max, sum) of its rows to part_*[by * n_x + row].
-// inv_x / inv_y: 1 / max(||z||, eps) per padded row (0 on padding rows).
+// root_inv_x / root_inv_y: sqrt(scale) / max(||z||, eps) per padded row (0 on padding rows).
 template <typename op_t, bool kResident>
 __global__ void __launch_bounds__(kThreads)
     lse_partial_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ y,
-                       const float* __restrict__ inv_x, const float* __restrict__ inv_y, int n_x, int n_y,
+                       const float* __restrict__ root_inv_x, const float* __restrict__ root_inv_y, int n_x, int n_y,
                        int64_t ld, const float* __restrict__ scale_ptr, bool mask_diagonal,
-                       int tiles_per_split, float* __restrict__ part_max, float* __restrict__ part_sum) {
+                       PositiveLogits<float> positives, int tiles_per_split, float* __restrict__ part_max,
+                       float* __restrict__ part_sum) {
   __shared__ __align__(16) uint16_t us[2][kTile][kRow];
   __shared__ __align__(16) uint16_t vs[2][kTile][kRow];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
@@ -203,12 +206,14 @@ __global__ void __launch_bounds__(kThreads)
   const int rows[2] = {row0 + warp * 16 + g, row0 + warp * 16 + g + 8};  // the thread's two rows
   const float scale = *scale_ptr;
   const bool fixed = can_use_fixed_shift<float>(scale);
-  const float shift = scale * kLog2e;  // the fixed shift in log2 units
-  float factor[2], max2[2], sum[2];     // logits in log2 units: x = dot * inv_j * factor
+  const float shift = scale;        // the fixed shift
+  float factor[2], max[2], sum[2];  // S = dot * (factor_i * root_inv_j)
+  int positive_col[2];              // -1: the row has no positive to take (padding)
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    factor[h] = scale * kLog2e * inv_x[rows[h]];
-    max2[h] = fixed ? shift : -INFINITY;
+    factor[h] = root_inv_x[rows[h]];
+    positive_col[h] = static_cast<int>(positives.column(rows[h]));
+    max[h] = fixed ? shift : -INFINITY;
     sum[h] = 0.0f;
   }
 
@@ -226,16 +231,25 @@ __global__ void __launch_bounds__(kThreads)
       tile_dots<op_t>(x, y, row0, col0, ld, us, vs, acc);
     }
     // Padding columns and (NT-Xent) the diagonal are masked by predicate, on the tiles that
-    // have them only.
+    // have them only. A row's positive logit is stored from the very value its sum would have
+    // taken, and left out of the sum (lse_merge_kernel adds it back).
     const bool edge = col0 + kTile > n_y || (mask_diagonal && col0 == row0);
+    const int local_positive[2] = {positive_col[0] - col0, positive_col[1] - col0};
+    const bool has_positive = static_cast<unsigned>(local_positive[0]) < kTile ||
+                              static_cast<unsigned>(local_positive[1]) < kTile;
     float logit[2][16];
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int h = e / 2, col = col0 + n * 8 + 2 * t + (e & 1);
-        float v = acc[n][e] * inv_y[col] * factor[h];
-        if (edge && (col >= n_y || (mask_diagonal && col == rows[h]))) v = -INFINITY;
+        const int h = e / 2, local = n * 8 + 2 * t + (e & 1), col = col0 + local;
+        float v = acc[n][e] * (factor[h] * root_inv_y[col]);
+        if (has_positive && local == local_positive[h]) {
+          positives.pos[rows[h]] = v;
+          v = -INFINITY;
+        } else if (edge && (col >= n_y || (mask_diagonal && col == rows[h]))) {
+          v = -INFINITY;
+        }
         logit[h][2 * n + (e & 1)] = v;
       }
     }
@@ -243,18 +257,18 @@ __global__ void __launch_bounds__(kThreads)
     for (int h = 0; h < 2; ++h) {
       if (fixed) {
 #pragma unroll
-        for (int c = 0; c < 16; ++c) sum[h] += ptx::ex2_approx(logit[h][c] - shift);
+        for (int c = 0; c < 16; ++c) sum[h] += ptx::ex2_approx((logit[h][c] - shift) * kLog2e);
       } else {
         float tile_max = -INFINITY;
 #pragma unroll
         for (int c = 0; c < 16; ++c) tile_max = fmaxf(tile_max, logit[h][c]);
-        const float new_max = fmaxf(max2[h], tile_max);
+        const float new_max = fmaxf(max[h], tile_max);
         if (new_max != -INFINITY) {  // else every logit so far is masked: nothing to add
           float part = 0.0f;
 #pragma unroll
-          for (int c = 0; c < 16; ++c) part += ptx::ex2_approx(logit[h][c] - new_max);
-          sum[h] = sum[h] * ptx::ex2_approx(max2[h] - new_max) + part;
-          max2[h] = new_max;
+          for (int c = 0; c < 16; ++c) part += ptx::ex2_approx((logit[h][c] - new_max) * kLog2e);
+          sum[h] = sum[h] * ptx::ex2_approx((max[h] - new_max) * kLog2e) + part;
+          max[h] = new_max;
         }
       }
     }
@@ -265,17 +279,18 @@ __global__ void __launch_bounds__(kThreads)
   for (int h = 0; h < 2; ++h) {
 #pragma unroll
     for (int off = 1; off < 4; off *= 2) {
-      const float other_max = __shfl_xor_sync(0xffffffffu, max2[h], off);
+      const float other_max = __shfl_xor_sync(0xffffffffu, max[h], off);
       const float other_sum = __shfl_xor_sync(0xffffffffu, sum[h], off);
-      const float new_max = fmaxf(max2[h], other_max);
+      const float new_max = fmaxf(max[h], other_max);
       if (new_max != -INFINITY) {
-        sum[h] = sum[h] * ptx::ex2_approx(max2[h] - new_max) + other_sum * ptx::ex2_approx(other_max - new_max);
-        max2[h] = new_max;
+        sum[h] = sum[h] * ptx::ex2_approx((max[h] - new_max) * kLog2e) +
+                 other_sum * ptx::ex2_approx((other_max - new_max) * kLog2e);
+        max[h] = new_max;
       }
     }
     if (t == 0 && rows[h] < n_x) {
       const int64_t at = static_cast<int64_t>(blockIdx.y) * n_x + rows[h];
-      part_max[at] = max2[h] * kLn2;  // natural units, as lse_merge_kernel expects
+      part_max[at] = max[h];
       part_sum[at] = sum[h];
     }
   }
@@ -285,12 +300,12 @@ __global__ void __launch_bounds__(kThreads)
 // features kGradCols by .. +kGradCols and the column tiles of split bz; for each tile it forms
 // G = exp(S - lse_x[i]) + exp(S - lse_y[j]) - n_pos [j = p(i)] and adds G V_J (V = unit rows,
 // y_unit, fp16) to grad_part[bz][row][feature] (features < dim_pad, the float32 layout's padding).
-// prob_cos_part[bz * gridDim.x + bx] gets sum_ij G_ij cos_ij (blocks with by == 0).
+// prob_cos_part[bz * gridDim.x + bx] gets sum_ij G_ij S_ij (blocks with by == 0).
 template <typename op_t, bool kResident>
 __global__ void __launch_bounds__(kThreads)
     grad_partial_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ y,
-                        const uint16_t* __restrict__ y_unit, const float* __restrict__ inv_x,
-                        const float* __restrict__ inv_y, int64_t ld, int n_x_pad, int dim_pad,
+                        const uint16_t* __restrict__ y_unit, const float* __restrict__ root_inv_x,
+                        const float* __restrict__ root_inv_y, int64_t ld, int n_x_pad, int dim_pad,
                         const float* __restrict__ scale_ptr, GradTerms<float> terms, int tiles_per_split,
                         float* __restrict__ grad_part, float* __restrict__ prob_cos_part) {
   __shared__ __align__(16) uint16_t us[2][kTile][kRow];
@@ -304,13 +319,12 @@ __global__ void __launch_bounds__(kThreads)
   const int rows[2] = {row0 + warp * 16 + g, row0 + warp * 16 + g + 8};
   const int n_x = static_cast<int>(terms.n_x), n_y = static_cast<int>(terms.n_y);
   const float scale = *scale_ptr;
-  float factor[2], lse_row2[2], cos_factor[2];
+  float factor[2], lse_row[2];
   int positive[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    factor[h] = scale * kLog2e * inv_x[rows[h]];
-    cos_factor[h] = inv_x[rows[h]];
-    lse_row2[h] = terms.lse_x != nullptr && rows[h] < n_x ? terms.lse_x[rows[h]] * kLog2e : INFINITY;
+    factor[h] = root_inv_x[rows[h]];
+    lse_row[h] = terms.lse_x != nullptr && rows[h] < n_x ? terms.lse_x[rows[h]] : INFINITY;
     positive[h] = static_cast<int>(terms.pairs > 0 ? ntxent_positive(rows[h], terms.pairs) : rows[h]);
   }
   const int slices = static_cast<int>(ld / kStage);
@@ -349,15 +363,14 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int h = e / 2, col = col0 + n * 8 + 2 * t + (e & 1);
-        const float dot_scaled = acc[n][e] * inv_y[col];
-        const float logit2 = dot_scaled * factor[h];
+        const float logit = acc[n][e] * (factor[h] * root_inv_y[col]);  // the forward's S
         float weight = 0.0f;
         if (rows[h] < n_x && !(edge && (col >= n_y || (terms.mask_diagonal && col == rows[h])))) {
-          if (terms.lse_x != nullptr) weight += ptx::ex2_approx(logit2 - lse_row2[h]);
-          if (terms.lse_y != nullptr) weight += ptx::ex2_approx(logit2 - terms.lse_y[col] * kLog2e);
+          if (terms.lse_x != nullptr) weight += ptx::ex2_approx((logit - lse_row[h]) * kLog2e);
+          if (terms.lse_y != nullptr) weight += ptx::ex2_approx((logit - terms.lse_y[col]) * kLog2e);
           if (col == positive[h]) weight -= terms.n_pos;
         }
-        prob_cos += weight * dot_scaled * cos_factor[h];
+        prob_cos += weight * logit;  // scale_grad_kernel divides by scale
         acc[n][e] = weight * kGScale;
       }
     }
@@ -405,12 +418,14 @@ __global__ void __launch_bounds__(kThreads)
 
 // The operands of the kernels above for one padded row per warp: the row itself in op_t
 // (`raw`), the unit row u = z / max(||z||, eps) rounded to fp16 (`unit`, the backward's V), and
-// inv = 1 / max(||z||, eps); zeros on padding rows and features.
+// root_inv = sqrt(scale) / max(||z||, eps) (NaN for a negative scale, as the loss must be);
+// zeros on padding rows and features.
 template <typename in_t, typename op_t>
 __global__ void __launch_bounds__(256)
     prepare_operands_kernel(const in_t* __restrict__ z, int64_t stride_row, int64_t stride_col, int64_t rows,
                             int64_t rows_pad, int64_t dim, int64_t ld, const float* __restrict__ norm,
-                            op_t* __restrict__ raw, __half* __restrict__ unit, float* __restrict__ inv) {
+                            const float* __restrict__ scale, op_t* __restrict__ raw, __half* __restrict__ unit,
+                            float* __restrict__ root_inv) {
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
   if (row >= rows_pad) return;  // the whole warp leaves together
@@ -421,7 +436,7 @@ __global__ void __launch_bounds__(256)
     raw[row * ld + c] = to_op<op_t>(v);
     unit[row * ld + c] = __float2half_rn(v * inverse);
   }
-  if (lane == 0) inv[row] = inverse;
+  if (lane == 0) root_inv[row] = real ? sqrtf(*scale) * inverse : 0.0f;
 }
 
 }  // namespace pyssl::infonce::cuda::mma

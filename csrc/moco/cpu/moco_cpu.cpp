@@ -143,10 +143,17 @@ std::tuple<Tensor, Tensor, Tensor> moco_forward_cpu(const Tensor& query, const T
   Tensor seg_max = part.max.masked_fill(part.sum == 0, -std::numeric_limits<double>::infinity());
   Tensor max_all = at::maximum(std::get<0>(seg_max.max(0)), positive);
   Tensor weight = (seg_max - max_all.unsqueeze(0)).exp_();  // (segments, rows); -inf -> 0
-  Tensor sum = (part.sum * weight).sum(0) + (positive - max_all).exp();
+  Tensor queue_sum = (part.sum * weight).sum(0);
+  Tensor sum = queue_sum + (positive - max_all).exp();
   Tensor expected_queue = (part.acc * weight.unsqueeze(2)).sum(0) / sum.unsqueeze(1);
   Tensor lse = max_all + sum.log();
-  Tensor loss = (lse - positive).clamp_min(0).mean().to(query.scalar_type());  // row cross-entropies are >= 0
+  // Row cross-entropies lse - S_i0 = log1p(sum_j exp(S_ij - S_i0)) from the queue's sum alone
+  // (cross_entropy_from_negatives in common.h, as the CUDA kernel): a row whose positive
+  // dominates costs no rounding of lse to the precision of the max; exactly 0 without a queue,
+  // never negative, NaN stays.
+  Tensor x = queue_sum * (max_all - positive).exp();
+  Tensor ce = at::where(x == std::numeric_limits<double>::infinity(), (max_all - positive) + queue_sum.log(), x.log1p());
+  Tensor loss = ce.clamp_min(0).mean().to(query.scalar_type());
   return {loss, lse, expected_queue};
 }
 

@@ -8,9 +8,11 @@
 // Launch plan (kRows = 16 rows x kCols = 64 queue columns per tile, 256 threads):
 //   moco_prep    one warp per row: u_i = q_i / ||q_i|| / T (accumulation dtype), S_i0
 //   moco_sweep   grid (row blocks, column splits); dynamic shared memory
-//                (2 * kRows * d + kCols * (kChunk + 1) + kRows * kCols + 3 * kRows) accumulators:
-//                the block's u rows, its A rows, a queue chunk, the probability tile and the
-//                per-row (max, sum, rescale); 37 KiB for fp32 at d = 128.
+//                (kRows * kChunk + kCols * (kChunk + 1) + kRows * kCols + 3 * kRows) accumulators:
+//                a chunk of the block's u rows, a queue chunk, the probability tile and the
+//                per-row (max, sum, rescale), 24 KiB for fp32 whatever d; plus the block's A
+//                rows (kRows * d) where all fits in 48 KiB (fp32, d <= 377), else A stays in
+//                global memory.
 //   moco_merge   one block per row: merges the splits and the positive logit
 //   moco_mean    one block: the mean over rows, in a fixed order (deterministic)
 // Logits, max, sums and A stay in float32 (float64 for float64 input); fp16/bf16 queues and
@@ -101,28 +103,41 @@ __device__ __forceinline__ void load_queue_chunk(const queue_t* __restrict__ que
   }
 }
 
-// One block: kRows query rows against the tiles [tile_begin, tile_end) of the queue.
+// Loads the block's scaled query rows, features [f0, f0 + kChunk), into smem (zeros for rows
+// past the batch and features past the dim).
+template <typename acc_t>
+__device__ __forceinline__ void load_query_chunk(const acc_t* __restrict__ scaled_u, int64_t rows, int64_t dim,
+                                                 int64_t row0, int64_t f0, acc_t* chunk) {
+  for (int idx = threadIdx.x; idx < kRows * kChunk; idx += kThreads) {
+    const int r = idx / kChunk, f = idx % kChunk;
+    const int64_t row = row0 + r, feat = f0 + f;
+    chunk[idx] = (row < rows && feat < dim) ? scaled_u[row * dim + feat] : acc_t(0);
+  }
+}
+
+// One block: kRows query rows against the tiles [tile_begin, tile_end) of the queue. Shared
+// memory does not grow with the feature dim (the query rows come in kChunk-feature chunks, as
+// the queue's do), so any dim runs, as on the CPU. The accumulator A (kRows x dim) stays in
+// shared memory when it fits beside the tiles within 48 KiB (acc_in_shared), else in the
+// block's own slice of part_acc in global memory: every element has one owning thread for the
+// whole sweep, so either place gives the same values in the same order.
 template <typename queue_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     moco_sweep_kernel(const acc_t* __restrict__ scaled_u, const queue_t* __restrict__ queue, int64_t rows,
-                      int64_t keys, int64_t dim, int64_t tiles_per_split, acc_t* __restrict__ part_max,
-                      acc_t* __restrict__ part_sum, acc_t* __restrict__ part_acc) {
-  acc_t* s_u = dynamic_shared_memory<acc_t>();  // kRows x dim
-  acc_t* s_acc = s_u + kRows * dim;                 // kRows x dim
-  acc_t* s_q = s_acc + kRows * dim;                 // kCols x (kChunk + 1)
+                      int64_t keys, int64_t dim, int64_t tiles_per_split, bool acc_in_shared,
+                      acc_t* __restrict__ part_max, acc_t* __restrict__ part_sum, acc_t* __restrict__ part_acc) {
+  acc_t* s_u = dynamic_shared_memory<acc_t>();  // kRows x kChunk
+  acc_t* s_q = s_u + kRows * kChunk;                // kCols x (kChunk + 1)
   acc_t* s_p = s_q + kCols * (kChunk + 1);          // kRows x kCols: logits, then probabilities
   acc_t* s_max = s_p + kRows * kCols;               // kRows
   acc_t* s_sum = s_max + kRows;                     // kRows
   acc_t* s_rescale = s_sum + kRows;                 // kRows
+  acc_t* s_acc = s_rescale + kRows;                 // kRows x dim when acc_in_shared
 
   const int tid = threadIdx.x;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
   const int64_t split = blockIdx.y;
-  for (int64_t idx = tid; idx < kRows * dim; idx += kThreads) {
-    const int64_t r = idx / dim, f = idx % dim;
-    s_u[idx] = row0 + r < rows ? scaled_u[(row0 + r) * dim + f] : acc_t(0);  // padded rows: 0
-    s_acc[idx] = 0;
-  }
+  acc_t* acc_rows = acc_in_shared ? s_acc : part_acc + (split * rows + row0) * dim;
   if (tid < kRows) {
     s_max[tid] = -INFINITY;
     s_sum[tid] = 0;
@@ -141,13 +156,14 @@ __global__ void __launch_bounds__(kThreads)
     // 1. logits S = U Q^T for the tile, chunk by chunk of features
     acc_t logit[kRowsPerThread] = {};
     for (int64_t f0 = 0; f0 < dim; f0 += kChunk) {
+      load_query_chunk(scaled_u, rows, dim, row0, f0, s_u);
       load_queue_chunk(queue, keys, dim, col0, f0, s_q);
       __syncthreads();
       const int fc = static_cast<int>(std::min<int64_t>(kChunk, dim - f0));
       for (int f = 0; f < fc; ++f) {
         const acc_t qv = s_q[lane_col * (kChunk + 1) + f];
 #pragma unroll
-        for (int i = 0; i < kRowsPerThread; ++i) logit[i] += s_u[(group + kRowGroups * i) * dim + f0 + f] * qv;
+        for (int i = 0; i < kRowsPerThread; ++i) logit[i] += s_u[(group + kRowGroups * i) * kChunk + f] * qv;
       }
       __syncthreads();
     }
@@ -184,7 +200,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
 
-    // 3. A <- A * rescale + P Q, chunk by chunk of features (the chunk is re-read, from L2)
+    // 3. A <- A * rescale + P Q, chunk by chunk of features (the chunk is re-read, from L2);
+    // the first tile starts A (unwritten until then).
     for (int64_t f0 = 0; f0 < dim; f0 += kChunk) {
       load_queue_chunk(queue, keys, dim, col0, f0, s_q);
       __syncthreads();
@@ -192,18 +209,22 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int i = 0; i < kRowsPerThread; ++i) {
           const int r = group + kRowGroups * i;
-          acc_t a = s_acc[r * dim + f0 + lane_col] * s_rescale[r];
+          if (row0 + r >= rows) continue;
+          acc_t* a_ptr = acc_rows + r * dim + f0 + lane_col;
+          acc_t a = tile == tile_begin ? acc_t(0) : *a_ptr * s_rescale[r];
           for (int c = 0; c < kCols; ++c) a += s_p[r * kCols + c] * s_q[c * (kChunk + 1) + lane_col];
-          s_acc[r * dim + f0 + lane_col] = a;
+          *a_ptr = a;
         }
       }
       __syncthreads();
     }
   }
 
-  for (int64_t idx = tid; idx < kRows * dim; idx += kThreads) {
-    const int64_t r = idx / dim, f = idx % dim;
-    if (row0 + r < rows) part_acc[(split * rows + row0 + r) * dim + f] = s_acc[idx];
+  if (acc_in_shared) {
+    for (int64_t idx = tid; idx < kRows * dim; idx += kThreads) {
+      const int64_t r = idx / dim, f = idx % dim;
+      if (row0 + r < rows) part_acc[(split * rows + row0 + r) * dim + f] = s_acc[idx];
+    }
   }
   if (tid < kRows && row0 + tid < rows) {
     part_max[split * rows + row0 + tid] = s_max[tid];
@@ -221,11 +242,12 @@ __global__ void moco_merge_kernel(const acc_t* __restrict__ positive, const acc_
   const acc_t pos = positive[row];
   acc_t max_all = pos;
   for (int64_t s = 0; s < splits; ++s) max_all = fmax(max_all, part_max[s * rows + row]);
-  acc_t sum = exp_acc(pos - max_all);
+  acc_t queue_sum = 0;
   for (int64_t s = 0; s < splits; ++s) {
     const acc_t m = part_max[s * rows + row];
-    if (m != -INFINITY) sum += part_sum[s * rows + row] * exp_acc(m - max_all);
+    if (m != -INFINITY) queue_sum += part_sum[s * rows + row] * exp_acc(m - max_all);
   }
+  const acc_t sum = queue_sum + exp_acc(pos - max_all);
   for (int64_t f = threadIdx.x; f < dim; f += blockDim.x) {
     acc_t a = 0;
     for (int64_t s = 0; s < splits; ++s) {
@@ -237,8 +259,9 @@ __global__ void moco_merge_kernel(const acc_t* __restrict__ positive, const acc_
   if (threadIdx.x == 0) {
     const acc_t value = max_all + log_acc(sum);
     lse[row] = value;
-    const acc_t cross_entropy = value - pos;
-    row_loss[row] = cross_entropy < acc_t(0) ? acc_t(0) : cross_entropy;  // >= 0 despite rounding; NaN stays
+    // lse - pos from the queue's sum alone, as the CPU kernel (common.h): exactly 0 without a
+    // queue, never negative, NaN stays.
+    row_loss[row] = cross_entropy_from_negatives<acc_t>(max_all, queue_sum, pos);
   }
 }
 
@@ -256,9 +279,17 @@ __global__ void moco_mean_kernel(const acc_t* __restrict__ row_loss, int64_t row
   if (threadIdx.x == 0) loss[0] = static_cast<scalar_t>(partial[0] / static_cast<acc_t>(rows));
 }
 
+// The sweep's shared memory without A (a query chunk, a queue chunk, the probability tile, the
+// row statistics), and whether A (kRows x dim) fits beside it within the 48 KiB a block gets
+// without an opt-in (fp32: dim <= 377); larger A lives in global memory.
 template <typename acc_t>
-size_t sweep_smem_bytes(int64_t dim) {
-  return sizeof(acc_t) * static_cast<size_t>(2 * kRows * dim + kCols * (kChunk + 1) + kRows * kCols + 3 * kRows);
+size_t sweep_tile_smem_bytes() {
+  return sizeof(acc_t) * static_cast<size_t>(kRows * kChunk + kCols * (kChunk + 1) + kRows * kCols + 3 * kRows);
+}
+
+template <typename acc_t>
+bool sweep_acc_in_shared(int64_t dim) {
+  return sweep_tile_smem_bytes<acc_t>() + sizeof(acc_t) * static_cast<size_t>(kRows * dim) <= 48 * 1024;
 }
 
 std::tuple<Tensor, Tensor, Tensor> moco_forward_cuda(const Tensor& query_in, const Tensor& key_in,
@@ -304,16 +335,16 @@ std::tuple<Tensor, Tensor, Tensor> moco_forward_cuda(const Tensor& query_in, con
         static_cast<acc_t>(1.0 / temperature), scaled_u.mutable_data_ptr<acc_t>(), positive.mutable_data_ptr<acc_t>());
 
     if (splits > 0) {
-      const size_t smem = sweep_smem_bytes<acc_t>(dim);
-      TORCH_CHECK(smem <= static_cast<size_t>(smem_optin), "pyssl.moco: feature dim ", dim,
-                  " is too large for the CUDA kernel (needs ", smem, " bytes of shared memory per block, the device has ",
-                  smem_optin, ")");
+      const bool acc_in_shared = sweep_acc_in_shared<acc_t>(dim);
+      const size_t smem = sweep_tile_smem_bytes<acc_t>() + (acc_in_shared ? sizeof(acc_t) * kRows * dim : 0);
+      TORCH_CHECK(smem <= static_cast<size_t>(smem_optin), "pyssl.moco: the CUDA kernel needs ", smem,
+                  " bytes of shared memory per block, the device has ", smem_optin);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, queue.scalar_type(), "pyssl_moco_sweep_cuda", [&] {
         constexpr auto kernel = &moco_sweep_kernel<scalar_t, acc_t>;
         if (smem > 48 * 1024) device::set_max_dynamic_shared_memory<kernel>(static_cast<int>(smem));
         const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(splits));
         device::launch<kernel>(grid, kThreads, smem, stream, scaled_u.const_data_ptr<acc_t>(), queue.const_data_ptr<scalar_t>(), rows,
-                               keys, dim, tiles_per_split, part_max.mutable_data_ptr<acc_t>(),
+                               keys, dim, tiles_per_split, acc_in_shared, part_max.mutable_data_ptr<acc_t>(),
                                part_sum.mutable_data_ptr<acc_t>(), part_acc.mutable_data_ptr<acc_t>());
       });
     }
