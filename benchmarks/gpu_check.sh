@@ -32,6 +32,9 @@ if ! "$PY" -m pip install --no-build-isolation --no-deps -q "$REPO" -Cbuild-dir=
   exit 1
 fi
 echo "build: $(($(date +%s) - start)) s"
+# The SASS model's predictions for the kernels just built, beside the timings below.
+timeout 60 "$PY" "$REPO/benchmarks/sass_model.py" --objects "/tmp/pyssl-build/CMakeFiles/_C.dir/csrc/infonce/cuda/infonce_cuda.cu.o" \
+  --out "$OUT/sass_model.json" >>"$OUT/check.log" 2>&1 || echo "sass_model: failed (see check.log)"
 
 # Run from outside the source tree so the installed package is the one imported.
 cd /tmp
