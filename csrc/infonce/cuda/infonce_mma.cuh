@@ -238,19 +238,32 @@ __global__ void __launch_bounds__(kThreads)
     const bool has_positive = static_cast<unsigned>(local_positive[0]) < kTile ||
                               static_cast<unsigned>(local_positive[1]) < kTile;
     float logit[2][16];
+    // Nearly every tile is interior: no padding column, no diagonal, no positive in any lane of
+    // the warp. It takes a path with no compare per logit (warp-uniform: the warp never splits).
+    if (!edge && !__any_sync(0xffffffffu, has_positive)) {
 #pragma unroll
-    for (int n = 0; n < 8; ++n) {
+      for (int n = 0; n < 8; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int h = e / 2, local = n * 8 + 2 * t + (e & 1), col = col0 + local;
-        float v = acc[n][e] * (factor[h] * root_inv_y[col]);
-        if (has_positive && local == local_positive[h]) {
-          positives.pos[rows[h]] = v;
-          v = -INFINITY;
-        } else if (edge && (col >= n_y || (mask_diagonal && col == rows[h]))) {
-          v = -INFINITY;
+        for (int e = 0; e < 4; ++e) {
+          const int h = e / 2, col = col0 + n * 8 + 2 * t + (e & 1);
+          logit[h][2 * n + (e & 1)] = acc[n][e] * (factor[h] * root_inv_y[col]);
         }
-        logit[h][2 * n + (e & 1)] = v;
+      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = e / 2, local = n * 8 + 2 * t + (e & 1), col = col0 + local;
+          float v = acc[n][e] * (factor[h] * root_inv_y[col]);
+          if (has_positive && local == local_positive[h]) {
+            positives.pos[rows[h]] = v;
+            v = -INFINITY;
+          } else if (edge && (col >= n_y || (mask_diagonal && col == rows[h]))) {
+            v = -INFINITY;
+          }
+          logit[h][2 * n + (e & 1)] = v;
+        }
       }
     }
 #pragma unroll
@@ -357,21 +370,40 @@ __global__ void __launch_bounds__(kThreads)
       tile_dots<op_t>(x, y, row0, col0, ld, us, vs, acc);
     }
 
-    const bool edge = col0 + kTile > n_y || (terms.mask_diagonal && col0 == row0);
+    const bool edge = col0 + kTile > n_y || row0 + kTile > n_x || (terms.mask_diagonal && col0 == row0);
+    const bool has_positive = static_cast<unsigned>(positive[0] - col0) < kTile ||
+                              static_cast<unsigned>(positive[1] - col0) < kTile;
+    // As in the forward: interior tiles take a path with no compare per weight.
+    if (!edge && !__any_sync(0xffffffffu, has_positive)) {
 #pragma unroll
-    for (int n = 0; n < 8; ++n) {
+      for (int n = 0; n < 8; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int h = e / 2, col = col0 + n * 8 + 2 * t + (e & 1);
-        const float logit = acc[n][e] * (factor[h] * root_inv_y[col]);  // the forward's S
-        float weight = 0.0f;
-        if (rows[h] < n_x && !(edge && (col >= n_y || (terms.mask_diagonal && col == rows[h])))) {
+        for (int e = 0; e < 4; ++e) {
+          const int h = e / 2, col = col0 + n * 8 + 2 * t + (e & 1);
+          const float logit = acc[n][e] * (factor[h] * root_inv_y[col]);  // the forward's S
+          float weight = 0.0f;
           if (terms.lse_x != nullptr) weight += ptx::ex2_approx((logit - lse_row[h]) * kLog2e);
           if (terms.lse_y != nullptr) weight += ptx::ex2_approx((logit - terms.lse_y[col]) * kLog2e);
-          if (col == positive[h]) weight -= terms.n_pos;
+          prob_cos += weight * logit;  // scale_grad_kernel divides by scale
+          acc[n][e] = weight * kGScale;
         }
-        prob_cos += weight * logit;  // scale_grad_kernel divides by scale
-        acc[n][e] = weight * kGScale;
+      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = e / 2, col = col0 + n * 8 + 2 * t + (e & 1);
+          const float logit = acc[n][e] * (factor[h] * root_inv_y[col]);
+          float weight = 0.0f;
+          if (rows[h] < n_x && !(edge && (col >= n_y || (terms.mask_diagonal && col == rows[h])))) {
+            if (terms.lse_x != nullptr) weight += ptx::ex2_approx((logit - lse_row[h]) * kLog2e);
+            if (terms.lse_y != nullptr) weight += ptx::ex2_approx((logit - terms.lse_y[col]) * kLog2e);
+            if (col == positive[h]) weight -= terms.n_pos;
+          }
+          prob_cos += weight * logit;
+          acc[n][e] = weight * kGScale;
+        }
       }
     }
     // dX_I[:, chunk] += G V_J[:, chunk]: G's 16-column blocks as A fragments from registers.
