@@ -290,7 +290,8 @@ class Sweep:
     threads: int
     key_per_block_tile: float  # HMMA per block per tile: the tile's work
     copies_per_thread_tile: float  # 16-byte cp.async per thread per tile (nested copy loops)
-    resident: bool | None = None  # the mma kernels' kResident instance (rows of <= 128 features)
+    instance: str = ""  # how the template instance's name ends, e.g. ", true, 2>"
+    logits_per_tile: int = 64 * 64  # a block's logits per tile
 
 
 @dataclass
@@ -335,18 +336,24 @@ def infonce_sweeps(rows: int, cols: int, dim: int, kernels: str, label: str, bac
         depth, threads, grad_threads = ceil_div(dim, 16) * 16, 256, 256
         name_f, name_b = "lse_partial_mma_kernel", "grad_partial_mma_kernel"
     dim_pad = ceil_div(dim, 16) * 16
-    resident = (depth <= 128) if kernels == "mma" else None
+    resident = kernels == "mma" and depth <= 128
     if not backward:
-        splits, per_split = column_splits(col_tiles, row_tiles, 4 * SMS, True)
-        flops = tile * tile * depth * 2
-        return [Sweep(f"{label} lse", name_f, row_tiles * splits, per_split, threads, flops / 4096, 0, resident)]
+        # The mma forward with resident rows runs wide blocks: 128 rows, 32 per warp.
+        block_rows = 128 if resident else tile
+        row_blocks = ceil_div(rows, block_rows)
+        splits, per_split = column_splits(col_tiles, row_blocks, 4 * SMS, True)
+        flops = block_rows * tile * depth * 2
+        instance = "" if kernels != "mma" else (", true, 2>" if resident else ", false, 1>")
+        return [
+            Sweep(f"{label} lse", name_f, row_blocks * splits, per_split, threads, flops / 4096, 0, instance, block_rows * tile)
+        ]
     chunks = ceil_div(dim_pad, 128)
     splits, per_split = column_splits(col_tiles, row_tiles * chunks, 2 * SMS, False)
     chunk_features = min(128, depth)
     flops = tile * tile * depth * 2 + tile * tile * chunk_features * 2
     copies = tile * chunk_features * 2 / 16 / grad_threads  # V's chunk of unit rows, fp16
     sweep = Sweep(f"{label} grad", name_b, row_tiles * chunks * splits, per_split, grad_threads, flops / 4096, copies)
-    sweep.resident = resident
+    sweep.instance = "" if kernels != "mma" else (", true>" if resident else ", false>")
     return [sweep]
 
 
@@ -425,8 +432,7 @@ def predict(workload: Workload, functions: dict, kernels: list[dict]) -> dict:
             rows.append({"launch": launch.label, "kind": "memory", "dram_bytes": launch.dram_bytes, "seconds": seconds})
             total += seconds
             continue
-        instance = "" if launch.resident is None else (", true>" if launch.resident else ", false>")
-        record = next((k for k in kernels if launch.kernel in k["name"] and k["name"].endswith(instance)), None)
+        record = next((k for k in kernels if launch.kernel in k["name"] and k["name"].endswith(launch.instance)), None)
         if record is None:
             raise LookupError(f"no compiled kernel matches {launch.kernel!r}")
         instructions = functions[record["mangled"]]
@@ -452,7 +458,7 @@ def predict(workload: Workload, functions: dict, kernels: list[dict]) -> dict:
                 "blocks_per_sm": resident,
                 "warps_per_scheduler": resident * warps / 4,
                 "per_warp_tile": {k: round(v, 2) for k, v in sorted(cost.items())},
-                "instructions_per_logit": round(cost["instructions"] * warps / (64 * 64) * 32, 2),
+                "instructions_per_logit": round(cost["instructions"] * warps * 32 / launch.logits_per_tile, 2),
                 "tile_clocks": round(tile_clocks, 1),
                 "bound": bound if compute_s >= l2_s else "l2",
                 "seconds": seconds,

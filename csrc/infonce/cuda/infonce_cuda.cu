@@ -123,6 +123,7 @@ struct Normalized {
   // padding rows (S_ij = dot_ij * (root_inv_i * root_inv_j): the same bits for S_ji).
   Tensor op_raw, op_unit, root_inv;
   int64_t op_ld = 0;
+  int64_t op_rows = 0;  // rows of op_raw, op_unit, root_inv: rows padded to mma::kWideRows
   Tensor norm;       // (rows,) = ||z||
   int64_t rows, rows_pad, dim, dim_pad;
   at::ScalarType dtype;  // the input's dtype, that of its gradient
@@ -139,9 +140,9 @@ void launch_normalize(const Tensor& z, Normalized& n, cudaStream_t stream) {
 
 template <typename in_t, typename op_t>
 void launch_prepare_operands(const Tensor& z, const Tensor& scale, Normalized& n, cudaStream_t stream) {
-  const unsigned blocks = static_cast<unsigned>(ceil_div(n.rows_pad, 8));
+  const unsigned blocks = static_cast<unsigned>(ceil_div(n.op_rows, 8));
   device::launch<mma::prepare_operands_kernel<in_t, op_t>>(blocks, 256, 0, stream,
-      z.const_data_ptr<in_t>(), z.stride(0), z.stride(1), n.rows, n.rows_pad, n.dim, n.op_ld,
+      z.const_data_ptr<in_t>(), z.stride(0), z.stride(1), n.rows, n.op_rows, n.dim, n.op_ld,
       n.norm.const_data_ptr<float>(), scale.const_data_ptr<float>(),
       reinterpret_cast<op_t*>(n.op_raw.mutable_data_ptr()), reinterpret_cast<__half*>(n.op_unit.mutable_data_ptr()),
       n.root_inv.mutable_data_ptr<float>());
@@ -170,11 +171,12 @@ Normalized normalize_rows(const Tensor& z_in, at::ScalarType acc, TensorCores ke
     }
   });
   if (kernels == TensorCores::kMma) {
-    TORCH_CHECK(n.rows_pad <= INT32_MAX, "pyssl.infonce: too many rows for the tensor-core kernels");
+    n.op_rows = ceil_div(n.rows, mma::kWideRows) * mma::kWideRows;
+    TORCH_CHECK(n.op_rows <= INT32_MAX, "pyssl.infonce: too many rows for the tensor-core kernels");
     n.op_ld = ceil_div(n.dim, mma::kStage) * mma::kStage;
-    n.op_raw = at::empty({n.rows_pad, n.op_ld}, z.options());
-    n.op_unit = at::empty({n.rows_pad, n.op_ld}, z.options().dtype(at::kHalf));
-    n.root_inv = at::empty({n.rows_pad}, z.options().dtype(at::kFloat));
+    n.op_raw = at::empty({n.op_rows, n.op_ld}, z.options());
+    n.op_unit = at::empty({n.op_rows, n.op_ld}, z.options().dtype(at::kHalf));
+    n.root_inv = at::empty({n.op_rows}, z.options().dtype(at::kFloat));
     if (z.scalar_type() == at::kHalf) {
       launch_prepare_operands<at::Half, __half>(z, scale, n, stream);
     } else {
@@ -201,17 +203,27 @@ void with_resident_rows(const Normalized& x, F&& f) {
   }
 }
 
+// The mma forward: rows of up to 128 features keep their fragments in registers, in wide blocks
+// (mma::kWideRows rows, 32 per warp); longer rows stream both operands in 64-row blocks.
+bool wide_forward(const Normalized& x) { return x.op_ld <= mma::kResidentSlices * mma::kStage; }
+
 template <typename op_t>
 void launch_lse_partial_mma(dim3 grid, const Normalized& x, const Normalized& y, const Tensor& scale,
                             bool mask_diagonal, const PositiveLogits<float>& positives, int64_t per_split,
                             Tensor& part_max, Tensor& part_sum, cudaStream_t stream) {
-  with_resident_rows(x, [&](auto resident) {
-    device::launch<mma::lse_partial_kernel<op_t, decltype(resident)::value>>(grid, mma::kThreads, 0, stream,
+  auto launch = [&](auto kernel) {
+    device::launch<decltype(kernel)::value>(grid, mma::kThreads, 0, stream,
         bits_ptr(x.op_raw), bits_ptr(y.op_raw), x.root_inv.const_data_ptr<float>(), y.root_inv.const_data_ptr<float>(),
         static_cast<int>(x.rows), static_cast<int>(y.rows), x.op_ld, scale.const_data_ptr<float>(),
         mask_diagonal, positives, static_cast<int>(per_split), part_max.mutable_data_ptr<float>(),
         part_sum.mutable_data_ptr<float>());
-  });
+  };
+  if (wide_forward(x)) {
+    launch(std::integral_constant<decltype(&mma::lse_partial_kernel<op_t, true, mma::kWideGroups>),
+                                  &mma::lse_partial_kernel<op_t, true, mma::kWideGroups>>{});
+  } else {
+    launch(std::integral_constant<decltype(&mma::lse_partial_kernel<op_t, false>), &mma::lse_partial_kernel<op_t, false>>{});
+  }
 }
 
 template <typename op_t>
@@ -231,7 +243,8 @@ void launch_grad_partial_mma(dim3 grid, const Normalized& x, const Normalized& y
 // NT-Xent partner when pairs > 0), the positive taken from the same tiles.
 void row_lse(const Normalized& x, const Normalized& y, bool mask_diagonal, int64_t pairs, const Tensor& scale,
              Tensor& lse_out, Tensor& ce_out, cudaStream_t stream) {
-  const int64_t row_tiles = x.rows_pad / kTile, col_tiles = ceil_div(y.rows, kTile);
+  const bool wide = x.op_raw.defined() && y.op_raw.defined() && wide_forward(x);
+  const int64_t row_tiles = wide ? x.op_rows / mma::kWideRows : x.rows_pad / kTile, col_tiles = ceil_div(y.rows, kTile);
   const std::pair<int64_t, int64_t> split = column_splits(col_tiles, row_tiles, 4 * int64_t{sm_count()}, /*round_up=*/true);
   const int64_t splits = split.first, per_split = split.second;
   Tensor part_max = at::empty({splits, x.rows}, x.unit.options());

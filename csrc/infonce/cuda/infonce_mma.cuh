@@ -188,86 +188,202 @@ __device__ __forceinline__ void tile_dots(const uint16_t* __restrict__ x, const 
   }
 }
 
-// kResident: ld <= kResidentSlices * kStage, the row block's fragments stay in registers.
-// Row log-sum-exp partials, as lse_partial_mma_kernel: block (bx, by) owns rows 64 bx .. +64 of
-// x and the column tiles of split by; writes (max, sum) of its rows to part_*[by * n_x + row].
-// root_inv_x / root_inv_y: sqrt(scale) / max(||z||, eps) per padded row (0 on padding rows).
-template <typename op_t, bool kResident>
+// Wide row blocks (the forward with resident rows): each warp owns kGroups x 16 rows, so every
+// B fragment read from shared memory feeds kGroups MMAs and a block of 64 kGroups rows reads each
+// column tile from L2 once for all of them (FlashAttention-2's 128-row blocks).
+
+// Rows (64 kGroups) x kStage of `src` from (row0, k0) into `dst`: 2 kGroups copies per thread.
+template <int kGroups>
+__device__ __forceinline__ void stage_rows(uint16_t (*dst)[kRow], const uint16_t* __restrict__ src, int64_t row0,
+                                           int64_t ld, int64_t k0) {
+#pragma unroll
+  for (int l = 0; l < 2 * kGroups; ++l) {
+    const int piece = static_cast<int>(threadIdx.x) + l * kThreads;
+    const int r = piece / 4, c = (piece % 4) * 8;
+    ptx::cp_async_16(&dst[r][c], src + (row0 + r) * ld + k0 + c);
+  }
+}
+
+// The A fragments of the warp's kGroups x 16 rows for every slice, staged once through `us`.
+template <int kGroups>
+__device__ __forceinline__ void load_wide_row_fragments(const uint16_t* __restrict__ x, int64_t row0, int64_t ld,
+                                                        uint16_t (*us)[kTile * kGroups][kRow],
+                                                        uint32_t (&resident)[kGroups][2 * kResidentSlices][4]) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, quad = lane / 8, r = lane % 8;
+  const int slices = static_cast<int>(ld / kStage);
+#pragma unroll
+  for (int s = 0; s < kResidentSlices; ++s) {
+#pragma unroll
+    for (int m = 0; m < kGroups; ++m)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) resident[m][2 * s + h][e] = 0u;
+    if (s < slices) {  // uniform over the block
+      stage_rows<kGroups>(us[s & 1], x, row0, ld, int64_t{s} * kStage);
+      ptx::cp_async_commit();
+      ptx::cp_async_wait(0);
+      __syncthreads();
+#pragma unroll
+      for (int m = 0; m < kGroups; ++m) {
+        const int row = (warp * kGroups + m) * 16 + (quad & 1) * 8 + r;
+        ptx::ldmatrix<4>(resident[m][2 * s], &us[s & 1][row][(quad >> 1) * 8]);
+        ptx::ldmatrix<4>(resident[m][2 * s + 1], &us[s & 1][row][16 + (quad >> 1) * 8]);
+      }
+    }
+  }
+  __syncthreads();  // the buffers are free
+}
+
+// acc[m][n] = the dots of the warp's row group m with the 64 columns at col0 (8 per n): V's
+// slices staged by cp.async, double-buffered; each B fragment serves every row group.
+template <typename op_t, int kGroups>
+__device__ __forceinline__ void wide_tile_dots(const uint16_t* __restrict__ y, int64_t col0, int64_t ld,
+                                               const uint32_t (&resident)[kGroups][2 * kResidentSlices][4],
+                                               uint16_t (*vs)[kTile][kRow], float (&acc)[kGroups][8][4]) {
+  const int lane = threadIdx.x % 32, quad = lane / 8, r = lane % 8;
+#pragma unroll
+  for (int m = 0; m < kGroups; ++m)
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.0f;
+  stage_slice(vs[0], y, col0, ld, 0);
+  ptx::cp_async_commit();
+  const int slices = static_cast<int>(ld / kStage);
+#pragma unroll
+  for (int s = 0; s < kResidentSlices; ++s) {
+    if (s < slices) {  // uniform over the block; unrolled, so `resident` is indexed statically
+      const int buf = s & 1;
+      if (s + 1 < slices) stage_slice(vs[buf ^ 1], y, col0, ld, int64_t{s + 1} * kStage);
+      ptx::cp_async_commit();
+      ptx::cp_async_wait(1);
+      __syncthreads();
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int kk = 16 * half;
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+          uint32_t b[4];
+          ptx::ldmatrix<4>(b, &vs[buf][np * 16 + (quad >> 1) * 8 + r][kk + (quad & 1) * 8]);
+          const uint32_t b_lo[2] = {b[0], b[1]}, b_hi[2] = {b[2], b[3]};
+#pragma unroll
+          for (int m = 0; m < kGroups; ++m) {
+            ptx::mma_m16n8k16<op_t>(acc[m][2 * np], resident[m][2 * s + half], b_lo, acc[m][2 * np]);
+            ptx::mma_m16n8k16<op_t>(acc[m][2 * np + 1], resident[m][2 * s + half], b_hi, acc[m][2 * np + 1]);
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// Rows of at most this many features take the wide forward (kWideGroups row groups per warp).
+constexpr int kWideGroups = 2;
+constexpr int kWideRows = kTile * kWideGroups;  // rows of a wide block; the operands' row padding
+
+// Row log-sum-exp partials, as lse_partial_mma_kernel: block (bx, by) owns kBlockRows rows of x
+// from kBlockRows bx and the column tiles of split by; writes (max, sum) of its rows to
+// part_*[by * n_x + row]. root_inv_x / root_inv_y: sqrt(scale) / max(||z||, eps) per padded row
+// (0 on padding rows; x is padded to kWideRows rows). kResident: ld <= kResidentSlices * kStage,
+// the row block's fragments stay in registers, kGroups row groups of 16 per warp (1 or
+// kWideGroups); otherwise both operands stream through shared memory, one group per warp.
+template <typename op_t, bool kResident, int kGroups = 1>
 __global__ void __launch_bounds__(kThreads)
     lse_partial_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ y,
                        const float* __restrict__ root_inv_x, const float* __restrict__ root_inv_y, int n_x, int n_y,
                        int64_t ld, const float* __restrict__ scale_ptr, bool mask_diagonal,
                        PositiveLogits<float> positives, int tiles_per_split, float* __restrict__ part_max,
                        float* __restrict__ part_sum) {
-  __shared__ __align__(16) uint16_t us[2][kTile][kRow];
+  static_assert(kGroups == 1 || kResident, "wide row blocks keep their rows in registers");
+  constexpr int kBlockRows = kTile * kGroups;
+  constexpr int kRowsPerThread = 2 * kGroups;  // row r of group m: 16 (warp kGroups + m) + g + 8 (r % 2)
+  __shared__ __align__(16) uint16_t us[2][kBlockRows][kRow];
   __shared__ __align__(16) uint16_t vs[2][kTile][kRow];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-  const int row0 = static_cast<int>(blockIdx.x) * kTile;
-  const int rows[2] = {row0 + warp * 16 + g, row0 + warp * 16 + g + 8};  // the thread's two rows
+  const int row0 = static_cast<int>(blockIdx.x) * kBlockRows;
+  int rows[kRowsPerThread];
+#pragma unroll
+  for (int h = 0; h < kRowsPerThread; ++h) rows[h] = row0 + (warp * kGroups + h / 2) * 16 + g + 8 * (h % 2);
   const float scale = *scale_ptr;
   const bool fixed = can_use_fixed_shift<float>(scale);
-  const float shift = scale;        // the fixed shift
-  float factor[2], max[2], sum[2];  // S = dot * (factor_i * root_inv_j)
-  int positive_col[2];              // -1: the row has no positive to take (padding)
+  const float shift = scale;  // the fixed shift
+  float factor[kRowsPerThread], max[kRowsPerThread], sum[kRowsPerThread];  // S = dot * (factor_i * root_inv_j)
+  int positive_col[kRowsPerThread];  // -1: the row has no positive to take (padding)
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
+  for (int h = 0; h < kRowsPerThread; ++h) {
     factor[h] = root_inv_x[rows[h]];
     positive_col[h] = static_cast<int>(positives.column(rows[h]));
     max[h] = fixed ? shift : -INFINITY;
     sum[h] = 0.0f;
   }
 
-  uint32_t resident[2 * kResidentSlices][4];
-  if constexpr (kResident) load_row_fragments(x, row0, ld, us, resident);
+  uint32_t resident[kGroups][2 * kResidentSlices][4];
+  if constexpr (kResident) {
+    if constexpr (kGroups == 1) {
+      load_row_fragments(x, row0, ld, us, resident[0]);
+    } else {
+      load_wide_row_fragments<kGroups>(x, row0, ld, us, resident);
+    }
+  }
   const int col_tiles = (n_y + kTile - 1) / kTile;
   const int t_begin = static_cast<int>(blockIdx.y) * tiles_per_split;
   const int t_end = t_begin + tiles_per_split < col_tiles ? t_begin + tiles_per_split : col_tiles;
   for (int tile = t_begin; tile < t_end; ++tile) {
     const int col0 = tile * kTile;
-    float acc[8][4];
-    if constexpr (kResident) {
-      tile_dots_resident<op_t>(y, col0, ld, resident, vs, acc);
+    float acc[kGroups][8][4];
+    if constexpr (kGroups > 1) {
+      wide_tile_dots<op_t, kGroups>(y, col0, ld, resident, vs, acc);
+    } else if constexpr (kResident) {
+      tile_dots_resident<op_t>(y, col0, ld, resident[0], vs, acc[0]);
     } else {
-      tile_dots<op_t>(x, y, row0, col0, ld, us, vs, acc);
+      tile_dots<op_t>(x, y, row0, col0, ld, us, vs, acc[0]);
     }
     // Padding columns and (NT-Xent) the diagonal are masked by predicate, on the tiles that
     // have them only. A row's positive logit is stored from the very value its sum would have
     // taken, and left out of the sum (lse_merge_kernel adds it back).
-    const bool edge = col0 + kTile > n_y || (mask_diagonal && col0 == row0);
-    const int local_positive[2] = {positive_col[0] - col0, positive_col[1] - col0};
-    const bool has_positive = static_cast<unsigned>(local_positive[0]) < kTile ||
-                              static_cast<unsigned>(local_positive[1]) < kTile;
-    float logit[2][16];
+    const bool edge = col0 + kTile > n_y || (mask_diagonal && col0 + kTile > row0 && col0 < row0 + kBlockRows);
+    int local_positive[kRowsPerThread];
+    bool has_positive = false;
+#pragma unroll
+    for (int h = 0; h < kRowsPerThread; ++h) {
+      local_positive[h] = positive_col[h] - col0;
+      has_positive = has_positive || static_cast<unsigned>(local_positive[h]) < kTile;
+    }
+    float logit[kRowsPerThread][16];
     // Nearly every tile is interior: no padding column, no diagonal, no positive in any lane of
     // the warp. It takes a path with no compare per logit (warp-uniform: the warp never splits).
     if (!edge && !__any_sync(0xffffffffu, has_positive)) {
 #pragma unroll
-      for (int n = 0; n < 8; ++n) {
+      for (int m = 0; m < kGroups; ++m)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int h = e / 2, col = col0 + n * 8 + 2 * t + (e & 1);
-          logit[h][2 * n + (e & 1)] = acc[n][e] * (factor[h] * root_inv_y[col]);
-        }
-      }
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int h = 2 * m + e / 2, col = col0 + n * 8 + 2 * t + (e & 1);
+            logit[h][2 * n + (e & 1)] = acc[m][n][e] * (factor[h] * root_inv_y[col]);
+          }
     } else {
 #pragma unroll
-      for (int n = 0; n < 8; ++n) {
+      for (int m = 0; m < kGroups; ++m)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int h = e / 2, local = n * 8 + 2 * t + (e & 1), col = col0 + local;
-          float v = acc[n][e] * (factor[h] * root_inv_y[col]);
-          if (has_positive && local == local_positive[h]) {
-            positives.pos[rows[h]] = v;
-            v = -INFINITY;
-          } else if (edge && (col >= n_y || (mask_diagonal && col == rows[h]))) {
-            v = -INFINITY;
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int h = 2 * m + e / 2, local = n * 8 + 2 * t + (e & 1), col = col0 + local;
+            float v = acc[m][n][e] * (factor[h] * root_inv_y[col]);
+            if (has_positive && local == local_positive[h]) {
+              positives.pos[rows[h]] = v;
+              v = -INFINITY;
+            } else if (edge && (col >= n_y || (mask_diagonal && col == rows[h]))) {
+              v = -INFINITY;
+            }
+            logit[h][2 * n + (e & 1)] = v;
           }
-          logit[h][2 * n + (e & 1)] = v;
-        }
-      }
     }
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < kRowsPerThread; ++h) {
       if (fixed) {
 #pragma unroll
         for (int c = 0; c < 16; ++c) sum[h] += ptx::ex2_approx((logit[h][c] - shift) * kLog2e);
@@ -287,9 +403,9 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-  // The 4 lanes of a quad share the two rows.
+  // The 4 lanes of a quad share the rows.
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
+  for (int h = 0; h < kRowsPerThread; ++h) {
 #pragma unroll
     for (int off = 1; off < 4; off *= 2) {
       const float other_max = __shfl_xor_sync(0xffffffffu, max[h], off);
@@ -331,7 +447,6 @@ __global__ void __launch_bounds__(kThreads)
   const int feat0 = static_cast<int>(blockIdx.y) * kGradCols;
   const int rows[2] = {row0 + warp * 16 + g, row0 + warp * 16 + g + 8};
   const int n_x = static_cast<int>(terms.n_x), n_y = static_cast<int>(terms.n_y);
-  const float scale = *scale_ptr;
   float factor[2], lse_row[2];
   int positive[2];
 #pragma unroll
