@@ -2,16 +2,16 @@
 
 Fused C++/CUDA kernels (registered as ``torch.ops.pyssl.*``) behind drop-in loss modules.
 """
+
 import torch  # noqa: F401  (must be loaded before the extension)
 
 from pyssl._loader import load_extension as _load_extension
 
 _C = _load_extension()
 
-from pyssl import ops  # noqa: E402  (registers autograd and fake kernels)
-from pyssl import losses  # noqa: E402
-from pyssl import momentum  # noqa: E402
-from pyssl import augment  # noqa: E402
+# After the extension is loaded: pyssl.ops (imported by each of these) registers its autograd and
+# fake kernels.
+from pyssl import augment, losses, momentum, ops  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -5,6 +5,7 @@ Real data comes from local files: CIFAR-10/100 (the python pickle batches), STL-
 release) and any ImageFolder tree (``root/class_name/image.png``).  Whole data sets are moved to
 the training device once, so batches and augmentation never leave it.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,16 +37,22 @@ class ImageDataset:
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise DataError(f"{self.name or 'dataset'}: images must be uint8 (N, C, H, W), "
-                            f"got {self.images.dtype} {tuple(self.images.shape)}")
+            raise DataError(
+                f"{self.name or 'dataset'}: images must be uint8 (N, C, H, W), "
+                f"got {self.images.dtype} {tuple(self.images.shape)}"
+            )
         if self.labels.shape != (self.images.shape[0],):
-            raise DataError(f"{self.name or 'dataset'}: {self.images.shape[0]} images but "
-                            f"{tuple(self.labels.shape)} labels")
+            raise DataError(
+                f"{self.name or 'dataset'}: {self.images.shape[0]} images but {tuple(self.labels.shape)} labels"
+            )
         self.labels = self.labels.long()
-        if self.texts is not None and (self.texts.dim() != 2 or self.texts.shape[0] != self.images.shape[0]
-                                       or self.texts.dtype != torch.long):
-            raise DataError(f"{self.name or 'dataset'}: texts must be int64 token rows ({self.images.shape[0]}, L), "
-                            f"got {self.texts.dtype} {tuple(self.texts.shape)}")
+        if self.texts is not None and (
+            self.texts.dim() != 2 or self.texts.shape[0] != self.images.shape[0] or self.texts.dtype != torch.long
+        ):
+            raise DataError(
+                f"{self.name or 'dataset'}: texts must be int64 token rows ({self.images.shape[0]}, L), "
+                f"got {self.texts.dtype} {tuple(self.texts.shape)}"
+            )
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -62,11 +69,11 @@ class ImageDataset:
     def num_classes(self) -> int:
         return len(self.classes) if self.classes else int(self.labels.max()) + 1
 
-    def to(self, device) -> "ImageDataset":
+    def to(self, device) -> ImageDataset:
         texts = self.texts.to(device) if self.texts is not None else None
         return replace(self, images=self.images.to(device), labels=self.labels.to(device), texts=texts)
 
-    def subset(self, index: Tensor) -> "ImageDataset":
+    def subset(self, index: Tensor) -> ImageDataset:
         index = index.to(self.images.device)
         texts = self.texts[index] if self.texts is not None else None  # on the images' device
         return replace(self, images=self.images[index], labels=self.labels[index], texts=texts)
@@ -80,8 +87,9 @@ class ImageDataset:
 def _resize_uint8(images: Tensor, size: int) -> Tensor:
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
-    x = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
-                                        align_corners=False, antialias=size < images.shape[-1])
+    x = torch.nn.functional.interpolate(
+        images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=size < images.shape[-1]
+    )
     return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -99,8 +107,9 @@ def _convert_channels(images: Tensor, channels: int | None) -> Tensor:
 # ---- the embedded default ------------------------------------------------------------------------
 
 
-def load_digits(split: str = "train", size: int = 16, channels: int = 3, test_fraction: float = 0.3,
-                seed: int = 0) -> ImageDataset:
+def load_digits(
+    split: str = "train", size: int = 16, channels: int = 3, test_fraction: float = 0.3, seed: int = 0
+) -> ImageDataset:
     """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels), upsampled to ``size``.
 
     ``split``: "train", "test" (a fixed class-stratified ``test_fraction`` split) or "all".
@@ -223,7 +232,9 @@ def load_stl10(path: str, split: str = "train", size: int | None = None) -> Imag
             raise DataError(f"missing data file {yfile}")
         y = np.fromfile(yfile, dtype=np.uint8).astype(np.int64) - 1
         if len(y) != len(images) or (len(y) and (y.min() < 0 or y.max() > 9)):
-            raise DataError(f"corrupt data file {yfile}: {len(y)} labels (values 1..10 expected) for {len(images)} images")
+            raise DataError(
+                f"corrupt data file {yfile}: {len(y)} labels (values 1..10 expected) for {len(images)} images"
+            )
         labels = torch.from_numpy(y)
     classes = []
     names = os.path.join(root, "class_names.txt")
@@ -286,8 +297,9 @@ def load_image_folder(path: str, size: int = 32, channels: int = 3) -> ImageData
     if not classes:
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
-            raise DataError(f"folder: no images ({', '.join(IMAGE_EXTENSIONS)}) in {path}, and no class "
-                            f"sub-directories")
+            raise DataError(
+                f"folder: no images ({', '.join(IMAGE_EXTENSIONS)}) in {path}, and no class sub-directories"
+            )
         return ImageDataset(_read_images(files, size, channels), torch.full((len(files),), -1), [], "folder")
     files, labels = [], []
     for ci, cname in enumerate(classes):
@@ -308,8 +320,9 @@ CAPTION_COLUMNS = ("caption", "title", "text")
 MAX_CONTEXT_LENGTH = 77  # CLIP's
 
 
-def load_caption_file(path: str, size: int = 32, channels: int = 3, max_words: int = 20000,
-                      test_fraction: float = 0.2) -> tuple[ImageDataset, ImageDataset]:
+def load_caption_file(
+    path: str, size: int = 32, channels: int = 3, max_words: int = 20000, test_fraction: float = 0.2
+) -> tuple[ImageDataset, ImageDataset]:
     """(train, test) image-text pairs from a CSV (``,``) or TSV (``.tsv``: tab) file with a header,
     open_clip's format: an image column (one of ``filepath``, ``image``, ``file``, ``path``;
     paths relative to the file's folder) and a caption column (``caption``, ``title`` or
@@ -335,8 +348,10 @@ def load_caption_file(path: str, size: int = 32, channels: int = 3, max_words: i
     image_key = next((k for k in IMAGE_COLUMNS if k in header), None)
     caption_key = next((k for k in CAPTION_COLUMNS if k in header), None)
     if image_key is None or caption_key is None:
-        raise DataError(f"captions: {path} needs an image column ({', '.join(IMAGE_COLUMNS)}) and a caption "
-                        f"column ({', '.join(CAPTION_COLUMNS)}); its header is {header}")
+        raise DataError(
+            f"captions: {path} needs an image column ({', '.join(IMAGE_COLUMNS)}) and a caption "
+            f"column ({', '.join(CAPTION_COLUMNS)}); its header is {header}"
+        )
     root = os.path.dirname(os.path.abspath(path))
     images = _read_images([os.path.join(root, r[image_key] or "") for r in rows], size, channels)
     captions = [r[caption_key] or "" for r in rows]
@@ -369,8 +384,17 @@ def load_caption_file(path: str, size: int = 32, channels: int = 3, max_words: i
 
 # colour_digits and videos: the embedded colour data of the pretext tasks (pyssl.data.colour);
 # captioned_digits: its image-text pairs (CLIP).
-DATA_KINDS = ("digits", "colour_digits", "captioned_digits", "videos", "cifar10", "cifar100", "stl10", "folder",
-              "captions")
+DATA_KINDS = (
+    "digits",
+    "colour_digits",
+    "captioned_digits",
+    "videos",
+    "cifar10",
+    "cifar100",
+    "stl10",
+    "folder",
+    "captions",
+)
 
 
 def load_data(spec: str, image_size: int | None = None) -> tuple[ImageDataset, ImageDataset]:
@@ -421,8 +445,18 @@ def batches(num_items: int, batch_size: int, epoch: int, seed: int, drop_last: b
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(num_items, generator=g)
     stop = num_items - num_items % batch_size if drop_last else num_items
-    return [perm[i: i + batch_size] for i in range(0, stop, batch_size)]
+    return [perm[i : i + batch_size] for i in range(0, stop, batch_size)]
 
 
-__all__ = ["ImageDataset", "DataError", "load_digits", "load_cifar", "load_stl10", "load_image_folder",
-           "load_caption_file", "load_data", "batches", "DATA_KINDS"]
+__all__ = [
+    "ImageDataset",
+    "DataError",
+    "load_digits",
+    "load_cifar",
+    "load_stl10",
+    "load_image_folder",
+    "load_caption_file",
+    "load_data",
+    "batches",
+    "DATA_KINDS",
+]

@@ -11,11 +11,12 @@
 - :func:`evaluate_encoders`: all of it for several encoders (raw pixels and a random-init
   encoder as baselines) and label fractions; :func:`format_table` prints it.
 """
+
 from __future__ import annotations
 
 import copy
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,20 +47,29 @@ def resolve_layer(encoder: nn.Module, layer: str | None) -> str | None:
     if layer == "mid":
         name = middle_layer(encoder)
         if name is None:
-            raise ValueError("layer 'mid': the encoder has no named stages (pyssl's ResNet, ConvNet and "
-                             "pretext encoder have them); give a module name instead")
+            raise ValueError(
+                "layer 'mid': the encoder has no named stages (pyssl's ResNet, ConvNet and "
+                "pretext encoder have them); give a module name instead"
+            )
         return name
     modules = dict(encoder.named_modules())
     if layer not in modules or layer == "":
         names = [n for n in modules if n][:12]
-        raise ValueError(f"no layer {layer!r}: the encoder has no module {layer!r} (some of its modules: "
-                         f"{', '.join(names)})")
+        raise ValueError(
+            f"no layer {layer!r}: the encoder has no module {layer!r} (some of its modules: {', '.join(names)})"
+        )
     return layer
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module | None, images: Tensor, transform: Callable[[Tensor], Tensor],
-                     batch_size: int = 512, layer: str | None = None, grid: int = 1) -> Tensor:
+def extract_features(
+    encoder: nn.Module | None,
+    images: Tensor,
+    transform: Callable[[Tensor], Tensor],
+    batch_size: int = 512,
+    layer: str | None = None,
+    grid: int = 1,
+) -> Tensor:
     """Features (N, D) of uint8 images; ``encoder=None`` gives the (normalised) raw pixels.
 
     ``layer`` probes an intermediate layer instead of the encoder's output (as VISSL and the
@@ -88,7 +98,7 @@ def extract_features(encoder: nn.Module | None, images: Tensor, transform: Calla
         encoder.eval()
     try:
         for i in range(0, len(images), batch_size):
-            x = transform(images[i: i + batch_size].to(device))
+            x = transform(images[i : i + batch_size].to(device))
             f = encoder(x) if encoder is not None else x
             if layer is not None:
                 f = captured.pop()
@@ -104,8 +114,15 @@ def extract_features(encoder: nn.Module | None, images: Tensor, transform: Calla
 
 
 @torch.no_grad()
-def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Tensor, k: int = 200,
-                t: float = 0.1, num_classes: int | None = None, chunk: int = 1024) -> Tensor:
+def knn_predict(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    k: int = 200,
+    t: float = 0.1,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+) -> Tensor:
     """Predicted labels: the ``k`` most cosine-similar training features vote for their class
     with weight ``exp(similarity / t)``.  ``k`` is clamped to the number of training samples."""
     if k < 1 or t <= 0:
@@ -116,7 +133,7 @@ def knn_predict(train_features: Tensor, train_labels: Tensor, test_features: Ten
     labels = train_labels.to(tr.device)
     preds = []
     for i in range(0, len(test_features), chunk):
-        te = F.normalize(test_features[i: i + chunk].float().to(tr.device), dim=1)
+        te = F.normalize(test_features[i : i + chunk].float().to(tr.device), dim=1)
         sim, idx = (te @ tr.T).topk(k, dim=1)
         votes = torch.zeros(len(te), num_classes, device=tr.device, dtype=sim.dtype)
         votes.scatter_add_(1, labels[idx], (sim / t).exp())
@@ -140,8 +157,15 @@ def balanced_subset(labels: Tensor, fraction: float, seed: int = 0) -> Tensor:
     return torch.cat(picked).sort().values
 
 
-def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
-                 weight_decay: float = 1e-3, max_iter: int = 300, num_classes: int | None = None) -> float:
+def linear_probe(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    weight_decay: float = 1e-3,
+    max_iter: int = 300,
+    num_classes: int | None = None,
+) -> float:
     """Test accuracy of an L2-regularised multinomial logistic regression on frozen features."""
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     x = train_features.double()
@@ -172,9 +196,22 @@ def _random_shift(x: Tensor, pad: int, g: torch.Generator) -> Tensor:
     return torch.roll(F.pad(x, (pad,) * 4, mode="replicate"), (dy, dx), (2, 3))[..., pad:-pad, pad:-pad]
 
 
-def fine_tune(encoder: nn.Module, transform: Callable[[Tensor], Tensor], train_images: Tensor, train_labels: Tensor,
-              test_images: Tensor, test_labels: Tensor, num_classes: int, steps: int = 300, batch_size: int = 128,
-              lr: float = 1e-3, weight_decay: float = 1e-4, shift: int = 2, flip: bool = False, seed: int = 0) -> float:
+def fine_tune(
+    encoder: nn.Module,
+    transform: Callable[[Tensor], Tensor],
+    train_images: Tensor,
+    train_labels: Tensor,
+    test_images: Tensor,
+    test_labels: Tensor,
+    num_classes: int,
+    steps: int = 300,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    shift: int = 2,
+    flip: bool = False,
+    seed: int = 0,
+) -> float:
     """Test accuracy after training a copy of ``encoder`` plus a linear layer end to end (AdamW,
     cosine schedule, random shifts of up to ``shift`` pixels) on the given labelled images."""
     g = torch.Generator().manual_seed(seed)
@@ -211,10 +248,21 @@ def fine_tune(encoder: nn.Module, transform: Callable[[Tensor], Tensor], train_i
         return (head(feats).argmax(1) == test_labels.to(device)).float().mean().item()
 
 
-def evaluate_encoders(encoders: dict[str, nn.Module | None], transform: Callable[[Tensor], Tensor], train, test,
-                      fractions=(0.01, 0.1, 1.0), protocols=PROTOCOLS, k: int = 200, t: float = 0.1,
-                      finetune_steps: int = 300, seed: int = 0, log: Callable[[str], None] | None = None,
-                      layer: str | None = None, grid: int = 1) -> dict:
+def evaluate_encoders(
+    encoders: dict[str, nn.Module | None],
+    transform: Callable[[Tensor], Tensor],
+    train,
+    test,
+    fractions=(0.01, 0.1, 1.0),
+    protocols=PROTOCOLS,
+    k: int = 200,
+    t: float = 0.1,
+    finetune_steps: int = 300,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+    layer: str | None = None,
+    grid: int = 1,
+) -> dict:
     """``{encoder_name: {protocol: {fraction: accuracy}}}``.  ``None`` as an encoder means raw
     pixels (fine-tuning is then skipped: it would be the linear probe again).  ``train``/``test``
     are :class:`pyssl.data.ImageDataset` on the evaluation device.  ``layer`` (a module name, or
@@ -240,13 +288,27 @@ def evaluate_encoders(encoders: dict[str, nn.Module | None], transform: Callable
                 pred = knn_predict(tr[idx], train.labels[idx], te, k=k, t=t, num_classes=num_classes)
                 res["knn"][f] = (pred == test.labels.to(pred.device)).float().mean().item()
             if "finetune" in protocols:
-                res["finetune"][f] = float("nan") if enc is None else fine_tune(
-                    enc, transform, train.images[idx], train.labels[idx], test.images, test.labels, num_classes,
-                    steps=finetune_steps, seed=seed)
+                res["finetune"][f] = (
+                    float("nan")
+                    if enc is None
+                    else fine_tune(
+                        enc,
+                        transform,
+                        train.images[idx],
+                        train.labels[idx],
+                        test.images,
+                        test.labels,
+                        num_classes,
+                        steps=finetune_steps,
+                        seed=seed,
+                    )
+                )
             if log is not None:
                 # raw pixels have nothing to fine-tune (NaN): left out, as the table shows "-"
-                log(f"{name}, {f:.0%} labels: " + ", ".join(f"{p} {res[p][f] * 100:.1f}%" for p in protocols
-                                                            if not math.isnan(res[p][f])))
+                log(
+                    f"{name}, {f:.0%} labels: "
+                    + ", ".join(f"{p} {res[p][f] * 100:.1f}%" for p in protocols if not math.isnan(res[p][f]))
+                )
     return results
 
 
@@ -266,8 +328,8 @@ def zero_shot_accuracy(model: nn.Module, images: Tensor, labels: Tensor, prompts
     try:
         hits = 0
         for i in range(0, len(images), batch_size):
-            scores = model.encode_image(images[i: i + batch_size]) @ classifier.T
-            hits += int((scores.argmax(1) == labels[i: i + batch_size].to(scores.device)).sum())
+            scores = model.encode_image(images[i : i + batch_size]) @ classifier.T
+            hits += int((scores.argmax(1) == labels[i : i + batch_size].to(scores.device)).sum())
     finally:
         model.train(was)
     return hits / len(images)
@@ -282,17 +344,33 @@ def format_table(results: dict, k: int = 200, t: float = 0.1) -> str:
     w0 = max(len("labels"), *(len(n) for n in names)) + 2
     colw = 8
     group = colw * len(fractions)
-    lines = [" " * w0 + "".join(f"{titles[p]:^{group}}|" for p in protocols),
-             f"{'labels':<{w0}}" + "".join("".join(f"{f'{f:.0%}':>{colw}}" for f in fractions) + "|" for _ in protocols)]
+    lines = [
+        " " * w0 + "".join(f"{titles[p]:^{group}}|" for p in protocols),
+        f"{'labels':<{w0}}" + "".join("".join(f"{f'{f:.0%}':>{colw}}" for f in fractions) + "|" for _ in protocols),
+    ]
     lines.append("-" * len(lines[1]))
     for n in names:
         cells = []
         for p in protocols:
-            cells.append("".join(f"{'-':>{colw}}" if math.isnan(results[n][p][f]) else f"{results[n][p][f] * 100:>{colw - 1}.1f}%"
-                                 for f in fractions) + "|")
+            cells.append(
+                "".join(
+                    f"{'-':>{colw}}" if math.isnan(results[n][p][f]) else f"{results[n][p][f] * 100:>{colw - 1}.1f}%"
+                    for f in fractions
+                )
+                + "|"
+            )
         lines.append(f"{n:<{w0}}" + "".join(cells))
     return "\n".join(lines)
 
 
-__all__ = ["extract_features", "knn_predict", "balanced_subset", "linear_probe", "fine_tune", "evaluate_encoders",
-           "format_table", "zero_shot_accuracy", "PROTOCOLS"]
+__all__ = [
+    "extract_features",
+    "knn_predict",
+    "balanced_subset",
+    "linear_probe",
+    "fine_tune",
+    "evaluate_encoders",
+    "format_table",
+    "zero_shot_accuracy",
+    "PROTOCOLS",
+]

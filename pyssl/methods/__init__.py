@@ -4,9 +4,10 @@ Each method is a small ``nn.Module`` with ``backbone`` (the encoder evaluated do
 ``training_step(batch) -> loss``; the trainer and the CLI only use that.  A new method registers
 itself with ``@register("name")`` and is then built by ``build_method("name", **cfg)``.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from pyssl.methods.base import Method, MethodError
 
@@ -20,8 +21,10 @@ def register(name: str, **preset) -> Callable:
     def deco(cls):
         if name in _REGISTRY:
             raise MethodError(f"method {name!r} is already registered")
+
         def factory(**cfg):
             return cls(**{**preset, **cfg})
+
         factory.cls, factory.preset = cls, preset
         _REGISTRY[name] = factory
         return cls
@@ -59,19 +62,39 @@ def build_method(name: str, **cfg) -> Method:
     return method
 
 
-from pyssl.methods.simclr import SimCLR  # noqa: E402  (registers itself)
+# Each method module registers itself when imported.
+from pyssl.methods.clip import CLIP  # noqa: E402  (image-text pairs)
 from pyssl.methods.moco import MoCo  # noqa: E402
+from pyssl.methods.simclr import SimCLR  # noqa: E402
+
+# isort: split
 # Self-prediction pretext tasks (pyssl.pretext holds their transforms, colour space and nets).
-from pyssl.methods.rotnet import RotNet  # noqa: E402
-from pyssl.methods.relative_patch import RelativePatch  # noqa: E402
-from pyssl.methods.jigsaw import Jigsaw  # noqa: E402
-from pyssl.methods.inpainting import Inpainting  # noqa: E402
 from pyssl.methods.colorization import Colorization  # noqa: E402
+from pyssl.methods.cpc import CPC  # noqa: E402
+from pyssl.methods.inpainting import Inpainting  # noqa: E402
+from pyssl.methods.jigsaw import Jigsaw  # noqa: E402
+from pyssl.methods.relative_patch import RelativePatch  # noqa: E402
+from pyssl.methods.rotnet import RotNet  # noqa: E402
 from pyssl.methods.split_brain import SplitBrain  # noqa: E402
 from pyssl.methods.video_colorization import VideoColorization  # noqa: E402
-from pyssl.methods.cpc import CPC  # noqa: E402
-from pyssl.methods.clip import CLIP  # noqa: E402  (image-text pairs)
 
-__all__ = ["Method", "MethodError", "register", "build_method", "available_methods", "method_class",
-           "method_preset", "SimCLR", "MoCo", "RotNet", "RelativePatch", "Jigsaw", "Inpainting", "Colorization",
-           "SplitBrain", "VideoColorization", "CPC", "CLIP"]
+__all__ = [
+    "Method",
+    "MethodError",
+    "register",
+    "build_method",
+    "available_methods",
+    "method_class",
+    "method_preset",
+    "SimCLR",
+    "MoCo",
+    "RotNet",
+    "RelativePatch",
+    "Jigsaw",
+    "Inpainting",
+    "Colorization",
+    "SplitBrain",
+    "VideoColorization",
+    "CPC",
+    "CLIP",
+]

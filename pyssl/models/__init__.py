@@ -5,9 +5,10 @@ ConvNet here are sized for 8x8 to 96x96 images: up to 64x64 they use the CIFAR s
 stride 1, no max-pool); above it the ImageNet stem (7x7 stride 2 + max-pool).  Any torchvision
 (``tv:resnet50``) or timm (``timm:vit_tiny_patch16_224``) model also works when installed.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -65,17 +66,22 @@ class ResNet(StagedEncoder, nn.Module):
     """ResNet of basic blocks.  ``stem="cifar"``: 3x3 conv stride 1, no max-pool (the CIFAR
     variant of SimCLR/MoCo papers); ``stem="imagenet"``: 7x7 conv stride 2 + 3x3 max-pool."""
 
-    def __init__(self, layers=(2, 2, 2, 2), widths=(64, 128, 256, 512), in_channels: int = 3,
-                 stem: str = "cifar"):
+    def __init__(self, layers=(2, 2, 2, 2), widths=(64, 128, 256, 512), in_channels: int = 3, stem: str = "cifar"):
         super().__init__()
         if stem not in ("cifar", "imagenet"):
             raise ModelError(f"ResNet: stem must be 'cifar' or 'imagenet', got {stem!r}")
         w0 = widths[0]
         if stem == "cifar":
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, w0, 3, 1, 1, bias=False), nn.BatchNorm2d(w0), nn.ReLU(inplace=True))
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, w0, 3, 1, 1, bias=False), nn.BatchNorm2d(w0), nn.ReLU(inplace=True)
+            )
         else:
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, w0, 7, 2, 3, bias=False), nn.BatchNorm2d(w0),
-                                      nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_channels, w0, 7, 2, 3, bias=False),
+                nn.BatchNorm2d(w0),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, 2, 1),
+            )
         blocks, cin = [], w0
         self._stage_container, self._stage_ends = "layers", []
         for i, (n, w) in enumerate(zip(layers, widths)):
@@ -92,7 +98,6 @@ class ResNet(StagedEncoder, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pool(self.layers(self.stem(x))).flatten(1)
-
 
 
 class ConvNet(StagedEncoder, nn.Module):
@@ -121,6 +126,7 @@ class ConvNet(StagedEncoder, nn.Module):
 def _resnet(layers, widths):
     def make(in_channels=3, image_size=32, stem=None):
         return ResNet(layers, widths, in_channels, stem or ("cifar" if image_size <= 64 else "imagenet"))
+
     return make
 
 
@@ -212,8 +218,17 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
     Inputs of any rank >= 2, (N, C, ...), as ``nn.BatchNorm1d/2d/3d``.
     """
 
-    def __init__(self, num_features: int, splits: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        num_features: int,
+        splits: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
             raise ModelError(f"SplitBatchNorm: splits must be a positive int, got {splits!r}")
@@ -231,8 +246,9 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         self._check_input_dim(x)
         if x.shape[0] % self.splits:
-            raise ValueError(f"SplitBatchNorm: a batch of {x.shape[0]} is not divisible into "
-                             f"{self.splits} equal splits")
+            raise ValueError(
+                f"SplitBatchNorm: a batch of {x.shape[0]} is not divisible into {self.splits} equal splits"
+            )
         update_running = self.track_running_stats and self.running_mean is not None
         factor = 0.0 if self.momentum is None else self.momentum
         if update_running and self.num_batches_tracked is not None:
@@ -259,8 +275,9 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
         layer when ``module`` itself is one). Subclasses of those (e.g. timm's BatchNormAct2d,
         whose forward does more than normalise) and other normalisation layers are left alone."""
         if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-            split = cls(module.num_features, splits, module.eps, module.momentum, module.affine,
-                        module.track_running_stats)
+            split = cls(
+                module.num_features, splits, module.eps, module.momentum, module.affine, module.track_running_stats
+            )
             for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
                 setattr(split, name, getattr(module, name))
             split.train(module.training)
@@ -281,8 +298,15 @@ class ProjectionHead(nn.Sequential):
     ``num_layers=1`` is MoCo v1's linear head; ``num_layers=2`` without BN is MoCo v2's MLP head;
     with BN it is SimCLR's (v2) head."""
 
-    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, num_layers: int = 2,
-                 batch_norm: bool = True, last_bn: bool = False):
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int = 2048,
+        out_dim: int = 128,
+        num_layers: int = 2,
+        batch_norm: bool = True,
+        last_bn: bool = False,
+    ):
         if num_layers < 1:
             raise ModelError(f"ProjectionHead: num_layers must be >= 1, got {num_layers}")
         layers, d = [], in_dim
@@ -318,5 +342,17 @@ class PredictionHead(ProjectionHead):
 
 from pyssl.models.text import TextTransformer  # noqa: E402  (CLIP's text tower)
 
-__all__ = ["ResNet", "ConvNet", "BasicBlock", "BACKBONES", "build_backbone", "ProjectionHead", "PredictionHead",
-           "linear_head", "mlp_head", "SplitBatchNorm", "ModelError", "TextTransformer"]
+__all__ = [
+    "ResNet",
+    "ConvNet",
+    "BasicBlock",
+    "BACKBONES",
+    "build_backbone",
+    "ProjectionHead",
+    "PredictionHead",
+    "linear_head",
+    "mlp_head",
+    "SplitBatchNorm",
+    "ModelError",
+    "TextTransformer",
+]

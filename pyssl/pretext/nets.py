@@ -4,6 +4,7 @@ Sized for 8x8..64x64 images on a CPU: a handful of 3x3 conv + BatchNorm + ReLU s
 Encoders return pooled ``(N, D)`` features (``feature_dim``) or, with ``pool=False``, the
 last feature map, which decoders and dense heads use.
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,7 +59,13 @@ class ConvEncoder(StagedEncoder, nn.Module):
 class ConvDecoder(nn.Module):
     """Upsampling stages that mirror :class:`ConvEncoder` back to full resolution."""
 
-    def __init__(self, in_channels: int, out_channels: int, widths: tuple[int, ...] = (64, 32), final_act: nn.Module | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        widths: tuple[int, ...] = (64, 32),
+        final_act: nn.Module | None = None,
+    ):
         super().__init__()
         layers, cin = [], in_channels
         for w in widths:
@@ -85,7 +92,9 @@ class DenseHead(nn.Module):
 
 
 def mlp(din: int, dhidden: int, dout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(din, dhidden), nn.BatchNorm1d(dhidden), nn.ReLU(inplace=True), nn.Linear(dhidden, dout))
+    return nn.Sequential(
+        nn.Linear(din, dhidden), nn.BatchNorm1d(dhidden), nn.ReLU(inplace=True), nn.Linear(dhidden, dout)
+    )
 
 
 def to_float_images(x: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
 """Label / mask propagation with the attention of a video colorization model."""
+
 from __future__ import annotations
 
 import torch
@@ -39,8 +40,8 @@ def propagate_masks(model: VideoColorization, videos: Tensor, masks: Tensor, bat
     preds = []
     try:
         for s in range(0, n, batch_size):
-            frames = frames_all[s: s + batch_size]
-            m0 = masks[s: s + batch_size, 0]
+            frames = frames_all[s : s + batch_size]
+            m0 = masks[s : s + batch_size, 0]
             b = frames.shape[0]
             feats = model.embed(frames.flatten(0, 1))
             feats = feats.view(b, t, *feats.shape[1:])
