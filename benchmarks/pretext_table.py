@@ -117,7 +117,7 @@ def run(name: str, epochs: int, seed: int, out_dir: str) -> dict:
             baseline=base(m_tr),
         )
     if name == "video_colorization":
-        from pyssl.pretext.video import propagate_masks
+        from pyssl.eval.propagation import propagate_masks
 
         ds, masks = load_videos("test", with_masks=True)
         p_tr, p_rand = propagate_masks(method, ds.images, masks), propagate_masks(random_init, ds.images, masks)

@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pyssl.data.captions import COLOUR_HUES, digit_captions, tokenize
+from pyssl.data.dataset import DataError, ImageDataset
+
 
 @functools.lru_cache(maxsize=1)
 def _photos_cpu() -> Tensor:
@@ -166,7 +169,6 @@ def captioned_digits(size: int = 32, seed: int = 0, device=None) -> tuple[Tensor
     the attribute tensors index :data:`~pyssl.data.captions.COLOUR_NAMES` and
     :data:`~pyssl.data.captions.BACKGROUND_NAMES`.
     """
-    from pyssl.data.captions import COLOUR_HUES, digit_captions
 
     _check_size("captioned_digits", size)
     gen = torch.Generator().manual_seed(seed)
@@ -278,7 +280,6 @@ def _stratified_test_mask(labels: Tensor, test_fraction: float, seed: int) -> Te
 def _digits_split(name: str, split: str, size: int, test_fraction: float, seed: int, render):
     # The rendered digits (``render(size) -> (images, labels, texts or None)``) as an ImageDataset,
     # split like ``load_digits``; shared by the colour and the captioned digits.
-    from pyssl.data import DataError, ImageDataset
 
     if split not in ("train", "test", "all"):
         raise DataError(f"{name}: split must be train, test or all, got {split!r}")
@@ -301,7 +302,6 @@ def load_colour_digits(split: str = "train", size: int = 32, test_fraction: floa
 def load_captioned_digits(split: str = "train", size: int = 32, test_fraction: float = 0.3, seed: int = 0):
     """:func:`captioned_digits` as a :class:`pyssl.data.ImageDataset` whose ``texts`` are the
     tokenised captions (split like ``load_colour_digits``)."""
-    from pyssl.data.captions import tokenize
 
     def render(s: int):
         images, labels, captions, _ = captioned_digits(s)
@@ -316,9 +316,8 @@ def load_videos(
     """:func:`synthetic_videos` stored as images ``(N, frames * 3, S, S)`` (frame-major) with labels -1.
 
     ``train`` has 1024 videos (seed 0), ``test`` 256 (seed 1). ``with_masks=True`` also
-    returns the object masks ``(N, frames, S, S)`` for :func:`pyssl.pretext.video.propagate_masks`.
+    returns the object masks ``(N, frames, S, S)`` for :func:`pyssl.eval.propagation.propagate_masks`.
     """
-    from pyssl.data import DataError, ImageDataset
 
     if split not in ("train", "test"):
         raise DataError(f"videos: split must be train or test, got {split!r}")
@@ -339,7 +338,6 @@ def load_colour_data(kind: str, image_size: int | None = None):
         return load_captioned_digits("train", size), load_captioned_digits("test", size)
     if kind == "videos":
         return load_videos("train", size), load_videos("test", size)
-    from pyssl.data import DataError
 
     raise DataError(f"unknown colour data set {kind!r} (colour_digits, captioned_digits or videos)")
 

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from pyssl.data import captions as caption_text
 from pyssl.losses import ClipLoss
-from pyssl.methods import register
 from pyssl.methods.base import Method, MethodError
+from pyssl.methods.registry import register
 from pyssl.models import TextTransformer
 
 

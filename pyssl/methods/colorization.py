@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pyssl.methods import register
 from pyssl.methods._pretext import MethodError, PretextMethod, own_encoder_only
+from pyssl.methods.registry import register
 from pyssl.pretext.lab import AB_RANGE, ABQuantizer, rgb_to_lab
 from pyssl.pretext.nets import Backbone, ConvEncoder, DenseHead, LabChannels, normalized_lab
 

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pyssl.losses import InfoNCELoss
-from pyssl.methods import register
 from pyssl.methods._pretext import MethodError, PretextMethod, as_method_error, make_backbone
+from pyssl.methods.registry import register
 from pyssl.pretext.transforms import extract_patches, sliding_grid, sliding_origins
 
 

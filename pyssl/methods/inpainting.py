@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from pyssl.methods import register
 from pyssl.methods._pretext import MethodError, PretextMethod, as_method_error, own_encoder_only
+from pyssl.methods.registry import register
 from pyssl.pretext.nets import ConvDecoder, ConvEncoder
 from pyssl.pretext.transforms import region_masks
 

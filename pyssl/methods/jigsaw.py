@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyssl.methods import register
 from pyssl.methods._pretext import PretextMethod, accuracy, as_method_error, make_backbone
+from pyssl.methods.registry import register
 from pyssl.pretext.nets import mlp
 from pyssl.pretext.transforms import extract_patches, grid_geometry, grid_origins, maximal_hamming_permutations
 

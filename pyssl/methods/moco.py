@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from pyssl import distributed
 from pyssl.losses import MoCoLoss
-from pyssl.methods import register
 from pyssl.methods.base import Method, MethodError, images_of, two_views
+from pyssl.methods.registry import register
 from pyssl.models import ProjectionHead, SplitBatchNorm
 from pyssl.momentum import cosine_schedule, update_momentum
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyssl.methods import register
 from pyssl.methods._pretext import PretextMethod, accuracy, make_backbone
+from pyssl.methods.registry import register
 from pyssl.pretext.nets import mlp
 from pyssl.pretext.transforms import rotate_all4
 

@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from pyssl.losses import NTXentLoss
-from pyssl.methods import register
 from pyssl.methods.base import Method, images_of, two_views
+from pyssl.methods.registry import register
 from pyssl.models import ProjectionHead
 
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyssl.methods import register
 from pyssl.methods._pretext import MethodError, PretextMethod, own_encoder_only
+from pyssl.methods.registry import register
 from pyssl.pretext.lab import ABQuantizer, rgb_to_lab
 from pyssl.pretext.nets import Backbone, ConvEncoder, FirstFrame, LabChannels, normalized_lab
 
@@ -45,7 +45,7 @@ class VideoColorization(PretextMethod):
     are the ab values quantised into the in-gamut bins of spacing ``grid`` (one-hot), and
     the loss is the cross-entropy of the predicted distribution at the target's true bin.
     Copying a colour is only right if it points to the same surface, so tracking emerges:
-    :func:`pyssl.pretext.video.propagate_masks` uses the same attention to carry object
+    :func:`pyssl.eval.propagation.propagate_masks` uses the same attention to carry object
     masks from the first frame to later ones.
 
     Videos come as ``(N, T * 3, H, W)`` uint8 images (how :mod:`pyssl.data.colour` stores
