@@ -137,7 +137,7 @@ def test_image_folder(tmp_path):
 def test_many_images_are_read_in_threads_in_file_order(tmp_path):
     from PIL import Image
 
-    from pyssl.data import _read_image
+    from pyssl.data.files import _read_image
 
     rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
     os.makedirs(tmp_path / "a")
