@@ -1,6 +1,6 @@
 # One command sets up and runs each job on a fresh machine:
 #   make demo   - virtual environment + torch + build, then the main job
-#   make test   - the same set-up, then the whole test suite and the CPU-only build check
+#   make test   - the same set-up, then ruff, the whole test suite and the CPU-only build check
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # Arguments of `make demo` (python -m pyssl.demo), e.g. DEMO_ARGS=--finetune.
 DEMO_ARGS ?=
 
-.PHONY: setup build test pytest sass-check check-cpu-build demo bench clean
+.PHONY: setup build lint test pytest sass-check check-cpu-build demo bench clean
 
 $(VENV)/.deps-stamp: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,12 @@ build: setup
 pytest: build
 	PYSSL_REQUIRE_EMULATION=1 $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS) tests
 
-test: pytest sass-check check-cpu-build
+# Lint and format check (configured in pyproject.toml): needs ruff only, not the built extension.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint pytest sass-check check-cpu-build
 
 # Registers, shared memory, spills and HMMA use of every compiled CUDA kernel, from its SASS
 # (benchmarks/sass_report.py): fails when a hot kernel spills or a tensor-core kernel has no

@@ -9,6 +9,7 @@ pyssl and torchvision read uint8 images; kornia needs float input, converted bef
 torchvision v2 is what a DataLoader worker runs: the transform applied image by image.
 Besides the harness's time ratios, images/s is printed and stored per candidate.
 """
+
 import json
 import os
 import sys

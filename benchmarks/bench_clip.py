@@ -5,6 +5,7 @@
 Eager and open_clip get features normalised by F.normalize first (open_clip's model does that
 before its loss); pyssl's fused op normalises inside.
 """
+
 import os
 import sys
 

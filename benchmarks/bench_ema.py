@@ -6,6 +6,7 @@ Eager is the common hand-written loop (``e.mul_(m).add_(p, alpha=1 - m)`` per pa
 lightly's ``update_momentum`` is two ``torch._foreach_*`` calls. Models are torchvision's
 ResNet-50 and ViT-B/16 with random init, float32.
 """
+
 import os
 import sys
 

@@ -4,6 +4,7 @@
 
 Eager is what a user writes by hand: normalize, one (2N x 2N) matmul, masked cross-entropy.
 """
+
 import os
 import sys
 
@@ -53,10 +54,14 @@ CANDIDATES = {"pyssl": pyssl_candidate, "eager": eager_candidate, "lightly": lig
 if __name__ == "__main__":
     on_cuda = "--device" in sys.argv and "cuda" in sys.argv[sys.argv.index("--device") + 1]
     configs = (
-        [{"n": 8192, "d": 128, "temperature": 0.5, "dtype": "bfloat16"},
-         {"n": 4096, "d": 128, "temperature": 0.5, "dtype": "float32"}]
+        [
+            {"n": 8192, "d": 128, "temperature": 0.5, "dtype": "bfloat16"},
+            {"n": 4096, "d": 128, "temperature": 0.5, "dtype": "float32"},
+        ]
         if on_cuda
-        else [{"n": 4096, "d": 128, "temperature": 0.5, "dtype": "float32"},
-              {"n": 1024, "d": 128, "temperature": 0.5, "dtype": "float32"}]
+        else [
+            {"n": 4096, "d": 128, "temperature": 0.5, "dtype": "float32"},
+            {"n": 1024, "d": 128, "temperature": 0.5, "dtype": "float32"},
+        ]
     )
     run_benchmark(__file__, CANDIDATES, configs)

@@ -11,6 +11,7 @@ neighbour loss, so that row is its NCALoss set up to compute the same value. Its
 lifted structure losses list every triplet or (positive pair, negative pair) combination, so
 those configs are kept small enough for it (and eager) to fit in memory.
 """
+
 import os
 import sys
 

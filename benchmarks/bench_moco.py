@@ -7,6 +7,7 @@ logits, one (N x K) matmul against the queue, cat, cross-entropy, then the ring-
 lightly is ``NTXentLoss(memory_bank_size=(K, d))``. Keys come from a momentum encoder, so they
 do not require grad.
 """
+
 import os
 import sys
 

@@ -10,6 +10,7 @@ writes every run to JSON.
 
     python benchmarks/clip_table.py --epochs 20 --seeds 0,1,2 [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,10 @@ FRACTIONS = (0.01, 0.1, 1.0)
 
 def measure(model, train, test, colour_images, colours, seed: int) -> dict:
     model.eval()
-    out = {"zero_shot_digit": zero_shot_accuracy(model, test.images, test.labels, model.digit_prompts()),
-           "zero_shot_colour": zero_shot_accuracy(model, colour_images, colours, model.colour_prompts())}
+    out = {
+        "zero_shot_digit": zero_shot_accuracy(model, test.images, test.labels, model.digit_prompts()),
+        "zero_shot_colour": zero_shot_accuracy(model, colour_images, colours, model.colour_prompts()),
+    }
     tr = extract_features(model.backbone, train.images, model.normalize)
     te = extract_features(model.backbone, test.images, model.normalize)
     for f in FRACTIONS:
@@ -48,8 +51,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--json", default=default_output("clip_table_cpu"),
-                   help="output (default runs/benchmarks/clip_table_cpu.json; the recorded one is benchmarks/results/)")
+    p.add_argument(
+        "--json",
+        default=default_output("clip_table_cpu"),
+        help="output (default runs/benchmarks/clip_table_cpu.json; the recorded one is benchmarks/results/)",
+    )
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     images, labels, _, attr = captioned_digits(32)
@@ -57,9 +63,25 @@ def main() -> int:
     runs = []
     for seed in seeds:
         with tempfile.TemporaryDirectory() as out:
-            targs = build_parser().parse_args(["train", "--method", "clip", "--epochs", str(args.epochs),
-                                               "--seed", str(seed), "--out", out, "--no-progress",
-                                               "--no-tensorboard", "--knn-every", "0", "--device", "cpu"])
+            targs = build_parser().parse_args(
+                [
+                    "train",
+                    "--method",
+                    "clip",
+                    "--epochs",
+                    str(args.epochs),
+                    "--seed",
+                    str(seed),
+                    "--out",
+                    out,
+                    "--no-progress",
+                    "--no-tensorboard",
+                    "--knn-every",
+                    "0",
+                    "--device",
+                    "cpu",
+                ]
+            )
             trainer = prepare_training(targs)
             random_init = copy.deepcopy(trainer.method)
             t0 = time.perf_counter()
@@ -67,8 +89,9 @@ def main() -> int:
             seconds = time.perf_counter() - t0
         row = {"seed": seed, "epochs": args.epochs, "train_seconds": round(seconds, 1)}
         for name, model in (("clip", trainer.method), ("random_init", random_init)):
-            row[name] = measure(model, trainer.train_data, trainer.test_data, images[test_mask],
-                                attr["colour"][test_mask], seed)
+            row[name] = measure(
+                model, trainer.train_data, trainer.test_data, images[test_mask], attr["colour"][test_mask], seed
+            )
         runs.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
 

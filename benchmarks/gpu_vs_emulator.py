@@ -10,6 +10,7 @@ uninitialised read that happened to be zero on the GPU, ...).
 
     python benchmarks/gpu_vs_emulator.py --out /tmp/gpu_vs_emulator.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,17 @@ def _run(kind, cfg, ops, device):
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         scale = torch.full((), cfg["scale"], device=device, dtype=acc)
         loss, lse_row, lse_col = ops.infonce_forward(q, k, scale, True)
-        gq, gk, gs = ops.infonce_backward(torch.ones((), device=device, dtype=dtype), q, k, scale, lse_row, lse_col, True)
-        return {"loss": loss, "lse_row": lse_row, "lse_col": lse_col, "grad_query": gq, "grad_key": gk, "grad_scale": gs}
+        gq, gk, gs = ops.infonce_backward(
+            torch.ones((), device=device, dtype=dtype), q, k, scale, lse_row, lse_col, True
+        )
+        return {
+            "loss": loss,
+            "lse_row": lse_row,
+            "lse_col": lse_col,
+            "grad_query": gq,
+            "grad_key": gk,
+            "grad_scale": gs,
+        }
     if kind == "moco":
         q, k = randn(cfg["n"], cfg["d"]), randn(cfg["n"], cfg["d"])
         queue = torch.nn.functional.normalize(randn(cfg["k"], cfg["d"]).float(), dim=1)

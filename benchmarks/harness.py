@@ -18,6 +18,7 @@ Usage inside a benchmark script::
     if __name__ == "__main__":
         run_benchmark(__file__, CANDIDATES, configs, reference="pyssl")
 """
+
 from __future__ import annotations
 
 import argparse
@@ -172,7 +173,9 @@ def run_benchmark(
     report = {
         "benchmark": bench_name,
         "device": args.device,
-        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "results": [],
@@ -190,7 +193,9 @@ def run_benchmark(
             else:
                 rows[n] = _run_isolated(script, n, config, args.device, args.min_time, args.max_iters)
         ref = rows.get(reference, {})
-        print(f"{'candidate':<22}{'time':>12}{'peak extra mem':>18}{'time / ' + reference:>16}{'mem / ' + reference:>16}")
+        print(
+            f"{'candidate':<22}{'time':>12}{'peak extra mem':>18}{'time / ' + reference:>16}{'mem / ' + reference:>16}"
+        )
         for n, r in rows.items():
             if "error" in r:
                 print(f"{n:<22}  error: {r['error']}")

@@ -14,6 +14,7 @@ run to JSON.
 
     python benchmarks/pretext_table.py --epochs 30 --seeds 0,1,2 [--methods rotnet,jigsaw] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,18 @@ import torch
 from pyssl.data.colour import load_videos
 from pyssl.eval import balanced_subset, extract_features, linear_probe, middle_layer
 
-METHODS = ("rotnet", "relative_patch", "jigsaw", "inpainting", "colorization", "split_brain", "video_colorization",
-           "cpc", "simclr", "mocov2")
+METHODS = (
+    "rotnet",
+    "relative_patch",
+    "jigsaw",
+    "inpainting",
+    "colorization",
+    "split_brain",
+    "video_colorization",
+    "cpc",
+    "simclr",
+    "mocov2",
+)
 
 # The metric that shows the pretext task was learned, and what it is compared with.
 PRETEXT = {
@@ -49,7 +60,7 @@ def pretext_on(method, images, batch=128, batches=4) -> dict:
     out: dict = {}
     n = 0
     for i in range(0, min(len(images), batch * batches), batch):
-        m = method.pretext_metrics(images[i: i + batch])
+        m = method.pretext_metrics(images[i : i + batch])
         for k, v in m.items():
             out[k] = out.get(k, 0.0) + v
         n += 1
@@ -69,8 +80,23 @@ def run(name: str, epochs: int, seed: int, out_dir: str) -> dict:
     from pyssl.cli import build_parser, prepare_training
 
     contrastive = name not in PRETEXT
-    argv = ["train", "--method", name, "--epochs", str(epochs), "--seed", str(seed), "--device", "cpu",
-            "--out", os.path.join(out_dir, f"{name}-{seed}"), "--no-progress", "--no-tensorboard", "--knn-every", "0"]
+    argv = [
+        "train",
+        "--method",
+        name,
+        "--epochs",
+        str(epochs),
+        "--seed",
+        str(seed),
+        "--device",
+        "cpu",
+        "--out",
+        os.path.join(out_dir, f"{name}-{seed}"),
+        "--no-progress",
+        "--no-tensorboard",
+        "--knn-every",
+        "0",
+    ]
     if contrastive:
         argv += ["--data", "colour_digits", "--backbone", "small"]
     trainer = prepare_training(build_parser().parse_args(argv))
@@ -83,21 +109,36 @@ def run(name: str, epochs: int, seed: int, out_dir: str) -> dict:
     if not contrastive:
         metric, base_name, base = PRETEXT[name]
         m_tr, m_rand = pretext_on(method, test.images), pretext_on(random_init, test.images)
-        row.update(pretext_metric=metric, pretext_trained=m_tr[metric], pretext_random=m_rand[metric],
-                   baseline_name=base_name, baseline=base(m_tr))
+        row.update(
+            pretext_metric=metric,
+            pretext_trained=m_tr[metric],
+            pretext_random=m_rand[metric],
+            baseline_name=base_name,
+            baseline=base(m_tr),
+        )
     if name == "video_colorization":
-        from pyssl.pretext.video import propagate_masks
+        from pyssl.eval.propagation import propagate_masks
 
         ds, masks = load_videos("test", with_masks=True)
         p_tr, p_rand = propagate_masks(method, ds.images, masks), propagate_masks(random_init, ds.images, masks)
-        row.update(probe_metric="mask IoU (frame 0 -> 1..3)", probe_trained=p_tr["mask_iou"],
-                   probe_random=p_rand["mask_iou"], probe_baseline=p_tr["mask_iou_copy"])
+        row.update(
+            probe_metric="mask IoU (frame 0 -> 1..3)",
+            probe_trained=p_tr["mask_iou"],
+            probe_random=p_rand["mask_iou"],
+            probe_baseline=p_tr["mask_iou_copy"],
+        )
     else:
-        row.update(probe_metric=f"linear probe on {train.name}", probe_trained=probe(method, train, test),
-                   probe_random=probe(random_init, train, test))
+        row.update(
+            probe_metric=f"linear probe on {train.name}",
+            probe_trained=probe(method, train, test),
+            probe_random=probe(random_init, train, test),
+        )
         mid = dict(layer=middle_layer(method.backbone), grid=2, fraction=0.1, seed=seed)
-        row.update(mid_layer=mid["layer"], mid_probe_trained=probe(method, train, test, **mid),
-                   mid_probe_random=probe(random_init, train, test, **mid))
+        row.update(
+            mid_layer=mid["layer"],
+            mid_probe_trained=probe(method, train, test, **mid),
+            mid_probe_random=probe(random_init, train, test, **mid),
+        )
     return row
 
 
@@ -133,15 +174,25 @@ def main() -> None:
             row = run(name.strip(), args.epochs, seed, args.out)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    print("| method | data | pretext metric | trained | random init | baseline | probe: trained | random init "
-          "| mid-layer probe, 10% labels: trained | random init |")
+    print(
+        "| method | data | pretext metric | trained | random init | baseline | probe: trained | random init "
+        "| mid-layer probe, 10% labels: trained | random init |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in mean_rows(rows):
         pb = f" (copy: {r['probe_baseline']:.3f})" if "probe_baseline" in r else ""
-        mid = (f"{r['mid_probe_trained']:.3f} | {r['mid_probe_random']:.3f}" if "mid_probe_trained" in r else "- | -")
-        pretext = (f"{r['pretext_metric']} | {r['pretext_trained']:.3f} | {r['pretext_random']:.3f} | "
-                   f"{r['baseline']:.3f} ({r['baseline_name']})") if "pretext_metric" in r else "- | - | - | -"
-        print(f"| {r['method']} | {r['data']} | {pretext} | {r['probe_trained']:.3f}{pb} | {r['probe_random']:.3f} | {mid} |")
+        mid = f"{r['mid_probe_trained']:.3f} | {r['mid_probe_random']:.3f}" if "mid_probe_trained" in r else "- | -"
+        pretext = (
+            (
+                f"{r['pretext_metric']} | {r['pretext_trained']:.3f} | {r['pretext_random']:.3f} | "
+                f"{r['baseline']:.3f} ({r['baseline_name']})"
+            )
+            if "pretext_metric" in r
+            else "- | - | - | -"
+        )
+        print(
+            f"| {r['method']} | {r['data']} | {pretext} | {r['probe_trained']:.3f}{pb} | {r['probe_random']:.3f} | {mid} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"epochs": args.epochs, "seeds": args.seeds, "runs": rows, "mean": mean_rows(rows)}, f, indent=1)

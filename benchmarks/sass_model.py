@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from collections import Counter
@@ -166,7 +165,9 @@ class Loop:
     children: list[Loop] = field(default_factory=list)
 
     def contains(self, other: Loop) -> bool:
-        return self.head <= other.head and other.tail <= self.tail and (self.head, self.tail) != (other.head, other.tail)
+        return (
+            self.head <= other.head and other.tail <= self.tail and (self.head, self.tail) != (other.head, other.tail)
+        )
 
 
 def find_loops(instructions: list[Instruction]) -> list[Loop]:
@@ -345,7 +346,17 @@ def infonce_sweeps(rows: int, cols: int, dim: int, kernels: str, label: str, bac
         flops = block_rows * tile * depth * 2
         instance = "" if kernels != "mma" else (", true, 2>" if resident else ", false, 1>")
         return [
-            Sweep(f"{label} lse", name_f, row_blocks * splits, per_split, threads, flops / 4096, 0, instance, block_rows * tile)
+            Sweep(
+                f"{label} lse",
+                name_f,
+                row_blocks * splits,
+                per_split,
+                threads,
+                flops / 4096,
+                0,
+                instance,
+                block_rows * tile,
+            )
         ]
     chunks = ceil_div(dim_pad, 128)
     splits, per_split = column_splits(col_tiles, row_tiles * chunks, 2 * SMS, False)

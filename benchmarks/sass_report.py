@@ -236,9 +236,7 @@ def demangle_all(mangled_names: list[str]) -> dict[str, str]:
     readable part parsed out of the mangled name itself."""
     cxxfilt = shutil.which("c++filt")
     if cxxfilt and mangled_names:
-        result = subprocess.run(
-            [cxxfilt], input="\n".join(mangled_names) + "\n", capture_output=True, text=True
-        )
+        result = subprocess.run([cxxfilt], input="\n".join(mangled_names) + "\n", capture_output=True, text=True)
         lines = result.stdout.splitlines()
         if result.returncode == 0 and len(lines) == len(mangled_names):
             return dict(zip(mangled_names, lines))
@@ -373,8 +371,7 @@ def merge_kernels(
                 "sass_instructions": stats.instructions if stats else None,
                 "opcode_counts": opcode_counts,
                 "hot": matches_any(name, HOT_PATTERNS) or matches_any(mangled, HOT_PATTERNS),
-                "tensor_core": matches_any(name, TENSOR_CORE_PATTERNS)
-                or matches_any(mangled, TENSOR_CORE_PATTERNS),
+                "tensor_core": matches_any(name, TENSOR_CORE_PATTERNS) or matches_any(mangled, TENSOR_CORE_PATTERNS),
             }
         )
     # Sorted by readable name so a kernel's template instances sit next to each other.
@@ -499,22 +496,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--objects",
-        help=f"an object file, a directory (its *.cu.o) or a glob; default {DEFAULT_OBJECTS} "
-        "under the repository root",
+        help=f"an object file, a directory (its *.cu.o) or a glob; default {DEFAULT_OBJECTS} under the repository root",
     )
-    parser.add_argument(
-        "--out", help="write the table as JSON here (nothing is written without it)"
-    )
+    parser.add_argument("--out", help="write the table as JSON here (nothing is written without it)")
     parser.add_argument(
         "--cuobjdump",
-        help="cuobjdump to use; default $CUOBJDUMP, PATH, /usr/local/cuda/bin, then the "
-        "triton wheel of this Python",
+        help="cuobjdump to use; default $CUOBJDUMP, PATH, /usr/local/cuda/bin, then the triton wheel of this Python",
     )
     parser.add_argument(
         "--check",
         action="store_true",
-        help="exit 1 when a hot kernel spills, a tensor-core kernel has no HMMA, or an object "
-        "cannot be read",
+        help="exit 1 when a hot kernel spills, a tensor-core kernel has no HMMA, or an object cannot be read",
     )
     parser.add_argument(
         "--known-spill",

@@ -4,6 +4,7 @@ find_package(Torch) is avoided on purpose: with the CUDA wheels it looks for nvr
 libraries that a plain CUDA toolkit install may lack; the extension needs only headers and
 the c10/torch libraries.
 """
+
 import os
 import sys
 

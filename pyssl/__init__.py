@@ -2,32 +2,15 @@
 
 Fused C++/CUDA kernels (registered as ``torch.ops.pyssl.*``) behind drop-in loss modules.
 """
-import torch  # noqa: F401  (must be loaded before the extension)
 
-from pyssl._loader import load_extension as _load_extension
+# Loading the extension makes it pyssl._C, as any submodule.
+from pyssl._extension import cuda_kernels_built
+from pyssl._lazy import __getattr__ as __getattr__  # the training stack, on first use
+from pyssl._version import __version__
 
-_C = _load_extension()
-
-from pyssl import ops  # noqa: E402  (registers autograd and fake kernels)
-from pyssl import losses  # noqa: E402
-from pyssl import momentum  # noqa: E402
-from pyssl import augment  # noqa: E402
-
-__version__ = "0.1.0"
-
-#: True when the CUDA kernels were compiled into this build.
-cuda_kernels_built: bool = bool(_C.with_cuda)
+# isort: split
+# After the extension is loaded: pyssl.ops (imported by each of these) registers its autograd and
+# fake kernels on its operators.
+from pyssl import augment, losses, momentum, ops
 
 __all__ = ["ops", "losses", "momentum", "augment", "cuda_kernels_built", "__version__"]
-
-# The training stack is imported on first use (``pyssl.methods`` ...), so ``import pyssl`` stays
-# as light as the kernels alone.
-_LAZY_SUBMODULES = ("data", "models", "methods", "train", "eval", "cli")
-
-
-def __getattr__(name: str):
-    if name in _LAZY_SUBMODULES:
-        import importlib
-
-        return importlib.import_module(f"pyssl.{name}")
-    raise AttributeError(f"module 'pyssl' has no attribute {name!r}")

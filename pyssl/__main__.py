@@ -1,4 +1,5 @@
 """``python -m pyssl ...`` is the ``pyssl`` command."""
+
 import sys
 
 from pyssl.cli import main

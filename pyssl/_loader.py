@@ -1,4 +1,5 @@
 """Loads the compiled extension pyssl._C and checks it matches the torch in use."""
+
 from __future__ import annotations
 
 import importlib

@@ -7,6 +7,7 @@ Data-parallel training: under ``torchrun --nproc-per-node N -m pyssl train ...``
 joins the process group from torchrun's environment; ``pyssl train --nproc N`` starts N local
 workers itself (Gloo on the CPU, NCCL on CUDA, one GPU each).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,39 +21,107 @@ DEFAULT_RUN_DIR = "runs"
 # Per-data-set defaults: the embedded digits are sized for a CPU; real data sets get the standard
 # CIFAR protocol (ResNet-18 with the CIFAR stem, batch 512, 200 epochs, kNN k=200 every 5 epochs).
 DATA_DEFAULTS = {
-    "digits": {"backbone": "convnet-small", "image_size": 16, "batch_size": 128, "epochs": 40, "knn_every": 5,
-               "hidden_dim": 512, "lr": {"simclr": 0.5, "*": 0.1}, "warmup_epochs": 2, "knn_k": 20,
-               # digits are not mirror-symmetric, and 8x8 originals leave little to crop
-               "augment_kwargs": {"scale": [0.3, 1.0], "p_flip": 0.0}, "temperature": {"simclr": 0.2}},
+    "digits": {
+        "backbone": "convnet-small",
+        "image_size": 16,
+        "batch_size": 128,
+        "epochs": 40,
+        "knn_every": 5,
+        "hidden_dim": 512,
+        "lr": {"simclr": 0.5, "*": 0.1},
+        "warmup_epochs": 2,
+        "knn_k": 20,
+        # digits are not mirror-symmetric, and 8x8 originals leave little to crop
+        "augment_kwargs": {"scale": [0.3, 1.0], "p_flip": 0.0},
+        "temperature": {"simclr": 0.2},
+    },
     # The embedded colour data of the pretext methods (pyssl.data.colour); videos have no labels.
-    "colour_digits": {"backbone": "convnet-small", "image_size": 32, "batch_size": 128, "epochs": 20, "knn_every": 5,
-                      "hidden_dim": 512, "knn_k": 20},
+    "colour_digits": {
+        "backbone": "convnet-small",
+        "image_size": 32,
+        "batch_size": 128,
+        "epochs": 20,
+        "knn_every": 5,
+        "hidden_dim": 512,
+        "knn_k": 20,
+    },
     # CLIP's image-text pairs; the "small" pretext encoder is too weak to learn the digits from captions.
-    "captioned_digits": {"backbone": "resnet10-small", "image_size": 32, "batch_size": 128, "epochs": 20,
-                         "knn_every": 5, "hidden_dim": 512, "knn_k": 20},
-    "videos": {"backbone": "convnet-small", "image_size": 32, "batch_size": 32, "epochs": 20, "knn_every": 0,
-               "hidden_dim": 512},
+    "captioned_digits": {
+        "backbone": "resnet10-small",
+        "image_size": 32,
+        "batch_size": 128,
+        "epochs": 20,
+        "knn_every": 5,
+        "hidden_dim": 512,
+        "knn_k": 20,
+    },
+    "videos": {
+        "backbone": "convnet-small",
+        "image_size": 32,
+        "batch_size": 32,
+        "epochs": 20,
+        "knn_every": 0,
+        "hidden_dim": 512,
+    },
     # Your own image-text pairs (pyssl.data.load_caption_file); labels are optional, so no kNN.
-    "captions": {"backbone": "resnet18", "image_size": 64, "batch_size": 256, "epochs": 100, "knn_every": 0,
-                 "hidden_dim": 2048},
-    "cifar10": {"backbone": "resnet18", "image_size": 32, "batch_size": 512, "epochs": 200, "knn_every": 5,
-                "hidden_dim": 2048},
-    "cifar100": {"backbone": "resnet18", "image_size": 32, "batch_size": 512, "epochs": 200, "knn_every": 5,
-                 "hidden_dim": 2048},
-    "stl10": {"backbone": "resnet18", "image_size": 96, "batch_size": 256, "epochs": 200, "knn_every": 5,
-              "hidden_dim": 2048},
-    "folder": {"backbone": "resnet18", "image_size": 64, "batch_size": 256, "epochs": 200, "knn_every": 5,
-               "hidden_dim": 2048},
+    "captions": {
+        "backbone": "resnet18",
+        "image_size": 64,
+        "batch_size": 256,
+        "epochs": 100,
+        "knn_every": 0,
+        "hidden_dim": 2048,
+    },
+    "cifar10": {
+        "backbone": "resnet18",
+        "image_size": 32,
+        "batch_size": 512,
+        "epochs": 200,
+        "knn_every": 5,
+        "hidden_dim": 2048,
+    },
+    "cifar100": {
+        "backbone": "resnet18",
+        "image_size": 32,
+        "batch_size": 512,
+        "epochs": 200,
+        "knn_every": 5,
+        "hidden_dim": 2048,
+    },
+    "stl10": {
+        "backbone": "resnet18",
+        "image_size": 96,
+        "batch_size": 256,
+        "epochs": 200,
+        "knn_every": 5,
+        "hidden_dim": 2048,
+    },
+    "folder": {
+        "backbone": "resnet18",
+        "image_size": 64,
+        "batch_size": 256,
+        "epochs": 200,
+        "knn_every": 5,
+        "hidden_dim": 2048,
+    },
 }
 
 
 #: ``pyssl train --method``: every registered method (a test checks this against the registry,
 #: which the parser does not import: ``--help`` stays fast).
 METHODS = {
-    "simclr": "SimCLR", "moco": "MoCo v1", "mocov2": "MoCo v2", "clip": "CLIP, image-text pairs",
-    "rotnet": "rotation prediction", "jigsaw": "jigsaw puzzles", "relative_patch": "relative patch position",
-    "colorization": "colourisation", "split_brain": "split-brain autoencoder", "inpainting": "context encoder",
-    "cpc": "contrastive predictive coding", "video_colorization": "video colourisation, on videos",
+    "simclr": "SimCLR",
+    "moco": "MoCo v1",
+    "mocov2": "MoCo v2",
+    "clip": "CLIP, image-text pairs",
+    "rotnet": "rotation prediction",
+    "jigsaw": "jigsaw puzzles",
+    "relative_patch": "relative patch position",
+    "colorization": "colourisation",
+    "split_brain": "split-brain autoencoder",
+    "inpainting": "context encoder",
+    "cpc": "contrastive predictive coding",
+    "video_colorization": "video colourisation, on videos",
 }
 
 #: What a run directory holds beside its checkpoint: a new run refuses to start where one of these,
@@ -77,8 +146,9 @@ class Interrupted(KeyboardInterrupt):
 def _interrupted_message(e: Interrupted, argv: list[str]) -> str:
     head = f"pyssl: interrupted at step {e.step} of {e.total}"
     if e.checkpoint_step is None:
-        return (f"{head}, before the first checkpoint: nothing to resume (run the command with --overwrite to "
-                f"start over)")
+        return (
+            f"{head}, before the first checkpoint: nothing to resume (run the command with --overwrite to start over)"
+        )
     resume = ["pyssl", *(a for a in argv if a != "--overwrite"), *([] if "--resume" in argv else ["--resume"])]
     import shlex
 
@@ -95,7 +165,7 @@ def _expected_errors():
 
 
 def _fractions(text: str) -> list[float]:
-    """"0.01,0.1,1" or "1%,10%,100%"."""
+    """ "0.01,0.1,1" or "1%,10%,100%"."""
     try:
         values = [float(v.strip()[:-1]) / 100 if v.strip().endswith("%") else float(v) for v in text.split(",")]
     except ValueError:
@@ -107,6 +177,7 @@ def _fractions(text: str) -> list[float]:
 
 def _at_least(minimum: int):
     """argparse type: an integer >= ``minimum``."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -148,22 +219,37 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="{train,eval,plot}")
     sub.required = True
 
-    t = sub.add_parser("train", help="pre-train an encoder", description=(
-        "Pre-train an encoder with a self-supervised method. Defaults depend on the data: digits "
-        "(embedded, no download) trains a small ConvNet on the CPU in minutes; cifar10:PATH runs the "
-        "standard protocol (ResNet-18 CIFAR variant, batch 512, 200 epochs, kNN k=200)."))
-    t.add_argument("--method", default="simclr", help="; ".join(f"{k} ({v})" for k, v in METHODS.items())
-                   + " (default simclr)")
-    t.add_argument("--data", default=None,
-                   help="digits | colour_digits | captioned_digits | videos | cifar10:PATH | cifar100:PATH | "
-                        "stl10:PATH | folder:PATH | captions:FILE.csv (image-text pairs, for clip) "
-                        "(default: the method's, digits for most)")
-    t.add_argument("--backbone", help="small, convnet, convnet-small, resnet-tiny, resnet10-small, resnet18, resnet34, "
-                                      "tv:NAME, timm:NAME (default per data set)")
+    t = sub.add_parser(
+        "train",
+        help="pre-train an encoder",
+        description=(
+            "Pre-train an encoder with a self-supervised method. Defaults depend on the data: digits "
+            "(embedded, no download) trains a small ConvNet on the CPU in minutes; cifar10:PATH runs the "
+            "standard protocol (ResNet-18 CIFAR variant, batch 512, 200 epochs, kNN k=200)."
+        ),
+    )
+    t.add_argument(
+        "--method", default="simclr", help="; ".join(f"{k} ({v})" for k, v in METHODS.items()) + " (default simclr)"
+    )
+    t.add_argument(
+        "--data",
+        default=None,
+        help="digits | colour_digits | captioned_digits | videos | cifar10:PATH | cifar100:PATH | "
+        "stl10:PATH | folder:PATH | captions:FILE.csv (image-text pairs, for clip) "
+        "(default: the method's, digits for most)",
+    )
+    t.add_argument(
+        "--backbone",
+        help="small, convnet, convnet-small, resnet-tiny, resnet10-small, resnet18, resnet34, "
+        "tv:NAME, timm:NAME (default per data set)",
+    )
     t.add_argument("--image-size", type=_at_least(1), help="images are resized to this (default per data set)")
     t.add_argument("--epochs", type=_at_least(1), help=f"passes over the training data (default {_per_data('epochs')})")
-    t.add_argument("--batch-size", type=_at_least(2), help="images per optimiser step, over all processes (default "
-                   f"{_per_data('batch_size')}, at most the data set)")
+    t.add_argument(
+        "--batch-size",
+        type=_at_least(2),
+        help=f"images per optimiser step, over all processes (default {_per_data('batch_size')}, at most the data set)",
+    )
     t.add_argument("--optimizer", choices=("sgd", "lars", "adamw"), default=None, help="default: the method's")
     t.add_argument("--lr", type=float, help="peak learning rate (default: the method's base rate x batch/128)")
     t.add_argument("--weight-decay", type=float)
@@ -173,68 +259,127 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--temperature", type=_positive_float, help="loss temperature (default: the method's)")
     t.add_argument("--queue-size", type=_at_least(1), help="MoCo: negatives in the queue (default min(4096, data/2))")
     t.add_argument("--key-momentum", type=float, help="MoCo: key-encoder momentum (default 0.99)")
-    t.add_argument("--bn-splits", type=_at_least(1), help="MoCo: emulate N devices for Shuffle-BN in each process "
-                   "(every BatchNorm normalises N chunks of the batch; default 1: off)")
+    t.add_argument(
+        "--bn-splits",
+        type=_at_least(1),
+        help="MoCo: emulate N devices for Shuffle-BN in each process "
+        "(every BatchNorm normalises N chunks of the batch; default 1: off)",
+    )
     t.add_argument("--hidden-dim", type=_at_least(1), help="projection head width (default per data set)")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cuda when available)")
-    t.add_argument("--seed", type=int, default=0, help="fixes the initial weights, the batch order and the "
-                   "augmentations: a run repeats exactly (default 0)")
+    t.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="fixes the initial weights, the batch order and the augmentations: a run repeats exactly (default 0)",
+    )
     t.add_argument("--out", default=None, help="run directory (default runs/METHOD-DATA)")
-    t.add_argument("--checkpoint-every", type=_at_least(0), default=0,
-                   help="steps between checkpoints (default 0: at the end of every epoch)")
-    t.add_argument("--knn-every", type=_at_least(0), help="epochs between kNN evaluations on the test split "
-                   "(0: never; default 5)")
+    t.add_argument(
+        "--checkpoint-every",
+        type=_at_least(0),
+        default=0,
+        help="steps between checkpoints (default 0: at the end of every epoch)",
+    )
+    t.add_argument(
+        "--knn-every", type=_at_least(0), help="epochs between kNN evaluations on the test split (0: never; default 5)"
+    )
     t.add_argument("--knn-k", type=_at_least(1), default=None, help="kNN neighbours (default 200; 20 on digits)")
-    t.add_argument("--knn-t", type=_positive_float, default=0.1,
-                   help="kNN temperature: neighbours vote with weight exp(similarity / T) (default 0.1)")
+    t.add_argument(
+        "--knn-t",
+        type=_positive_float,
+        default=0.1,
+        help="kNN temperature: neighbours vote with weight exp(similarity / T) (default 0.1)",
+    )
     again = t.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    again.add_argument("--overwrite", action="store_true",
-                       help="start over where --out already holds a run (its checkpoint, logs and plots are removed)")
-    t.add_argument("--lock-image", action="store_true", help="CLIP: freeze the image backbone (LiT; use with "
-                   "--init-backbone)")
-    t.add_argument("--init-backbone", metavar="RUN", help="start from the backbone of another run (its directory "
-                   "or checkpoint file), e.g. CLIP's image tower from a SimCLR run; the architectures must match")
-    t.add_argument("--nproc", type=_at_least(1), default=None,
-                   help="data-parallel worker processes on this machine (one GPU each on CUDA); the batch size "
-                        "is the global one and must be divisible by N. Under torchrun, leave it out")
-    t.add_argument("--data-on", choices=("auto", "device", "cpu"), default="auto",
-                   help="where the data set is held: on the GPU (batches never leave it) or in host memory "
-                        "(each batch copied over; for data sets larger than the GPU). auto: on the GPU while "
-                        "it takes at most 40%% of its free memory")
-    t.add_argument("--sync-bn", choices=("auto", "on", "off"), default="auto",
-                   help="SyncBatchNorm across processes (CUDA only; auto: on when distributed on CUDA, "
-                        "except for MoCo, whose Shuffle-BN needs per-process statistics)")
+    again.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over where --out already holds a run (its checkpoint, logs and plots are removed)",
+    )
+    t.add_argument(
+        "--lock-image", action="store_true", help="CLIP: freeze the image backbone (LiT; use with --init-backbone)"
+    )
+    t.add_argument(
+        "--init-backbone",
+        metavar="RUN",
+        help="start from the backbone of another run (its directory "
+        "or checkpoint file), e.g. CLIP's image tower from a SimCLR run; the architectures must match",
+    )
+    t.add_argument(
+        "--nproc",
+        type=_at_least(1),
+        default=None,
+        help="data-parallel worker processes on this machine (one GPU each on CUDA); the batch size "
+        "is the global one and must be divisible by N. Under torchrun, leave it out",
+    )
+    t.add_argument(
+        "--data-on",
+        choices=("auto", "device", "cpu"),
+        default="auto",
+        help="where the data set is held: on the GPU (batches never leave it) or in host memory "
+        "(each batch copied over; for data sets larger than the GPU). auto: on the GPU while "
+        "it takes at most 40%% of its free memory",
+    )
+    t.add_argument(
+        "--sync-bn",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="SyncBatchNorm across processes (CUDA only; auto: on when distributed on CUDA, "
+        "except for MoCo, whose Shuffle-BN needs per-process statistics)",
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
 
-    e = sub.add_parser("eval", help="evaluate a pre-trained encoder", description=(
-        "Linear probe and kNN (and, with --finetune, fine-tuning) with fractions of the labels "
-        "(class-balanced), for the pre-trained encoder beside a random-init encoder and raw pixels."))
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a pre-trained encoder",
+        description=(
+            "Linear probe and kNN (and, with --finetune, fine-tuning) with fractions of the labels "
+            "(class-balanced), for the pre-trained encoder beside a random-init encoder and raw pixels."
+        ),
+    )
     e.add_argument("run", help="run directory (or checkpoint file) written by pyssl train")
     e.add_argument("--data", help="evaluation data (default: the data the run trained on)")
-    e.add_argument("--fractions", type=_fractions, default=[0.01, 0.1, 1.0], help="label fractions (default 0.01,0.1,1)")
+    e.add_argument(
+        "--fractions", type=_fractions, default=[0.01, 0.1, 1.0], help="label fractions (default 0.01,0.1,1)"
+    )
     e.add_argument("--protocols", default="linear,knn", help="any of linear,knn,finetune (default linear,knn)")
-    e.add_argument("--finetune", action="store_true", help="also fine-tune (slow: minutes where the probes take seconds)")
+    e.add_argument(
+        "--finetune", action="store_true", help="also fine-tune (slow: minutes where the probes take seconds)"
+    )
     e.add_argument("--k", type=_at_least(1), default=None, help="kNN neighbours (default 200; 20 on digits)")
     e.add_argument("--t", type=_positive_float, default=0.1, help="kNN temperature (default 0.1)")
     e.add_argument("--finetune-steps", type=_at_least(1), default=300, help="fine-tuning steps (default 300)")
-    e.add_argument("--layer", default=None,
-                   help="probe an intermediate layer: 'mid' (the second-to-last stage) or a module name of the backbone")
-    e.add_argument("--grid", type=_at_least(1), default=2,
-                   help="with --layer: average-pool its map to GRID x GRID (default 2)")
+    e.add_argument(
+        "--layer",
+        default=None,
+        help="probe an intermediate layer: 'mid' (the second-to-last stage) or a module name of the backbone",
+    )
+    e.add_argument(
+        "--grid", type=_at_least(1), default=2, help="with --layer: average-pool its map to GRID x GRID (default 2)"
+    )
     e.add_argument("--no-baselines", action="store_true", help="skip the random-init encoder and raw pixels")
     e.add_argument("--device", default=None)
     e.add_argument("--seed", type=int, default=0)
 
-    pl = sub.add_parser("plot", help="plot a run", description=(
-        "Writes loss.png (training loss), knn.png (kNN accuracy over epochs) and embedding.png "
-        "(a 2-D map of the test features coloured by class) into the run directory."))
+    pl = sub.add_parser(
+        "plot",
+        help="plot a run",
+        description=(
+            "Writes loss.png (training loss), knn.png (kNN accuracy over epochs) and embedding.png "
+            "(a 2-D map of the test features coloured by class) into the run directory."
+        ),
+    )
     pl.add_argument("run", help="run directory written by pyssl train")
     pl.add_argument("--out", help="where to write the PNGs (default: the run directory)")
-    pl.add_argument("--embedding", choices=("tsne", "pca"), default="tsne",
-                    help="how the test features are mapped to 2-D: t-SNE keeps the neighbourhoods kNN sees "
-                         "(default); PCA is faster but shows the two widest directions only")
+    pl.add_argument(
+        "--embedding",
+        choices=("tsne", "pca"),
+        default="tsne",
+        help="how the test features are mapped to 2-D: t-SNE keeps the neighbourhoods kNN sees "
+        "(default); PCA is faster but shows the two widest directions only",
+    )
     pl.add_argument("--device", default=None)
     return p
 
@@ -265,12 +410,15 @@ def prepare_training(args):
     image_size = args.image_size or d["image_size"]
     train, test = load_data(args.data, image_size)
     if kind == "videos" and getattr(cls, "default_data", None) != "videos":
-        raise ConfigError(f"videos holds clips of several frames stacked as channels; {args.method} trains on "
-                          f"images (video_colorization is the method for videos)")
+        raise ConfigError(
+            f"videos holds clips of several frames stacked as channels; {args.method} trains on "
+            f"images (video_colorization is the method for videos)"
+        )
     needs_texts = getattr(cls, "needs_texts", False)
     if needs_texts and train.texts is None:
-        raise ConfigError(f"{args.method} trains on image-text pairs and {kind} has no captions "
-                          f"(use --data {cls.default_data})")
+        raise ConfigError(
+            f"{args.method} trains on image-text pairs and {kind} has no captions (use --data {cls.default_data})"
+        )
     labelled = bool((train.labels >= 0).any()) and bool((test.labels >= 0).any())
     if not labelled and args.knn_every:
         raise ConfigError(f"--knn-every {args.knn_every}: {args.data} has no labels to measure kNN accuracy with")
@@ -282,8 +430,13 @@ def prepare_training(args):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {device} requested but CUDA is not available")
     mean, std = train.mean_std()
-    mcfg = {"backbone": args.backbone or d["backbone"], "image_size": image_size, "in_channels": train.channels,
-            "mean": list(mean), "std": list(std)}
+    mcfg = {
+        "backbone": args.backbone or d["backbone"],
+        "image_size": image_size,
+        "in_channels": train.channels,
+        "mean": list(mean),
+        "std": list(std),
+    }
     if args.hidden_dim or d.get("hidden_dim"):
         mcfg["hidden_dim"] = args.hidden_dim or d["hidden_dim"]
     if args.temperature is not None:
@@ -323,16 +476,29 @@ def prepare_training(args):
         lr = tdef["lr"] * batch_size / 128
     epochs = args.epochs or d["epochs"]
     cfg = TrainConfig(
-        epochs=epochs, batch_size=batch_size, optimizer=args.optimizer or tdef["optimizer"],
-        lr=lr, weight_decay=args.weight_decay if args.weight_decay is not None else tdef["weight_decay"],
+        epochs=epochs,
+        batch_size=batch_size,
+        optimizer=args.optimizer or tdef["optimizer"],
+        lr=lr,
+        weight_decay=args.weight_decay if args.weight_decay is not None else tdef["weight_decay"],
         momentum=tdef.get("momentum", 0.9),
-        warmup_epochs=args.warmup_epochs if args.warmup_epochs is not None else min(d.get("warmup_epochs", 0.0), epochs / 10),
-        clip_grad=args.clip_grad, amp=args.amp, device=device, seed=args.seed, out_dir=out,
+        warmup_epochs=args.warmup_epochs
+        if args.warmup_epochs is not None
+        else min(d.get("warmup_epochs", 0.0), epochs / 10),
+        clip_grad=args.clip_grad,
+        amp=args.amp,
+        device=device,
+        seed=args.seed,
+        out_dir=out,
         checkpoint_every=args.checkpoint_every,
         knn_every=args.knn_every if args.knn_every is not None else d["knn_every"] if labelled else 0,
-        knn_k=args.knn_k or d.get("knn_k", 200), knn_t=args.knn_t, tensorboard=not args.no_tensorboard,
-        progress=not args.no_progress, sync_bn={"auto": None, "on": True, "off": False}[args.sync_bn],
-        data_on=args.data_on)
+        knn_k=args.knn_k or d.get("knn_k", 200),
+        knn_t=args.knn_t,
+        tensorboard=not args.no_tensorboard,
+        progress=not args.no_progress,
+        sync_bn={"auto": None, "on": True, "off": False}[args.sync_bn],
+        data_on=args.data_on,
+    )
     extra = {"data": args.data, "method": args.method, "image_size": image_size}
     if args.init_backbone:
         init_backbone(method, args.init_backbone)
@@ -351,16 +517,26 @@ def check_run_directory(out: str, resume: bool, overwrite: bool) -> None:
     has_checkpoint = os.path.exists(os.path.join(out, CHECKPOINT_NAME))
     if resume and not has_checkpoint:
         before = any(os.path.exists(os.path.join(out, name)) for name in RUN_FILES)
-        raise CheckpointError(f"--resume: no checkpoint in {out}" + (
-            " (its run was stopped before the first checkpoint; pass --overwrite to start it over)" if before else ""))
+        raise CheckpointError(
+            f"--resume: no checkpoint in {out}"
+            + (
+                " (its run was stopped before the first checkpoint; pass --overwrite to start it over)"
+                if before
+                else ""
+            )
+        )
     if resume or overwrite:
         return
     if has_checkpoint:
-        raise CLIError(f"{out} already holds a run with a checkpoint; pass --resume to continue it or --overwrite "
-                       f"to start it over (or choose another --out)")
+        raise CLIError(
+            f"{out} already holds a run with a checkpoint; pass --resume to continue it or --overwrite "
+            f"to start it over (or choose another --out)"
+        )
     if any(os.path.exists(os.path.join(out, name)) for name in RUN_FILES):
-        raise CLIError(f"{out} already holds the logs of a run stopped before its first checkpoint; pass "
-                       f"--overwrite to start it over (or choose another --out)")
+        raise CLIError(
+            f"{out} already holds the logs of a run stopped before its first checkpoint; pass "
+            f"--overwrite to start it over (or choose another --out)"
+        )
 
 
 def crash_probe():
@@ -370,13 +546,16 @@ def crash_probe():
     from pyssl.train import CHECKPOINT_INSTANTS
 
     spec = os.environ.get("PYSSL_CRASH_AT") or (
-        f"step:{os.environ['PYSSL_CRASH_AT_STEP']}" if os.environ.get("PYSSL_CRASH_AT_STEP") else "")
+        f"step:{os.environ['PYSSL_CRASH_AT_STEP']}" if os.environ.get("PYSSL_CRASH_AT_STEP") else ""
+    )
     if not spec:
         return None
     instant, _, at = spec.rpartition(":")
     if instant not in ("step", *CHECKPOINT_INSTANTS) or not at.isdigit():
-        raise CLIError(f"PYSSL_CRASH_AT must be INSTANT:STEP with INSTANT one of step, "
-                       f"{', '.join(CHECKPOINT_INSTANTS)}; got {spec!r}")
+        raise CLIError(
+            f"PYSSL_CRASH_AT must be INSTANT:STEP with INSTANT one of step, "
+            f"{', '.join(CHECKPOINT_INSTANTS)}; got {spec!r}"
+        )
 
     def probe(now: str, step: int) -> None:
         if now == instant and step >= int(at):
@@ -401,8 +580,10 @@ def init_backbone(method, path: str) -> None:
         try:
             target.load_state_dict(state)
         except RuntimeError as e:
-            raise CheckpointError(f"--init-backbone: the backbone of {ckpt_path} does not fit this method's "
-                                  f"({str(e).splitlines()[0][:160]}); pass the same --backbone") from None
+            raise CheckpointError(
+                f"--init-backbone: the backbone of {ckpt_path} does not fit this method's "
+                f"({str(e).splitlines()[0][:160]}); pass the same --backbone"
+            ) from None
 
 
 def cmd_train(args) -> int:
@@ -437,10 +618,13 @@ def _train(args, is_main: bool) -> int:
     cfg = trainer.cfg
     if is_main:
         ranks = f" x {trainer.world_size} processes" if trainer.world_size > 1 else ""
-        print(f"pyssl train: {trainer.extra['method']} on {trainer.extra['data']} ({len(trainer.train_data)} images, "
-              f"{trainer.train_data.image_size}px), {_count(cfg.epochs, 'epoch')} x "
-              f"{_count(trainer.steps_per_epoch, 'step')} of {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g}, "
-              f"device {cfg.device}{ranks} -> {cfg.out_dir}", file=sys.stderr)
+        print(
+            f"pyssl train: {trainer.extra['method']} on {trainer.extra['data']} ({len(trainer.train_data)} images, "
+            f"{trainer.train_data.image_size}px), {_count(cfg.epochs, 'epoch')} x "
+            f"{_count(trainer.steps_per_epoch, 'step')} of {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g}, "
+            f"device {cfg.device}{ranks} -> {cfg.out_dir}",
+            file=sys.stderr,
+        )
         if args.resume:
             print(f"resuming from step {trainer.step} of {trainer.total_steps}", file=sys.stderr)
         if args.overwrite:  # the trainer removes the old run's checkpoint and logs; these describe it too
@@ -449,8 +633,17 @@ def _train(args, is_main: bool) -> int:
                     os.remove(os.path.join(cfg.out_dir, name))
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump({"args": vars(args), "train": asdict(cfg), "method": trainer.method_spec,
-                       "world_size": trainer.world_size}, f, indent=1, default=str)
+            json.dump(
+                {
+                    "args": vars(args),
+                    "train": asdict(cfg),
+                    "method": trainer.method_spec,
+                    "world_size": trainer.world_size,
+                },
+                f,
+                indent=1,
+                default=str,
+            )
     distributed.barrier()  # the run directory exists before any rank writes into it
     try:
         result = trainer.fit(resume=args.resume)
@@ -586,8 +779,10 @@ def cmd_eval(args) -> int:
     held_on = data_device("auto", torch.device(device), train.images.numel() + test.images.numel())
     train, test = train.to(held_on), test.to(held_on)
     if bool((train.labels < 0).all()) or bool((test.labels < 0).all()):
-        raise CLIError(f"pyssl eval: {spec} has no labels, so there is nothing to probe; pass a labelled data "
-                       f"set with --data (e.g. --data colour_digits, or a captions file with a label column)")
+        raise CLIError(
+            f"pyssl eval: {spec} has no labels, so there is nothing to probe; pass a labelled data "
+            f"set with --data (e.g. --data colour_digits, or a captions file with a label column)"
+        )
     k = args.k or DATA_DEFAULTS.get(spec.partition(":")[0].lower(), {}).get("knn_k", 200)
     trained_name = f"{extra.get('method', 'trained')} encoder"
     encoders = {trained_name: method.backbone}
@@ -598,19 +793,34 @@ def cmd_eval(args) -> int:
     except ValueError as e:
         raise CLIError(f"--layer: {e}") from None
     where = f", features of {args.layer!r} pooled to {args.grid}x{args.grid}" if args.layer else ""
-    print(f"pyssl eval: {spec}, {len(train)} train / {len(test)} test images, label fractions "
-          f"{', '.join(f'{f:.0%}' for f in args.fractions)}{where}", file=sys.stderr)
-    results = evaluate_encoders(encoders, method.normalize, train, test, fractions=args.fractions,
-                                protocols=protocols, k=k, t=args.t, finetune_steps=args.finetune_steps,
-                                seed=args.seed, log=lambda s: print("  " + s, file=sys.stderr),
-                                layer=args.layer, grid=args.grid)
+    print(
+        f"pyssl eval: {spec}, {len(train)} train / {len(test)} test images, label fractions "
+        f"{', '.join(f'{f:.0%}' for f in args.fractions)}{where}",
+        file=sys.stderr,
+    )
+    results = evaluate_encoders(
+        encoders,
+        method.normalize,
+        train,
+        test,
+        fractions=args.fractions,
+        protocols=protocols,
+        k=k,
+        t=args.t,
+        finetune_steps=args.finetune_steps,
+        seed=args.seed,
+        log=lambda s: print("  " + s, file=sys.stderr),
+        layer=args.layer,
+        grid=args.grid,
+    )
     print(format_table(results, k=k, t=args.t))
     if hasattr(method, "zero_shot_classifier"):
         _zero_shot(method, random_init, test, spec, trained_name, results)
     run_dir = args.run if os.path.isdir(args.run) else os.path.dirname(args.run)
     with open(os.path.join(run_dir, "eval.json"), "w") as f:
-        json.dump({n: {p: {str(fr): a for fr, a in r.items()} for p, r in v.items()} for n, v in results.items()},
-                  f, indent=1)
+        json.dump(
+            {n: {p: {str(fr): a for fr, a in r.items()} for p, r in v.items()} for n, v in results.items()}, f, indent=1
+        )
     return 0
 
 
@@ -619,15 +829,22 @@ def _zero_shot(method, random_init, test, spec: str, trained_name: str, results:
     from pyssl.eval import zero_shot_accuracy
 
     try:  # the captioned digits' prompts spell the digits out, as their captions do
-        prompts = (method.digit_prompts() if spec.partition(":")[0].lower() == "captioned_digits"
-                   else method.class_prompts(test.classes))
+        prompts = (
+            method.digit_prompts()
+            if spec.partition(":")[0].lower() == "captioned_digits"
+            else method.class_prompts(test.classes)
+        )
     except ValueError as e:
         print(f"zero-shot classification skipped: {e}", file=sys.stderr)
         return
-    zero_shot = {trained_name: zero_shot_accuracy(method, test.images, test.labels, prompts),
-                 "random-init encoder": zero_shot_accuracy(random_init, test.images, test.labels, prompts)}
-    print(f"zero-shot accuracy (prompts such as {prompts[0][0]!r}, no labels): {zero_shot[trained_name] * 100:.1f}% "
-          f"(random init {zero_shot['random-init encoder'] * 100:.1f}%, chance {100 / len(prompts):.1f}%)")
+    zero_shot = {
+        trained_name: zero_shot_accuracy(method, test.images, test.labels, prompts),
+        "random-init encoder": zero_shot_accuracy(random_init, test.images, test.labels, prompts),
+    }
+    print(
+        f"zero-shot accuracy (prompts such as {prompts[0][0]!r}, no labels): {zero_shot[trained_name] * 100:.1f}% "
+        f"(random init {zero_shot['random-init encoder'] * 100:.1f}%, chance {100 / len(prompts):.1f}%)"
+    )
     for name, acc in zero_shot.items():
         results.setdefault(name, {})["zero_shot"] = {0.0: acc}  # no label is used, so no label fraction
 
@@ -644,8 +861,11 @@ def _read_log(run: str, name: str) -> list[dict]:
         return []
     rows, problems = read_log(path, LOGS[name])
     if problems:
-        print(f"warning: {path}: skipped {len(problems)} damaged line(s) ({problems[0]}); "
-              f"pyssl train --resume repairs it", file=sys.stderr)
+        print(
+            f"warning: {path}: skipped {len(problems)} damaged line(s) ({problems[0]}); "
+            f"pyssl train --resume repairs it",
+            file=sys.stderr,
+        )
     return rows
 
 
@@ -718,8 +938,11 @@ def cmd_plot(args) -> int:
         if labelled and len(names) <= 20:
             ax.legend(sc.legend_elements()[0], names, fontsize=7, markerscale=0.8, loc="best")
         method_name = (ckpt.get("method") or {}).get("name", "")
-        ax.set(title=f"test features of {run_name} ({method_name}), {'t-SNE' if args.embedding == 'tsne' else 'PCA'}",
-               xticks=[], yticks=[])
+        ax.set(
+            title=f"test features of {run_name} ({method_name}), {'t-SNE' if args.embedding == 'tsne' else 'PCA'}",
+            xticks=[],
+            yticks=[],
+        )
         fig.tight_layout()
         fig.savefig(os.path.join(out, "embedding.png"), dpi=120)
         plt.close(fig)

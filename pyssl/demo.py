@@ -6,6 +6,7 @@ labels (linear probe and kNN; fine-tuning with ``--finetune``) beside a random-i
 raw pixels, prints the table and writes the plots (loss, kNN accuracy over epochs, a t-SNE map of
 the test features) into the run directory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,11 +32,32 @@ def main(argv: list[str] | None = None) -> int:
     from pyssl.eval import evaluate_encoders, format_table
 
     t0 = time.perf_counter()
-    print(f"== pyssl train --method {args.method} --data digits --epochs {args.epochs} "
-          f"(CPU, {torch.get_num_threads()} threads)", flush=True)
+    print(
+        f"== pyssl train --method {args.method} --data digits --epochs {args.epochs} "
+        f"(CPU, {torch.get_num_threads()} threads)",
+        flush=True,
+    )
     # The demo's run directory is its own: running the demo again means training again.
-    rc = cli.main(["train", "--method", args.method, "--data", "digits", "--device", "cpu", "--epochs",
-                   str(args.epochs), "--seed", str(args.seed), "--out", args.out, "--knn-k", str(args.k), "--overwrite"])
+    rc = cli.main(
+        [
+            "train",
+            "--method",
+            args.method,
+            "--data",
+            "digits",
+            "--device",
+            "cpu",
+            "--epochs",
+            str(args.epochs),
+            "--seed",
+            str(args.seed),
+            "--out",
+            args.out,
+            "--knn-k",
+            str(args.k),
+            "--overwrite",
+        ]
+    )
     if rc:
         return rc
     t_train = time.perf_counter() - t0
@@ -44,16 +66,32 @@ def main(argv: list[str] | None = None) -> int:
     protocols = ("linear", "knn", "finetune") if args.finetune else ("linear", "knn")
     name = {"simclr": "SimCLR", "moco": "MoCo v1", "mocov2": "MoCo v2"}.get(args.method, args.method)
     encoders = {f"{name} encoder": method.backbone, "random-init encoder": random_init.backbone, "raw pixels": None}
-    print(f"== evaluation: {len(train)} training / {len(test)} test digits, {train.image_size}x{train.image_size}, "
-          f"class-balanced label fractions", flush=True)
-    results = evaluate_encoders(encoders, method.normalize, train, test, fractions=(0.01, 0.1, 1.0),
-                                protocols=protocols, k=args.k, t=0.1, seed=args.seed)
+    print(
+        f"== evaluation: {len(train)} training / {len(test)} test digits, {train.image_size}x{train.image_size}, "
+        f"class-balanced label fractions",
+        flush=True,
+    )
+    results = evaluate_encoders(
+        encoders,
+        method.normalize,
+        train,
+        test,
+        fractions=(0.01, 0.1, 1.0),
+        protocols=protocols,
+        k=args.k,
+        t=0.1,
+        seed=args.seed,
+    )
     table = format_table(results, k=args.k, t=0.1)
     print(table)
     ssl, rnd = results[f"{name} encoder"], results["random-init encoder"]
     margin = {p: (ssl[p][0.1] - rnd[p][0.1]) * 100 for p in protocols}
-    print("with 10% of the labels the " + name + " encoder beats the random-init encoder by "
-          + ", ".join(f"{m:+.1f} points ({p})" for p, m in margin.items()))
+    print(
+        "with 10% of the labels the "
+        + name
+        + " encoder beats the random-init encoder by "
+        + ", ".join(f"{m:+.1f} points ({p})" for p, m in margin.items())
+    )
     with open(os.path.join(args.out, "demo_table.txt"), "w") as f:
         f.write(table + "\n")
     cli.main(["plot", args.out, "--device", "cpu"])  # the same pictures as a later `pyssl plot`

@@ -5,6 +5,7 @@ environment, a differentiable all-gather for the contrastive losses, MoCo's batc
 Everything here is a no-op (or returns the single-process answer) when no process group of
 more than one rank is initialised, so callers need no ``if distributed`` of their own.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,8 +60,10 @@ def init_from_env(device_type: str = "cpu") -> torch.device:
         return torch.device(device_type)
     missing = [name for name in TORCHRUN_ENV if name not in os.environ]
     if missing:
-        raise RuntimeError(f"init_from_env: environment variable(s) {', '.join(missing)} not set "
-                           "(launch with torchrun or pyssl train --nproc)")
+        raise RuntimeError(
+            f"init_from_env: environment variable(s) {', '.join(missing)} not set "
+            "(launch with torchrun or pyssl train --nproc)"
+        )
     if not dist.is_available():
         raise RuntimeError("init_from_env: this PyTorch build has no torch.distributed")
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -68,8 +71,10 @@ def init_from_env(device_type: str = "cpu") -> torch.device:
         if not torch.cuda.is_available():
             raise RuntimeError("init_from_env: device_type 'cuda' requested but CUDA is not available")
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"init_from_env: LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} "
-                               "CUDA device(s) are visible")
+            raise RuntimeError(
+                f"init_from_env: LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} "
+                "CUDA device(s) are visible"
+            )
         device = torch.device("cuda", local_rank)
         # NCCL picks the communicator's device from the current device: set it before init.
         torch.cuda.set_device(device)
@@ -120,7 +125,7 @@ class _GatherWithGrad(torch.autograd.Function):
         grad = grad.clone(memory_format=torch.contiguous_format)  # never reduce autograd's buffer in place
         dist.all_reduce(grad)
         start = dist.get_rank() * ctx.rows
-        return grad[start: start + ctx.rows]
+        return grad[start : start + ctx.rows]
 
 
 def gather_with_grad(x: Tensor) -> Tensor:
@@ -171,7 +176,7 @@ def shuffle_batch(x: Tensor) -> tuple[Tensor, Tensor]:
     rows = x.shape[0]
     everything = gather(x)
     permutation = shared_permutation(everything.shape[0], x.device)
-    own = permutation[rank() * rows: (rank() + 1) * rows]
+    own = permutation[rank() * rows : (rank() + 1) * rows]
     return everything[own], permutation
 
 
@@ -183,7 +188,7 @@ def unshuffle_batch(y: Tensor, permutation: Tensor) -> Tensor:
     rows = y.shape[0]
     everything = gather(y)
     position_of_sample = torch.argsort(permutation)  # the inverse permutation
-    return everything[position_of_sample[rank() * rows: (rank() + 1) * rows]]
+    return everything[position_of_sample[rank() * rows : (rank() + 1) * rows]]
 
 
 def mean_over_ranks(value: Tensor) -> Tensor:
@@ -278,7 +283,23 @@ def all_gather_objects(obj) -> list:
     return out
 
 
-__all__ = ["is_distributed", "rank", "world_size", "is_main_process", "init_from_env", "shutdown", "barrier",
-           "gather_with_grad", "gather", "mean_over_ranks", "all_reduce_gradients", "broadcast_module",
-           "all_gather_objects", "launched_by_torchrun", "parameter_digest", "shared_permutation", "shuffle_batch",
-           "unshuffle_batch"]
+__all__ = [
+    "is_distributed",
+    "rank",
+    "world_size",
+    "is_main_process",
+    "init_from_env",
+    "shutdown",
+    "barrier",
+    "gather_with_grad",
+    "gather",
+    "mean_over_ranks",
+    "all_reduce_gradients",
+    "broadcast_module",
+    "all_gather_objects",
+    "launched_by_torchrun",
+    "parameter_digest",
+    "shared_permutation",
+    "shuffle_batch",
+    "unshuffle_batch",
+]

@@ -13,6 +13,7 @@ second): for tests and debugging, not for training.
     with emu.cuda_emulated():            # pyssl's losses / augmentations take the CUDA kernels
         loss = pyssl.losses.NTXentLoss()(z0, z1)   # CPU tensors
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -86,10 +87,18 @@ def launch_count() -> int:
 
 # ATen ops that make the host wait for a CUDA device (torch.cuda.set_sync_debug_mode flags them):
 # a value read back (item(), bool(), float() of a tensor) or an output size that depends on data.
-_SYNCING_ATEN_OPS = frozenset({
-    "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_dim",
-    "aten::_unique2", "aten::unique_consecutive", "aten::repeat_interleave", "aten::equal",
-})
+_SYNCING_ATEN_OPS = frozenset(
+    {
+        "aten::_local_scalar_dense",
+        "aten::nonzero",
+        "aten::masked_select",
+        "aten::unique_dim",
+        "aten::_unique2",
+        "aten::unique_consecutive",
+        "aten::repeat_interleave",
+        "aten::equal",
+    }
+)
 
 
 _EMULATED_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
@@ -130,8 +139,10 @@ class HostCalls:
         return self.device_to_host + self.synchronize + len(self.aten)
 
     def __repr__(self):
-        return (f"HostCalls(host_to_device={self.host_to_device}, device_to_host={self.device_to_host}, "
-                f"synchronize={self.synchronize}, aten={list(self.aten)})")
+        return (
+            f"HostCalls(host_to_device={self.host_to_device}, device_to_host={self.device_to_host}, "
+            f"synchronize={self.synchronize}, aten={list(self.aten)})"
+        )
 
 
 def host_call_counts() -> tuple[int, int, int]:

@@ -1,4 +1,5 @@
 """Momentum (EMA) encoders: one-pass parameter updates and the cosine momentum schedule."""
+
 from __future__ import annotations
 
 import math
@@ -31,9 +32,7 @@ def update_momentum(ema_model: nn.Module, model: nn.Module, m: float, *, copy_bu
     """
     ema_params, params = list(ema_model.parameters()), list(model.parameters())
     if len(ema_params) != len(params):
-        raise ValueError(
-            f"update_momentum: ema_model has {len(ema_params)} parameters but model has {len(params)}"
-        )
+        raise ValueError(f"update_momentum: ema_model has {len(ema_params)} parameters but model has {len(params)}")
     ops.ema_update_(ema_params, params, m)
     if copy_buffers:
         ema_buffers, buffers = list(ema_model.buffers()), list(model.buffers())
@@ -41,11 +40,15 @@ def update_momentum(ema_model: nn.Module, model: nn.Module, m: float, *, copy_bu
             raise ValueError(f"update_momentum: ema_model has {len(ema_buffers)} buffers but model has {len(buffers)}")
         for i, (eb, b) in enumerate(zip(ema_buffers, buffers)):
             if eb.shape != b.shape:
-                raise ValueError(f"update_momentum: buffer {i} has shape {tuple(eb.shape)} in ema_model but {tuple(b.shape)} in model")
+                raise ValueError(
+                    f"update_momentum: buffer {i} has shape {tuple(eb.shape)} in ema_model but {tuple(b.shape)} in model"
+                )
             eb.copy_(b)
 
 
-def cosine_schedule(step: int, max_steps: int, start_value: float, end_value: float, period: int | None = None) -> float:
+def cosine_schedule(
+    step: int, max_steps: int, start_value: float, end_value: float, period: int | None = None
+) -> float:
     """Cosine ramp from ``start_value`` (step 0) to ``end_value`` (step ``max_steps - 1``).
 
     The BYOL / MoCo v3 momentum schedule (e.g. 0.996 -> 1.0); same values and errors as

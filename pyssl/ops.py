@@ -3,6 +3,7 @@
 Each op gets three things here: argument checks that raise clear Python errors naming the
 argument, a fake (meta) kernel so ``torch.compile`` can trace it, and its autograd formula.
 """
+
 from __future__ import annotations
 
 import math
@@ -239,7 +240,9 @@ def moco(
     check_embeddings("query", query, op=op)
     check_embeddings("key", key, op=op)
     if query.shape != key.shape:
-        raise ValueError(f"{op}: query and key must have the same shape, got {tuple(query.shape)} and {tuple(key.shape)}")
+        raise ValueError(
+            f"{op}: query and key must have the same shape, got {tuple(query.shape)} and {tuple(key.shape)}"
+        )
     check_queue(op, queue, query.shape[1])
     check_same_device(op, query=query, key=key, queue=queue)
     temperature = check_positive(op, "temperature", temperature)
@@ -343,21 +346,47 @@ def augment_fused(
 ) -> Tensor:
     """The fused augmentation op (schema and parameter layout in csrc/ops.cpp)."""
     return _ops.augment_fused(
-        images, source_index, crop_boxes, flip, jitter_factors, jitter_order, gray, blur_sigma,
-        blur_kernel_size, solarize_threshold, mean, std, out_h, out_w, out_dtype, channels_last,
+        images,
+        source_index,
+        crop_boxes,
+        flip,
+        jitter_factors,
+        jitter_order,
+        gray,
+        blur_sigma,
+        blur_kernel_size,
+        solarize_threshold,
+        mean,
+        std,
+        out_h,
+        out_w,
+        out_dtype,
+        channels_last,
         blur_kernel_bound,
     )
 
 
 def _augment_fused_fake(
-    images, source_index, crop_boxes, flip, jitter_factors, jitter_order, gray, blur_sigma,
-    blur_kernel_size, solarize_threshold, mean, std, out_h, out_w, out_dtype=None, channels_last=False,
+    images,
+    source_index,
+    crop_boxes,
+    flip,
+    jitter_factors,
+    jitter_order,
+    gray,
+    blur_sigma,
+    blur_kernel_size,
+    solarize_threshold,
+    mean,
+    std,
+    out_h,
+    out_w,
+    out_dtype=None,
+    channels_last=False,
     blur_kernel_bound=-1,
 ):
     torch._check(images.dim() == 4, lambda: "pyssl.augment_fused: images must be (B, C, H, W)")
-    out = images.new_empty(
-        (source_index.shape[0], images.shape[1], out_h, out_w), dtype=out_dtype or torch.float32
-    )
+    out = images.new_empty((source_index.shape[0], images.shape[1], out_h, out_w), dtype=out_dtype or torch.float32)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
@@ -394,7 +423,9 @@ def register_library(lib: str) -> None:
     }
     for name, fake in fakes.items():
         torch.library.register_fake(f"{lib}::{name}")(fake)
-    torch.library.register_autograd(f"{lib}::ntxent_forward", _ntxent_backward(ops), setup_context=_ntxent_setup_context)
+    torch.library.register_autograd(
+        f"{lib}::ntxent_forward", _ntxent_backward(ops), setup_context=_ntxent_setup_context
+    )
     torch.library.register_autograd(
         f"{lib}::infonce_forward", _infonce_backward(ops), setup_context=_infonce_setup_context
     )

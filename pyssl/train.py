@@ -17,6 +17,7 @@ each global batch of ``batch_size`` images is cut into one contiguous shard per 
 start from rank 0's parameters and buffers, draw their own augmentations (seed offset by rank),
 and average their gradients after each backward; only rank 0 writes checkpoints and logs.
 """
+
 from __future__ import annotations
 
 import csv
@@ -25,8 +26,8 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable
 
 import numpy as np
 import torch
@@ -40,12 +41,16 @@ TEMPORARY_SUFFIX = ".tmp-"
 
 #: The CSV logs of a run and their columns. Every step has one row in metrics.csv; knn.csv has
 #: one row per kNN evaluation.
-LOGS = {"metrics.csv": ["step", "epoch", "loss", "lr", "images_per_s"],
-        "knn.csv": ["step", "epoch", "knn_accuracy"]}
+LOGS = {"metrics.csv": ["step", "epoch", "loss", "lr", "images_per_s"], "knn.csv": ["step", "epoch", "knn_accuracy"]}
 
 #: Crash tests: the instants of a checkpoint at which a probe is called (see ``Trainer``), in order.
-CHECKPOINT_INSTANTS = ("checkpoint-start", "logs-synced", "checkpoint-written", "checkpoint-replaced",
-                       "checkpoint-done")
+CHECKPOINT_INSTANTS = (
+    "checkpoint-start",
+    "logs-synced",
+    "checkpoint-written",
+    "checkpoint-replaced",
+    "checkpoint-done",
+)
 
 
 class ConfigError(ValueError):
@@ -110,15 +115,17 @@ class TrainConfig:
             raise ConfigError(f"device {self.device} requested but CUDA is not available")
         ranks = distributed.world_size()
         if self.batch_size % ranks:
-            raise ConfigError(f"batch size {self.batch_size} must be divisible by the number of processes "
-                              f"({ranks}): each process trains on an equal shard of every batch")
+            raise ConfigError(
+                f"batch size {self.batch_size} must be divisible by the number of processes "
+                f"({ranks}): each process trains on an equal shard of every batch"
+            )
         if self.data_on not in ("auto", "device", "cpu"):
             raise ConfigError(f"data_on must be auto, device or cpu, got {self.data_on!r}")
         if self.sync_bn and dev.type != "cuda":
             raise ConfigError(f"sync_bn needs CUDA devices (SyncBatchNorm does not run on {dev.type})")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -148,8 +155,9 @@ class LARS(torch.optim.Optimizer):
                 if not group["lars_exclude"]:
                     g = g.add(p, alpha=group["weight_decay"])
                     w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
-                                        torch.ones_like(w_norm))
+                    trust = torch.where(
+                        (w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm)
+                    )
                     g = g.mul(trust)
                 state = self.state[p]
                 if "momentum_buffer" not in state:
@@ -163,13 +171,12 @@ class LARS(torch.optim.Optimizer):
 def _param_groups(model: nn.Module, weight_decay: float, lars: bool):
     """Biases and normalisation parameters get no weight decay (and no LARS adaptation)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 else decay).append(p)
     extra = {"lars_exclude": True} if lars else {}
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0, **extra}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0, **extra}]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -248,7 +255,9 @@ def load_checkpoint(path: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"corrupt checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        raise CheckpointError(
+            f"corrupt checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "pyssl-checkpoint-1":
         raise CheckpointError(f"{path} is not a pyssl checkpoint")
     return ckpt
@@ -359,8 +368,10 @@ def repair_log(path: str, header: list[str], step: int, length: int | None, ever
     name = os.path.basename(path)
 
     def damaged(reason: str) -> CheckpointError:
-        return CheckpointError(f"cannot resume from step {step}: {path} does not match the checkpoint ({reason}); "
-                               f"move {name} aside to resume with a new log from step {step + 1}")
+        return CheckpointError(
+            f"cannot resume from step {step}: {path} does not match the checkpoint ({reason}); "
+            f"move {name} aside to resume with a new log from step {step + 1}"
+        )
 
     with open(path, "rb") as f:
         original = f.read()
@@ -387,8 +398,10 @@ def repair_log(path: str, header: list[str], step: int, length: int | None, ever
         if steps != list(range(1, step + 1)):
             missing = sorted(set(range(1, step + 1)) - set(steps))
             repeated = sorted({s for s in steps if steps.count(s) > 1})
-            reasons = [f"{_steps(missing)} missing" if missing else "",
-                       f"{_steps(repeated)} logged more than once" if repeated else ""]
+            reasons = [
+                f"{_steps(missing)} missing" if missing else "",
+                f"{_steps(repeated)} logged more than once" if repeated else "",
+            ]
             raise damaged("; ".join(r for r in reasons if r) or "its steps are out of order")
     content = (",".join(header) + "\r\n" + "".join(line for _, line in kept)).encode()
     if content != original:
@@ -462,9 +475,17 @@ class Trainer:
     can kill the process at an exact instant; unlike a callback it changes nothing else.
     """
 
-    def __init__(self, method: nn.Module, train: ImageDataset, config: TrainConfig, test: ImageDataset | None = None,
-                 callbacks: list[Callable] | None = None, method_spec: dict | None = None, extra: dict | None = None,
-                 probe: Callable[[str, int], None] | None = None):
+    def __init__(
+        self,
+        method: nn.Module,
+        train: ImageDataset,
+        config: TrainConfig,
+        test: ImageDataset | None = None,
+        callbacks: list[Callable] | None = None,
+        method_spec: dict | None = None,
+        extra: dict | None = None,
+        probe: Callable[[str, int], None] | None = None,
+    ):
         config.validate()
         if config.batch_size > len(train):
             raise ConfigError(f"batch size {config.batch_size} is larger than the data set ({len(train)} images)")
@@ -491,7 +512,8 @@ class Trainer:
         warmup = round(config.warmup_epochs * self.steps_per_epoch)
         ratio = config.min_lr / config.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: warmup_cosine(s, self.total_steps, warmup, ratio))
+            self.optimizer, lambda s: warmup_cosine(s, self.total_steps, warmup, ratio)
+        )
         use_cuda_amp = config.amp and self.device.type == "cuda"
         self.amp_dtype = torch.float16 if use_cuda_amp else torch.bfloat16
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_cuda_amp)
@@ -525,7 +547,8 @@ class Trainer:
             # lets anyone check (e.g. the tests) that the ranks trained in lockstep; a SHA-1 over
             # every parameter, so only where there are ranks to compare
             state["parameter_digest_per_rank"] = distributed.all_gather_objects(
-                distributed.parameter_digest(self.method))
+                distributed.parameter_digest(self.method)
+            )
         return state
 
     def _probe(self, instant: str) -> None:
@@ -559,16 +582,19 @@ class Trainer:
         if "name" in old_spec and "name" in spec:
             found.append(("method", old_spec["name"], spec["name"]))
             old_cfg, cfg = old_spec.get("cfg", {}), spec.get("cfg", {})
-            found += [(k, old_cfg.get(k), cfg.get(k)) for k in sorted(set(old_cfg) | set(cfg))
-                      if k not in ("mean", "std")]
+            found += [
+                (k, old_cfg.get(k), cfg.get(k)) for k in sorted(set(old_cfg) | set(cfg)) if k not in ("mean", "std")
+            ]
         old_data, data = (ckpt.get("extra") or {}).get("data"), self.extra.get("data")
         if old_data is not None and data is not None:  # the kind: a data set may have moved since
             found.append(("data", old_data.partition(":")[0], data.partition(":")[0]))
         found += [(k, ckpt["config"].get(k), getattr(self.cfg, k)) for k in ("batch_size", "seed", "epochs")]
         for key, there, here in found:
             if there != here:
-                wanted.append(f"{key} {there if there is not None else '(unset)'} there, "
-                              f"{here if here is not None else '(unset)'} here")
+                wanted.append(
+                    f"{key} {there if there is not None else '(unset)'} there, "
+                    f"{here if here is not None else '(unset)'} here"
+                )
         return wanted
 
     def _describe(self, ckpt: dict) -> str:
@@ -581,13 +607,17 @@ class Trainer:
         ckpt = load_checkpoint(path)
         differences = self._differences(ckpt)
         if differences:
-            raise CheckpointError(f"cannot resume {path}: it holds a {self._describe(ckpt)}, which differs from this "
-                                  f"one: {'; '.join(differences)}")
+            raise CheckpointError(
+                f"cannot resume {path}: it holds a {self._describe(ckpt)}, which differs from this "
+                f"one: {'; '.join(differences)}"
+            )
         try:
             self.method.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"cannot resume {path}: it belongs to another model ({str(e).splitlines()[0][:200]})") from None
+            raise CheckpointError(
+                f"cannot resume {path}: it belongs to another model ({str(e).splitlines()[0][:200]})"
+            ) from None
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
@@ -680,15 +710,21 @@ class Trainer:
                     pending.append((self.step, epoch, loss.detach(), lr))
                     n_last += cfg.batch_size
                     checkpoint_due = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
-                    if (len(pending) >= cfg.log_every or self.step % self.steps_per_epoch == 0 or self.callbacks
-                            or checkpoint_due):
+                    if (
+                        len(pending) >= cfg.log_every
+                        or self.step % self.steps_per_epoch == 0
+                        or self.callbacks
+                        or checkpoint_due
+                    ):
                         now = time.perf_counter()
                         ips = n_last / max(now - t_last, 1e-9)
                         t_last, n_last = now, 0
                         values = torch.stack([p[2] for p in pending]).float().cpu().tolist()
                         for (s, e, _, r), v in zip(pending, values):
                             if not math.isfinite(v):
-                                raise FloatingPointError(f"loss is {v} at step {s}; lower the learning rate or disable AMP")
+                                raise FloatingPointError(
+                                    f"loss is {v} at step {s}; lower the learning rate or disable AMP"
+                                )
                             if metrics is not None:
                                 metrics.write([s, e, repr(v), f"{r:.6g}", f"{ips:.1f}"])
                             result.losses.append(v)
@@ -710,10 +746,18 @@ class Trainer:
                         timed = self._warn_if_slow(time.perf_counter() - t_start, self.step - start_step, bar)
                 epoch_done = self.step // self.steps_per_epoch
                 if bar is None and cfg.progress and result.losses and self.is_main:
-                    print(f"epoch {epoch_done}/{cfg.epochs}: step {self.step}, loss {result.losses[-1]:.4f}, "
-                          f"lr {self.optimizer.param_groups[0]['lr']:.4g}, {ips:.0f} images/s", file=sys.stderr, flush=True)
-                if (self.is_main and cfg.knn_every and self.test_data is not None
-                        and (epoch_done % cfg.knn_every == 0 or self.step == self.total_steps)):
+                    print(
+                        f"epoch {epoch_done}/{cfg.epochs}: step {self.step}, loss {result.losses[-1]:.4f}, "
+                        f"lr {self.optimizer.param_groups[0]['lr']:.4g}, {ips:.0f} images/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                if (
+                    self.is_main
+                    and cfg.knn_every
+                    and self.test_data is not None
+                    and (epoch_done % cfg.knn_every == 0 or self.step == self.total_steps)
+                ):
                     acc = self.knn_accuracy()
                     result.knn.append((epoch_done, acc))
                     knn_log.write([self.step, epoch_done, f"{acc:.6f}"])
@@ -743,9 +787,11 @@ class Trainer:
             return False
         remaining = elapsed / steps * (self.total_steps - self.step)
         if remaining >= SLOW_RUN_WARNING_S:
-            message = (f"warning: at {steps * self.cfg.batch_size / elapsed:.1f} images/s the rest of this run takes "
-                       f"about {remaining / 3600:.1f} hours on the CPU; a GPU, a smaller backbone or image size, or "
-                       f"fewer epochs would shorten it")
+            message = (
+                f"warning: at {steps * self.cfg.batch_size / elapsed:.1f} images/s the rest of this run takes "
+                f"about {remaining / 3600:.1f} hours on the CPU; a GPU, a smaller backbone or image size, or "
+                f"fewer epochs would shorten it"
+            )
             bar.write(message) if bar is not None else print(message, file=sys.stderr, flush=True)
         return True
 
@@ -775,8 +821,14 @@ class Trainer:
         try:
             tr = extract_features(self.method.backbone, self.train_data.images, self.method.normalize)
             te = extract_features(self.method.backbone, self.test_data.images, self.method.normalize)
-            pred = knn_predict(tr, self.train_data.labels, te, k=self.cfg.knn_k, t=self.cfg.knn_t,
-                               num_classes=self.train_data.num_classes)
+            pred = knn_predict(
+                tr,
+                self.train_data.labels,
+                te,
+                k=self.cfg.knn_k,
+                t=self.cfg.knn_t,
+                num_classes=self.train_data.num_classes,
+            )
             return (pred == self.test_data.labels.to(pred.device)).float().mean().item()
         finally:
             self.method.train(was)
@@ -800,7 +852,25 @@ class Trainer:
         return tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
-__all__ = ["TrainConfig", "Trainer", "TrainResult", "LARS", "ConfigError", "CheckpointError", "StopTraining",
-           "save_atomic", "load_checkpoint", "remove_stale_temporaries", "CsvLog", "read_log", "repair_log",
-           "build_optimizer", "warmup_cosine", "use_sync_bn", "data_device", "CHECKPOINT_NAME", "LOGS",
-           "CHECKPOINT_INSTANTS"]
+__all__ = [
+    "TrainConfig",
+    "Trainer",
+    "TrainResult",
+    "LARS",
+    "ConfigError",
+    "CheckpointError",
+    "StopTraining",
+    "save_atomic",
+    "load_checkpoint",
+    "remove_stale_temporaries",
+    "CsvLog",
+    "read_log",
+    "repair_log",
+    "build_optimizer",
+    "warmup_cosine",
+    "use_sync_bn",
+    "data_device",
+    "CHECKPOINT_NAME",
+    "LOGS",
+    "CHECKPOINT_INSTANTS",
+]

@@ -1,4 +1,5 @@
 """The fused pipeline written as a composition of pyssl.augment.functional ops (float32)."""
+
 import torch
 
 import pyssl.augment.functional as AF

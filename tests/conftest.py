@@ -114,7 +114,9 @@ def backend(request):
         return
     if not emulation_ready():
         if os.environ.get("PYSSL_REQUIRE_EMULATION") == "1":
-            pytest.fail("PYSSL_REQUIRE_EMULATION=1 but pyssl was built without its CUDA emulator (PYSSL_CUDA_EMULATE=ON)")
+            pytest.fail(
+                "PYSSL_REQUIRE_EMULATION=1 but pyssl was built without its CUDA emulator (PYSSL_CUDA_EMULATE=ON)"
+            )
         pytest.skip("pyssl was built without its CUDA emulator (PYSSL_CUDA_EMULATE=ON)")
     import pyssl.emulation
 

@@ -3,6 +3,7 @@
 PYSSL_SMOKE_TORCH=cpu-only (the default): built against a CPU-only torch. =borrowed: no CPU-only
 torch could be installed, so it was built with PYSSL_CUDA=OFF against .venv's torch.
 """
+
 import os
 
 import torch

@@ -1,4 +1,5 @@
 """pyssl.augment.functional against torchvision.transforms.v2.functional, image by image."""
+
 import math
 
 import pytest
@@ -90,7 +91,7 @@ def test_resized_crop_matches_torchvision(dtype, channels):
     boxes = torch.stack([top, left, h, w], 1)
     for size in [(13, 29), (40, 7), (h[2].item(), w[2].item())]:
         expected = per_image(
-            lambda im, b: TF.resized_crop(im, *b.tolist(), list(size), antialias=False), images, boxes
+            lambda im, b, size=size: TF.resized_crop(im, *b.tolist(), list(size), antialias=False), images, boxes
         )
         assert_matches(AF.resized_crop(images, boxes, size), expected, dtype)
 
@@ -114,14 +115,16 @@ def test_gaussian_blur_matches_torchvision(dtype, channels):
     images = random_images(5, channels, 19, 26, dtype)
     sigma = uniform(5, 0.1, 3.0)
     for kernel_size in (1, 3, 9, 17):
-        expected = per_image(lambda im, s: TF.gaussian_blur(im, [kernel_size] * 2, [s.item()] * 2), images, sigma)
+        expected = per_image(
+            lambda im, s, kernel_size=kernel_size: TF.gaussian_blur(im, [kernel_size] * 2, [s.item()] * 2),
+            images,
+            sigma,
+        )
         assert_matches(AF.gaussian_blur(images, sigma, kernel_size), expected, dtype)
     # Kernel size from sigma: 2 ceil(3 sigma) + 1, different per image.
     ksize = AF.kernel_size_for(sigma)
     assert torch.equal(ksize, torch.tensor([2 * math.ceil(3 * s) + 1 for s in sigma.tolist()]))
-    expected = torch.stack(
-        [TF.gaussian_blur(images[i], [int(ksize[i])] * 2, [sigma[i].item()] * 2) for i in range(5)]
-    )
+    expected = torch.stack([TF.gaussian_blur(images[i], [int(ksize[i])] * 2, [sigma[i].item()] * 2) for i in range(5)])
     assert_matches(AF.gaussian_blur(images, sigma), expected, dtype)
 
 
@@ -169,7 +172,9 @@ def test_property_ops_match_torchvision(batch, channels, height, width, out, dty
         assert_matches(ours(expected, f), theirs(expected, f), dtype)
     # torchvision's reflect padding needs the radius below the image side.
     ksize = min(2 * math.ceil(3 * sigma) + 1, 2 * (min(out) - 1) + 1)
-    assert_matches(AF.gaussian_blur(expected, sigma, ksize), TF.gaussian_blur(expected, [ksize] * 2, [sigma] * 2), dtype)
+    assert_matches(
+        AF.gaussian_blur(expected, sigma, ksize), TF.gaussian_blur(expected, [ksize] * 2, [sigma] * 2), dtype
+    )
 
 
 # ---- empty batches ------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The fused pipeline (torch.ops.pyssl.augment_fused) against the composition of the functional
 ops, parameter statistics, reproducibility, bad input, opcheck and the CUDA kernels."""
+
 import dataclasses
 import math
 import os
@@ -15,7 +16,6 @@ from pyssl.augment import AugmentParams, SimCLRAugment, byol_pair
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from augment_reference import compose  # noqa: E402
-
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -104,7 +104,9 @@ def test_compiles_without_graph_breaks():
     aug = SimCLRAugment.simclr(8)
     images = random_images(3, 3, 12, 10, torch.uint8)
     params = aug.draw_params(3, 12, 10)
-    compiled = torch.compile(lambda x: aug.apply(x, params, blur_kernel_bound=aug.kernel_bound()), fullgraph=True, backend="eager")
+    compiled = torch.compile(
+        lambda x: aug.apply(x, params, blur_kernel_bound=aug.kernel_bound()), fullgraph=True, backend="eager"
+    )
     assert torch.equal(compiled(images), aug.apply(images, params))
 
 
@@ -146,11 +148,19 @@ def test_empty_batch_gives_empty_views(channels_last):
     kernel=st.sampled_from([None, 1, 3, 7]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_property_fused_equals_composition(batch, channels, height, width, size, dtype, jitter, probs, sigma, kernel, seed):
+def test_property_fused_equals_composition(
+    batch, channels, height, width, size, dtype, jitter, probs, sigma, kernel, seed
+):
     p_jitter, p_gray, p_blur, p_solarize = probs
     aug = SimCLRAugment(
-        size, jitter=jitter, p_jitter=p_jitter, p_gray=p_gray, p_blur=p_blur, sigma=sigma,
-        p_solarize=p_solarize, blur_kernel_size=kernel,
+        size,
+        jitter=jitter,
+        p_jitter=p_jitter,
+        p_gray=p_gray,
+        p_blur=p_blur,
+        sigma=sigma,
+        p_solarize=p_solarize,
+        blur_kernel_size=kernel,
     )
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (batch, channels, height, width), dtype=torch.uint8, generator=g)
@@ -225,7 +235,9 @@ def binomial_ok(flags, p, sigmas=5):
 
 
 def test_parameter_statistics():
-    aug = SimCLRAugment(32, jitter=(0.4, 0.3, 0.2, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.5, sigma=(0.1, 2.0), p_solarize=0.3)
+    aug = SimCLRAugment(
+        32, jitter=(0.4, 0.3, 0.2, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.5, sigma=(0.1, 2.0), p_solarize=0.3
+    )
     p = aug.draw_params(N_DRAW, 64, 48)
     jittered = (p.jitter_factors != torch.tensor([1.0, 1.0, 1.0, 0.0])).any(1)
     assert binomial_ok(jittered, 0.8)
@@ -339,8 +351,22 @@ def test_opcheck():
         p = aug.draw_params(3, 11, 9)
         mean, std = aug._mean_std(3, "cpu")
         args = (
-            images, p.source_index, p.crop_boxes, p.flip, p.jitter_factors, p.jitter_order, p.gray,
-            p.blur_sigma, p.blur_kernel_size, p.solarize_threshold, mean, std, 8, 8, torch.bfloat16, channels_last,
+            images,
+            p.source_index,
+            p.crop_boxes,
+            p.flip,
+            p.jitter_factors,
+            p.jitter_order,
+            p.gray,
+            p.blur_sigma,
+            p.blur_kernel_size,
+            p.solarize_threshold,
+            mean,
+            std,
+            8,
+            8,
+            torch.bfloat16,
+            channels_last,
         )
         torch.library.opcheck(torch.ops.pyssl.augment_fused.default, args)
     uniforms = torch.rand(5, 40)
@@ -354,7 +380,10 @@ def test_opcheck():
 @pytest.mark.parametrize("channels", [1, 3])
 def test_cuda_matches_cpu(backend, dtype, channels):
     out = 224 if not backend.emulated else 97  # odd sizes: partial 32 x 16 tiles either way
-    for aug in (SimCLRAugment.simclr((40, 33), p_solarize=0.3), SimCLRAugment.mocov2(out, channels_last=True, dtype=torch.bfloat16)):
+    for aug in (
+        SimCLRAugment.simclr((40, 33), p_solarize=0.3),
+        SimCLRAugment.mocov2(out, channels_last=True, dtype=torch.bfloat16),
+    ):
         images = random_images(9, channels, 57, 80, dtype)
         params = aug.draw_params(9, 57, 80)
         cpu = aug.apply(images, params).float()

@@ -1,4 +1,5 @@
 """The benchmark harness leaves the work tree clean unless told where to write."""
+
 import json
 import os
 import subprocess
@@ -12,14 +13,16 @@ REPO = os.path.dirname(BENCHMARKS)
 def test_results_go_to_an_ignored_path_by_default(tmp_path):
     # A benchmark run rewrote its tracked JSON in benchmarks/results/ (make bench dirtied the tree).
     script = tmp_path / "bench_tiny.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {BENCHMARKS!r})
         from harness import run_benchmark
         CANDIDATES = {{"pyssl": lambda config, device: (lambda: None)}}
         if __name__ == "__main__":
             run_benchmark(__file__, CANDIDATES, [{{"n": 1}}], name="pyssl_test_tiny")
-    """))
+    """)
+    )
     expected = os.path.join(REPO, "runs", "benchmarks", "pyssl_test_tiny_cpu.json")
     fast = ["--device", "cpu", "--min-time", "0", "--max-iters", "1"]
     try:

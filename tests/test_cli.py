@@ -1,4 +1,5 @@
 """CLI: --help everywhere, one-line errors before any training, train -> eval -> plot."""
+
 import csv
 import os
 import pickle
@@ -11,8 +12,18 @@ import torch
 
 from pyssl.cli import main
 
-TINY = ["--image-size", "8", "--backbone", "convnet-small", "--hidden-dim", "16", "--device", "cpu",
-        "--no-progress", "--no-tensorboard"]
+TINY = [
+    "--image-size",
+    "8",
+    "--backbone",
+    "convnet-small",
+    "--hidden-dim",
+    "16",
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--no-tensorboard",
+]
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["plot", "--help"]])
@@ -36,8 +47,13 @@ def _write_cifar(root, corrupt=False):
             if corrupt and name == "data_batch_2":
                 f.write(b"garbage")
             else:
-                pickle.dump({b"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8),
-                             b"labels": rng.integers(0, 10, 8).tolist()}, f)
+                pickle.dump(
+                    {
+                        b"data": rng.integers(0, 256, (8, 3072), dtype=np.uint8),
+                        b"labels": rng.integers(0, 10, 8).tolist(),
+                    },
+                    f,
+                )
 
 
 def _error_cases(tmp_path):
@@ -75,26 +91,67 @@ def test_configuration_errors_are_one_line_before_training(tmp_path, capsys):
 
 
 def test_error_in_a_subprocess_has_no_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pyssl", "train", "--data", f"cifar10:{tmp_path}/nope"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "pyssl", "train", "--data", f"cifar10:{tmp_path}/nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [f"pyssl: error: data path {tmp_path}/nope does not exist"]
 
 
 def test_train_eval_plot_end_to_end(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--method", "mocov2", "--epochs", "2", "--batch-size", "256", "--knn-every", "1",
-                 "--out", str(run), *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "mocov2",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "256",
+                "--knn-every",
+                "1",
+                "--out",
+                str(run),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert {"checkpoint.pt", "metrics.csv", "knn.csv", "config.json"} <= set(os.listdir(run))
     capsys.readouterr()
-    assert main(["eval", str(run), "--protocols", "linear,knn,finetune", "--fractions", "10%,100%", "--k", "20",
-                 "--finetune-steps", "3", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(run),
+                "--protocols",
+                "linear,knn,finetune",
+                "--fractions",
+                "10%,100%",
+                "--k",
+                "20",
+                "--finetune-steps",
+                "3",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     for row in ("mocov2 encoder", "random-init encoder", "raw pixels", "kNN (k=20", "fine-tune"):
         assert row in out
     assert os.path.exists(run / "eval.json")
     capsys.readouterr()
-    assert main(["eval", str(run), "--protocols", "linear", "--fractions", "100%", "--layer", "mid", "--device", "cpu"]) == 0
+    assert (
+        main(["eval", str(run), "--protocols", "linear", "--fractions", "100%", "--layer", "mid", "--device", "cpu"])
+        == 0
+    )
     captured = capsys.readouterr()
     assert "features of 'mid' pooled to 2x2" in captured.err and "mocov2 encoder" in captured.out
     assert main(["eval", str(run), "--layer", "no.such.layer", "--device", "cpu"]) == 2
@@ -109,16 +166,42 @@ def test_train_eval_plot_end_to_end(tmp_path, capsys):
 def test_train_on_cifar_files_and_resume_finished_run(tmp_path):
     _write_cifar(tmp_path / "c")
     run = tmp_path / "run"
-    argv = ["train", "--method", "simclr", "--data", f"cifar10:{tmp_path}/c", "--image-size", "8", "--backbone",
-            "convnet-small", "--hidden-dim", "16", "--epochs", "1", "--batch-size", "16", "--knn-every", "1",
-            "--knn-k", "5", "--device", "cpu", "--no-progress", "--no-tensorboard", "--out", str(run)]
+    argv = [
+        "train",
+        "--method",
+        "simclr",
+        "--data",
+        f"cifar10:{tmp_path}/c",
+        "--image-size",
+        "8",
+        "--backbone",
+        "convnet-small",
+        "--hidden-dim",
+        "16",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--knn-every",
+        "1",
+        "--knn-k",
+        "5",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-tensorboard",
+        "--out",
+        str(run),
+    ]
     assert main(argv) == 0
     assert main(argv + ["--resume"]) == 0  # nothing left to do, but a valid resume
 
 
 def test_training_stack_is_imported_lazily():
-    code = ("import sys, pyssl; assert not any(m in sys.modules for m in ('pyssl.train', 'pyssl.methods', "
-            "'pyssl.data', 'sklearn')); m = pyssl.methods; assert 'simclr' in m.available_methods()")
+    code = (
+        "import sys, pyssl; assert not any(m in sys.modules for m in ('pyssl.train', 'pyssl.methods', "
+        "'pyssl.data', 'sklearn')); m = pyssl.methods; assert 'simclr' in m.available_methods()"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
 
@@ -128,8 +211,19 @@ def test_cifar10_defaults_are_the_standard_protocol(tmp_path):
 
     root = tmp_path / "cifar-10-batches-py"
     _write_cifar(root)
-    args = build_parser().parse_args(["train", "--method", "simclr", "--data", f"cifar10:{tmp_path}", "--device", "cpu",
-                                      "--out", str(tmp_path / "run")])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--method",
+            "simclr",
+            "--data",
+            f"cifar10:{tmp_path}",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     trainer = prepare_training(args)
     cfg, backbone = trainer.cfg, trainer.method.backbone
     assert cfg.epochs == 200 and cfg.knn_k == 200 and cfg.knn_t == 0.1 and cfg.knn_every > 0
@@ -145,13 +239,28 @@ def test_init_backbone_starts_from_another_runs_backbone(tmp_path, capsys):
     from pyssl.train import load_checkpoint
 
     first = tmp_path / "simclr"
-    common = ["--data", "captioned_digits", "--image-size", "16", "--backbone", "convnet-small", "--epochs", "1",
-              "--batch-size", "256", "--no-progress", "--no-tensorboard", "--knn-every", "0"]
+    common = [
+        "--data",
+        "captioned_digits",
+        "--image-size",
+        "16",
+        "--backbone",
+        "convnet-small",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "256",
+        "--no-progress",
+        "--no-tensorboard",
+        "--knn-every",
+        "0",
+    ]
     assert main(["train", "--method", "simclr", *common, "--out", str(first)]) == 0
     saved = load_checkpoint(str(first / "checkpoint.pt"))["backbone"]
     for method in ("clip", "mocov2"):
-        args = build_parser().parse_args(["train", "--method", method, *common, "--out", str(tmp_path / method),
-                                          "--init-backbone", str(first)])
+        args = build_parser().parse_args(
+            ["train", "--method", method, *common, "--out", str(tmp_path / method), "--init-backbone", str(first)]
+        )
         trainer = prepare_training(args)
         copies = [trainer.method.backbone] + ([trainer.method.backbone_momentum] if method == "mocov2" else [])
         for module in copies:
@@ -159,24 +268,44 @@ def test_init_backbone_starts_from_another_runs_backbone(tmp_path, capsys):
                 assert torch.equal(value.cpu(), saved[name]), (method, name)
         assert trainer.extra["init_backbone"] == str(first)
     capsys.readouterr()
-    rc = main(["train", "--method", "clip", "--data", "captioned_digits", "--image-size", "16", "--backbone",
-               "resnet-tiny", "--epochs", "1", "--out", str(tmp_path / "bad"), "--init-backbone", str(first)])
+    rc = main(
+        [
+            "train",
+            "--method",
+            "clip",
+            "--data",
+            "captioned_digits",
+            "--image-size",
+            "16",
+            "--backbone",
+            "resnet-tiny",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "bad"),
+            "--init-backbone",
+            str(first),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "does not fit this method's" in err[0] and "--backbone" in err[0]
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["train", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
-    (["train", "--batch-size", "0"], "argument --batch-size: must be >= 2, got 0"),
-    (["train", "--image-size", "0"], "argument --image-size: must be >= 1, got 0"),
-    (["train", "--epochs", "-3"], "argument --epochs: must be >= 1, got -3"),
-    (["train", "--hidden-dim", "0"], "argument --hidden-dim: must be >= 1, got 0"),
-    (["train", "--knn-k", "0"], "argument --knn-k: must be >= 1, got 0"),
-    (["train", "--knn-t", "0"], "argument --knn-t: must be > 0, got 0"),
-    (["train", "--epochs", "two"], "argument --epochs: must be an integer, got 'two'"),
-    (["train", "--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
-    (["eval", "run", "--k", "0"], "argument --k: must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+        (["train", "--batch-size", "0"], "argument --batch-size: must be >= 2, got 0"),
+        (["train", "--image-size", "0"], "argument --image-size: must be >= 1, got 0"),
+        (["train", "--epochs", "-3"], "argument --epochs: must be >= 1, got -3"),
+        (["train", "--hidden-dim", "0"], "argument --hidden-dim: must be >= 1, got 0"),
+        (["train", "--knn-k", "0"], "argument --knn-k: must be >= 1, got 0"),
+        (["train", "--knn-t", "0"], "argument --knn-t: must be > 0, got 0"),
+        (["train", "--epochs", "two"], "argument --epochs: must be an integer, got 'two'"),
+        (["train", "--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
+        (["eval", "run", "--k", "0"], "argument --k: must be >= 1, got 0"),
+    ],
+)
 def test_zero_sizes_are_refused_not_replaced_by_defaults(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -193,9 +322,13 @@ def test_help_lists_every_method_and_the_defaults(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split()).partition("options:")[2]  # argparse wraps lines
     assert all(f"{name} (" in text for name in METHODS)
-    for flag, default in (("--epochs", "40 on digits"), ("--batch-size", "128 on digits"),
-                          ("--seed", "(default 0)"), ("--knn-t", "(default 0.1)")):
-        assert default in text[text.index(f"{flag} {flag[2:].upper().replace('-', '_')}"):][:400], flag
+    for flag, default in (
+        ("--epochs", "40 on digits"),
+        ("--batch-size", "128 on digits"),
+        ("--seed", "(default 0)"),
+        ("--knn-t", "(default 0.1)"),
+    ):
+        assert default in text[text.index(f"{flag} {flag[2:].upper().replace('-', '_')}") :][:400], flag
 
 
 def _one_error_line(capsys) -> str:
@@ -208,8 +341,12 @@ def test_a_run_is_never_overwritten_without_being_asked(tmp_path, capsys):
     run = tmp_path / "run"
     argv = ["train", "--epochs", "1", "--batch-size", "256", "--knn-every", "0", "--out", str(run), *TINY]
     os.makedirs(run / "tb")
-    files = {"checkpoint.pt": b"a finished run", "metrics.csv": b"step\n", "eval.json": b"{}",
-             "tb/events.out.tfevents.1.old": b"old events"}
+    files = {
+        "checkpoint.pt": b"a finished run",
+        "metrics.csv": b"step\n",
+        "eval.json": b"{}",
+        "tb/events.out.tfevents.1.old": b"old events",
+    }
     for name, content in files.items():
         (run / name).write_bytes(content)
     assert main(argv) == 2
@@ -235,11 +372,24 @@ def test_ctrl_c_says_how_to_resume_and_resume_says_where_it_starts(tmp_path, cap
         def probe(instant, now):
             if instant == "step" and now == step:
                 raise KeyboardInterrupt
+
         return lambda: probe
 
     run = tmp_path / "run"
-    argv = ["train", "--epochs", "1", "--batch-size", "256", "--knn-every", "0", "--checkpoint-every", "2",
-            "--out", str(run), *TINY]
+    argv = [
+        "train",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "256",
+        "--knn-every",
+        "0",
+        "--checkpoint-every",
+        "2",
+        "--out",
+        str(run),
+        *TINY,
+    ]
     monkeypatch.setattr(pyssl.cli, "crash_probe", interrupt_at(1))
     assert main(argv) == 130
     err = capsys.readouterr().err
@@ -304,8 +454,20 @@ def test_plot_default_embedding_is_the_demos_tsne():
 def test_resuming_another_runs_directory_says_what_differs(tmp_path, capsys):
     _write_cifar(tmp_path / "c")
     run = tmp_path / "run"
-    argv = ["train", "--data", f"cifar10:{tmp_path}/c", "--epochs", "1", "--batch-size", "16", "--knn-every", "0",
-            "--out", str(run), *TINY]
+    argv = [
+        "train",
+        "--data",
+        f"cifar10:{tmp_path}/c",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--knn-every",
+        "0",
+        "--out",
+        str(run),
+        *TINY,
+    ]
     assert main(argv + ["--method", "simclr"]) == 0
     os.rename(tmp_path / "c", tmp_path / "moved")  # the same data set elsewhere is the same run
     moved = [a.replace(f"{tmp_path}/c", f"{tmp_path}/moved") for a in argv]

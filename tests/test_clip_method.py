@@ -1,6 +1,7 @@
 """CLIP: the embedded image-text data says what its images show, the tokenizer and the text tower
 behave, the method's loss is the CLIP loss of its embeddings, a short run learns to classify
 digits and colours from prompts alone, and bad input gets a clear error."""
+
 import math
 
 import pytest
@@ -29,8 +30,9 @@ def digits16():
 def test_every_caption_names_its_digit_and_only_true_attributes(digits16):
     _, labels, captions, attr = digits16
     named_colour = named_background = 0
-    for caption, label, colour, background in zip(captions, labels.tolist(), attr["colour"].tolist(),
-                                                  attr["background"].tolist()):
+    for caption, label, colour, background in zip(
+        captions, labels.tolist(), attr["colour"].tolist(), attr["background"].tolist()
+    ):
         words = caption.split()
         assert cap.DIGIT_WORDS[label] in words or str(label) in words, caption
         assert not (set(cap.DIGIT_WORDS) - {cap.DIGIT_WORDS[label]}) & set(words), caption
@@ -93,7 +95,7 @@ def test_tokenize_decode_round_trip(words):
     tokens = cap.tokenize(" ".join(words))
     assert tokens.shape == (1, cap.CONTEXT_LENGTH)
     assert tokens[0, 0] == cap.SOT and tokens[0, len(words) + 1] == cap.EOT
-    assert (tokens[0, len(words) + 2:] == cap.PAD).all()
+    assert (tokens[0, len(words) + 2 :] == cap.PAD).all()
     assert cap.decode(tokens) == [" ".join(words)]
 
 
@@ -149,11 +151,26 @@ def test_clip_loss_is_the_clip_loss_of_its_embeddings():
     """With no augmentation, training_step's loss and its logit-scale gradient equal a float64
     cross-entropy over the full scaled cosine-similarity matrix, in both directions."""
     torch.manual_seed(int(torch.randint(0, 2**31, ())))
-    m = build_method("clip", backbone="convnet-small", image_size=16, augment=nn.Identity(), embed_dim=24,
-                     text_width=32, text_layers=1, text_heads=2, temperature=0.2).eval()
+    m = build_method(
+        "clip",
+        backbone="convnet-small",
+        image_size=16,
+        augment=nn.Identity(),
+        embed_dim=24,
+        text_width=32,
+        text_layers=1,
+        text_heads=2,
+        temperature=0.2,
+    ).eval()
     images = torch.randn(12, 3, 16, 16)
-    texts = cap.tokenize(cap.digit_captions(torch.randint(0, 10, (12,)), torch.randint(0, 8, (12,)),
-                                            torch.randint(0, 2, (12,)), torch.Generator().manual_seed(1)))
+    texts = cap.tokenize(
+        cap.digit_captions(
+            torch.randint(0, 10, (12,)),
+            torch.randint(0, 8, (12,)),
+            torch.randint(0, 2, (12,)),
+            torch.Generator().manual_seed(1),
+        )
+    )
     loss = m.training_step((images, texts))
     (grad,) = torch.autograd.grad(loss, m.logit_scale)
 
@@ -262,16 +279,33 @@ def test_cli_trains_clip_on_captioned_digits_and_refuses_data_without_captions(t
     from pyssl.cli import build_parser, prepare_training
     from pyssl.train import ConfigError
 
-    args = build_parser().parse_args(["train", "--method", "clip", "--epochs", "1", "--image-size", "16",
-                                      "--batch-size", "256", "--out", str(tmp_path / "clip"), "--no-progress",
-                                      "--no-tensorboard", "--knn-every", "0"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--method",
+            "clip",
+            "--epochs",
+            "1",
+            "--image-size",
+            "16",
+            "--batch-size",
+            "256",
+            "--out",
+            str(tmp_path / "clip"),
+            "--no-progress",
+            "--no-tensorboard",
+            "--knn-every",
+            "0",
+        ]
+    )
     trainer = prepare_training(args)
     assert trainer.train_data.name == "captioned_digits" and trainer.train_data.texts is not None
     assert trainer.cfg.optimizer == "adamw"
     result = trainer.fit()
     assert result.steps == len(trainer.train_data) // 256 and all(map(math.isfinite, result.losses))
-    bad = build_parser().parse_args(["train", "--method", "clip", "--data", "colour_digits", "--epochs", "1",
-                                     "--out", str(tmp_path / "bad")])
+    bad = build_parser().parse_args(
+        ["train", "--method", "clip", "--data", "colour_digits", "--epochs", "1", "--out", str(tmp_path / "bad")]
+    )
     with pytest.raises(ConfigError, match="image-text pairs.*--data captioned_digits"):
         prepare_training(bad)
 
@@ -298,7 +332,9 @@ def _write_pairs(root, n=40, sep="\t", header=("filepath", "caption", "label"), 
                 pixels[:, 6:10] = torch.tensor(colours[colour], dtype=torch.uint8)
             Image.fromarray(pixels.numpy()).save(root / f"im{i}.png")
             # the comma needs the CSV quoting of a real caption file
-            writer.writerow([f"im{i}.png", f"A {colour} {shape}, seen from above", shape] + ([split(i)] if split else []))
+            writer.writerow(
+                [f"im{i}.png", f"A {colour} {shape}, seen from above", shape] + ([split(i)] if split else [])
+            )
     return root / name
 
 
@@ -309,10 +345,15 @@ def test_caption_file_gives_pairs_labels_and_a_training_vocabulary(tmp_path):
     train, test = load_caption_file(str(path), size=16)
     assert (len(train), len(test)) == (30, 10)
     assert train.texts.shape[1] == len("a red square seen from above".split()) + 2
-    assert cap.decode(train.texts[:3], train.vocab) == ["a red square seen from above", "a blue square seen from above",
-                                                        "a red stripe seen from above"]
+    assert cap.decode(train.texts[:3], train.vocab) == [
+        "a red square seen from above",
+        "a blue square seen from above",
+        "a red stripe seen from above",
+    ]
     assert train.classes == ["square", "stripe"] and train.labels[:4].tolist() == [0, 0, 1, 1]
-    assert test.vocab == train.vocab and cap.decode(test.texts[:1], test.vocab) == ["a red stripe seen from above"]  # row 30
+    assert test.vocab == train.vocab and cap.decode(test.texts[:1], test.vocab) == [
+        "a red stripe seen from above"
+    ]  # row 30
     assert train.images.shape == (30, 3, 16, 16) and train.images.dtype == torch.uint8
     # without a split column: a fixed random 80/20 split
     train, test = load_caption_file(str(_write_pairs(tmp_path)), size=16)
@@ -353,9 +394,27 @@ def test_cli_trains_clip_on_a_caption_file_and_eval_rebuilds_its_vocabulary(tmp_
 
     path = _write_pairs(tmp_path)
     out = tmp_path / "run"
-    args = build_parser().parse_args(["train", "--method", "clip", "--data", f"captions:{path}", "--epochs", "2",
-                                      "--batch-size", "16", "--image-size", "16", "--backbone", "convnet-small",
-                                      "--out", str(out), "--no-progress", "--no-tensorboard"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--method",
+            "clip",
+            "--data",
+            f"captions:{path}",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--image-size",
+            "16",
+            "--backbone",
+            "convnet-small",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-tensorboard",
+        ]
+    )
     trainer = prepare_training(args)
     assert trainer.method.vocab == trainer.train_data.vocab
     assert trainer.method.text_encoder.context_length == trainer.train_data.texts.shape[1]
@@ -378,9 +437,30 @@ def test_pyssl_eval_of_a_clip_run_adds_zero_shot_accuracy(tmp_path, capsys):
 
     path = _write_pairs(tmp_path)
     out = tmp_path / "run"
-    assert main(["train", "--method", "clip", "--data", f"captions:{path}", "--epochs", "1", "--batch-size", "16",
-                 "--image-size", "16", "--backbone", "convnet-small", "--out", str(out), "--no-progress",
-                 "--no-tensorboard"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "clip",
+                "--data",
+                f"captions:{path}",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--image-size",
+                "16",
+                "--backbone",
+                "convnet-small",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--no-tensorboard",
+            ]
+        )
+        == 0
+    )
     assert main(["eval", str(out), "--protocols", "knn", "--fractions", "100%", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "zero-shot accuracy (prompts such as 'a photo of a square', no labels)" in printed
@@ -399,9 +479,30 @@ def test_eval_of_a_run_on_unlabelled_pairs_is_one_line(tmp_path, capsys):
     with open(path, "w", newline="") as f:
         csv.writer(f, delimiter="\t").writerows(row[:2] for row in rows)  # no label column
     out = tmp_path / "run"
-    assert main(["train", "--method", "clip", "--data", f"captions:{path}", "--epochs", "1", "--batch-size", "16",
-                 "--image-size", "16", "--backbone", "convnet-small", "--out", str(out), "--no-progress",
-                 "--no-tensorboard"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "clip",
+                "--data",
+                f"captions:{path}",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--image-size",
+                "16",
+                "--backbone",
+                "convnet-small",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--no-tensorboard",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["eval", str(out), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -414,23 +515,46 @@ def test_clip_step_on_cuda_matches_cpu_and_runs_under_fp16_autocast():
 
     if not cuda_ready():
         pytest.skip("CUDA kernels not built")
-    cpu = build_method("clip", backbone="convnet-small", image_size=16, augment=nn.Identity(), embed_dim=32,
-                       text_width=32, text_layers=1, text_heads=2).eval()
-    gpu = build_method("clip", backbone="convnet-small", image_size=16, augment=nn.Identity(), embed_dim=32,
-                       text_width=32, text_layers=1, text_heads=2).eval()
+    cpu = build_method(
+        "clip",
+        backbone="convnet-small",
+        image_size=16,
+        augment=nn.Identity(),
+        embed_dim=32,
+        text_width=32,
+        text_layers=1,
+        text_heads=2,
+    ).eval()
+    gpu = build_method(
+        "clip",
+        backbone="convnet-small",
+        image_size=16,
+        augment=nn.Identity(),
+        embed_dim=32,
+        text_width=32,
+        text_layers=1,
+        text_heads=2,
+    ).eval()
     gpu.load_state_dict(cpu.state_dict())
     gpu.cuda()
     images = torch.randn(64, 3, 16, 16)
-    texts = cap.tokenize(cap.digit_captions(torch.randint(0, 10, (64,)), torch.randint(0, 8, (64,)),
-                                            torch.randint(0, 2, (64,)), torch.Generator().manual_seed(2)))
+    texts = cap.tokenize(
+        cap.digit_captions(
+            torch.randint(0, 10, (64,)),
+            torch.randint(0, 8, (64,)),
+            torch.randint(0, 2, (64,)),
+            torch.Generator().manual_seed(2),
+        )
+    )
     loss_cpu = cpu.training_step((images, texts))
     loss_gpu = gpu.training_step((images.cuda(), texts.cuda()))
     torch.testing.assert_close(loss_gpu.cpu(), loss_cpu, rtol=1e-4, atol=1e-4)
     loss_cpu.backward()
     loss_gpu.backward()
     torch.testing.assert_close(gpu.logit_scale.grad.cpu(), cpu.logit_scale.grad, rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(gpu.text_projection.weight.grad.cpu(), cpu.text_projection.weight.grad,
-                               rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(
+        gpu.text_projection.weight.grad.cpu(), cpu.text_projection.weight.grad, rtol=1e-3, atol=1e-4
+    )
     with torch.autocast("cuda", dtype=torch.float16):
         loss_half = gpu.training_step((images.cuda(), texts.cuda()))
     assert torch.isfinite(loss_half) and abs(float(loss_half) - float(loss_cpu)) < 0.05

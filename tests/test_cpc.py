@@ -1,6 +1,7 @@
 """Contrastive Predictive Coding: it learns to pick the patch below out of the batch, its features
 beat a random-init encoder, its context is causal, impossible sizes give a clear error, and it
 trains from the CLI with nothing but its name."""
+
 import pytest
 import torch
 
@@ -41,7 +42,7 @@ def test_cpc_context_cannot_see_the_rows_it_predicts():
     # And more generally: context row i is unchanged by any change to the encodings of rows > i.
     for i in range(z.shape[2] - 1):
         z2 = z.clone()
-        z2[:, :, i + 1:] = torch.randn_like(z2[:, :, i + 1:])
+        z2[:, :, i + 1 :] = torch.randn_like(z2[:, :, i + 1 :])
         with torch.no_grad():
             torch.testing.assert_close(m.context(z2)[:, :, : i + 1], c[:, :, : i + 1])
 
@@ -59,8 +60,19 @@ def test_cpc_rejects_small_images():
 def test_cli_builds_cpc_on_its_default_data(tmp_path):
     from pyssl.cli import build_parser, prepare_training
 
-    args = build_parser().parse_args(["train", "--method", "cpc", "--epochs", "1", "--out", str(tmp_path / "cpc"),
-                                      "--no-progress", "--no-tensorboard"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--method",
+            "cpc",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "cpc"),
+            "--no-progress",
+            "--no-tensorboard",
+        ]
+    )
     trainer = prepare_training(args)
     assert trainer.train_data.name == "colour_digits"
     assert trainer.cfg.optimizer == "adamw" and trainer.cfg.epochs == 1

@@ -1,5 +1,6 @@
 """The CPU emulator of the CUDA model proves itself: small kernels, each correct or broken in one
 deliberate way (csrc/emu/selftest), must pass or fail as a GPU would make them pass or fail."""
+
 import os
 import shutil
 import subprocess
@@ -65,7 +66,10 @@ def test_shuffle_sum_is_exact():
 
 
 def test_a_barrier_half_the_block_skips_is_an_error():
-    with pytest.raises(RuntimeError, match=r"block_sum_kernel.*__syncthreads at csrc/emu/selftest/selftest_kernels.cu:\d+ reached by 128 of 256"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"block_sum_kernel.*__syncthreads at csrc/emu/selftest/selftest_kernels.cu:\d+ reached by 128 of 256",
+    ):
         selftest.reduce("block_sum", "divergent_barrier", _values())
 
 
@@ -75,7 +79,9 @@ def test_barriers_at_different_lines_are_an_error():
 
 
 def test_a_shuffle_mask_without_the_calling_lane_is_an_error():
-    with pytest.raises(RuntimeError, match=r"shuffle_sum_kernel.*__shfl_xor_sync at .*: lane 0 calls it with a mask \(0xfffffffe\)"):
+    with pytest.raises(
+        RuntimeError, match=r"shuffle_sum_kernel.*__shfl_xor_sync at .*: lane 0 calls it with a mask \(0xfffffffe\)"
+    ):
         selftest.reduce("shuffle_sum", "mask_without_self", _values())
 
 
@@ -83,12 +89,16 @@ def test_reading_past_a_global_buffer_is_an_error():
     x = _values()
     expected = torch.roll(x, -1)
     torch.testing.assert_close(selftest.reduce("rotate", "none", x), expected, rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match=r"rotate_kernel.*out-of-bounds access 0 bytes past the end of a global buffer of 4096 bytes"):
+    with pytest.raises(
+        RuntimeError, match=r"rotate_kernel.*out-of-bounds access 0 bytes past the end of a global buffer of 4096 bytes"
+    ):
         selftest.reduce("rotate", "global_off_by_one", x)
 
 
 def test_indexing_past_a_shared_array_is_an_error():
-    with pytest.raises(RuntimeError, match=r"rotate_kernel.*index 256 out of bounds for type 'float \[256\]' at .*selftest_kernels.cu"):
+    with pytest.raises(
+        RuntimeError, match=r"rotate_kernel.*index 256 out of bounds for type 'float \[256\]' at .*selftest_kernels.cu"
+    ):
         selftest.reduce("rotate", "shared_off_by_one", _values())
 
 

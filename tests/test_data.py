@@ -1,4 +1,5 @@
 """Data loaders: the embedded digits and tiny files written in each real format."""
+
 import os
 import pickle
 
@@ -6,7 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from pyssl.data import DataError, ImageDataset, batches, load_cifar, load_data, load_digits, load_image_folder, load_stl10
+from pyssl.data import (
+    DataError,
+    ImageDataset,
+    batches,
+    load_cifar,
+    load_data,
+    load_digits,
+    load_image_folder,
+    load_stl10,
+)
 
 
 def test_digits_splits_are_disjoint_stratified_uint8():
@@ -57,8 +67,14 @@ def test_cifar100_pickle(tmp_path):
     rng = np.random.default_rng(1)
     for split, n in (("train", 6), ("test", 3)):
         with open(tmp_path / split, "wb") as f:
-            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                         b"fine_labels": rng.integers(0, 100, n).tolist(), b"coarse_labels": [0] * n}, f)
+            pickle.dump(
+                {
+                    b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                    b"fine_labels": rng.integers(0, 100, n).tolist(),
+                    b"coarse_labels": [0] * n,
+                },
+                f,
+            )
     with open(tmp_path / "meta", "wb") as f:
         pickle.dump({b"fine_label_names": [f"f{i}".encode() for i in range(100)]}, f)
     tr, te = load_data(f"cifar100:{tmp_path}")
@@ -121,7 +137,7 @@ def test_image_folder(tmp_path):
 def test_many_images_are_read_in_threads_in_file_order(tmp_path):
     from PIL import Image
 
-    from pyssl.data import _read_image
+    from pyssl.data.files import _read_image
 
     rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
     os.makedirs(tmp_path / "a")

@@ -1,5 +1,6 @@
 """Data-parallel training on the CPU: 2 worker processes over Gloo, against single-process
 float64 references (gathered losses, MoCo queue) and through ``pyssl train --nproc 2``."""
+
 import csv
 import os
 
@@ -13,21 +14,31 @@ from pyssl.cli import _free_port, main
 from pyssl.losses import ClipLoss, InfoNCELoss, MoCoLoss, NTXentLoss
 from test_infonce import ref_infonce, ref_ntxent  # noqa: E402
 from test_moco import RefQueue, ref_moco  # noqa: E402
-from test_moco_shuffle_bn import (CHANNELS, F64, SIZE, bn_moco, crosses_groups, keys_and_permutation,  # noqa: E402
-                                  ref_keys, ref_queries)
+from test_moco_shuffle_bn import (
+    CHANNELS,
+    F64,
+    SIZE,
+    bn_moco,
+    crosses_groups,
+    keys_and_permutation,  # noqa: E402
+    ref_keys,
+    ref_queries,
+)
 
 pytestmark = [
     pytest.mark.distributed,
-    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                       reason="needs torch.distributed with the Gloo backend"),
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with the Gloo backend"
+    ),
 ]
 
 WORLD = 2
 
 
 def _entry(rank, fn, port, args):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     assert distributed.init_from_env("cpu") == torch.device("cpu")
     try:
@@ -68,12 +79,12 @@ def _reference(name, x0, x1, weight, scale):
 
 
 def _shard(x, rank, rows):
-    return x[rank * rows: (rank + 1) * rows]
+    return x[rank * rows : (rank + 1) * rows]
 
 
 def _key_shard(keys, rank):
     """Rank ``rank``'s keys: its positives, then its extra negatives (InfoNCE's K > N)."""
-    positives, extras = keys[: WORLD * ROWS], keys[WORLD * ROWS:]
+    positives, extras = keys[: WORLD * ROWS], keys[WORLD * ROWS :]
     return torch.cat([_shard(positives, rank, ROWS), _shard(extras, rank, EXTRA_KEYS)])
 
 
@@ -87,8 +98,16 @@ def _gathered_loss_worker(rank, name, inputs_path, out_dir):
     loss.backward()
     # what the trainer does after backward: average the parameter gradients over ranks
     distributed.all_reduce_gradients([weight, scale])
-    torch.save({"loss": loss.detach(), "x0_grad": x0.grad, "x1_grad": x1.grad, "weight_grad": weight.grad,
-                "scale_grad": scale.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(
+        {
+            "loss": loss.detach(),
+            "x0_grad": x0.grad,
+            "x1_grad": x1.grad,
+            "weight_grad": weight.grad,
+            "scale_grad": scale.grad,
+        },
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
 
 
 @pytest.mark.parametrize("name", ["ntxent", "infonce", "clip"])
@@ -137,8 +156,10 @@ def _moco_worker(rank, inputs_path, out_dir):
         query = _shard(queries[step], rank, 3).clone().requires_grad_()
         losses.append(loss_fn(query, _shard(keys[step], rank, 3)).detach())
         queues.append(loss_fn.queue.clone())
-    torch.save({"queues": queues, "losses": losses, "ptr": int(loss_fn.queue_ptr), "len": int(loss_fn.queue_len)},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(
+        {"queues": queues, "losses": losses, "ptr": int(loss_fn.queue_ptr), "len": int(loss_fn.queue_len)},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
 
 
 def test_moco_queue_gets_the_keys_of_all_ranks(tmp_path):
@@ -152,8 +173,9 @@ def test_moco_queue_gets_the_keys_of_all_ranks(tmp_path):
     for step in range(MOCO_STEPS):
         for rank in range(WORLD):
             # the loss stays local: this rank's queries against its own keys and the shared queue
-            expected_loss = ref_moco(_shard(queries[step], rank, 3), _shard(keys[step], rank, 3),
-                                     reference.negatives(), 0.2)
+            expected_loss = ref_moco(
+                _shard(queries[step], rank, 3), _shard(keys[step], rank, 3), reference.negatives(), 0.2
+            )
             torch.testing.assert_close(got[rank]["losses"][step].double(), expected_loss, rtol=1e-5, atol=1e-6)
         reference.push(keys[step])  # all ranks' keys, in rank order
         for rank in range(WORLD):
@@ -181,8 +203,13 @@ def _shuffle_bn_worker(rank, inputs_path, out_dir):
         eval_unshuffled = m._keys(views)
         m.shuffle_bn = True
         keys, permutation = keys_and_permutation(m.train(), views)
-        got[splits] = {"eval": eval_keys, "eval_unshuffled": eval_unshuffled, "keys": keys,
-                       "permutation": permutation, "queries": m(views).detach()}
+        got[splits] = {
+            "eval": eval_keys,
+            "eval_unshuffled": eval_unshuffled,
+            "keys": keys,
+            "permutation": permutation,
+            "queries": m(views).detach(),
+        }
     torch.save(got, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -213,8 +240,9 @@ def test_moco_shuffle_bn_across_ranks(tmp_path):
             # training: a key is normalised with the group its shuffled position fell into,
             # a query with its own rank's (chunk of the) shard
             torch.testing.assert_close(r["keys"], _shard(expected, rank, SHUFFLE_ROWS), **F64)
-            torch.testing.assert_close(r["queries"], ref_queries(model, _shard(views_all, rank, SHUFFLE_ROWS), group),
-                                       **F64)
+            torch.testing.assert_close(
+                r["queries"], ref_queries(model, _shard(views_all, rank, SHUFFLE_ROWS), group), **F64
+            )
         if crosses_groups(permutation, group):
             unshuffled = ref_keys(model, views_all, torch.arange(len(permutation)), group)
             keys = torch.cat([g[splits]["keys"] for g in got])
@@ -227,9 +255,16 @@ def test_moco_shuffle_bn_across_ranks(tmp_path):
 def _collectives_worker(rank, out_dir):
     distributed.BUCKET_BYTES = 64  # several buckets per dtype, and a tensor larger than one
     torch.manual_seed(rank)  # different weights and gradients on each rank
-    params = [torch.nn.Parameter(torch.randn(shape, dtype=dtype)) for shape, dtype in
-              [((3,), torch.float32), ((5, 7), torch.float64), ((20,), torch.float32), ((2,), torch.float64),
-               ((4, 4), torch.float32)]]
+    params = [
+        torch.nn.Parameter(torch.randn(shape, dtype=dtype))
+        for shape, dtype in [
+            ((3,), torch.float32),
+            ((5, 7), torch.float64),
+            ((20,), torch.float32),
+            ((2,), torch.float64),
+            ((4, 4), torch.float32),
+        ]
+    ]
     for p in params:
         p.grad = torch.randn_like(p)
     params.append(torch.nn.Parameter(torch.randn(3)))  # no gradient: skipped
@@ -238,9 +273,15 @@ def _collectives_worker(rank, out_dir):
     local = [p.grad.clone() for p in params[:-1]]
     distributed.all_reduce_gradients(params)
     distributed.broadcast_module(module)
-    torch.save({"local": local, "averaged": [p.grad for p in params[:-1]], "last_grad": params[-1].grad,
-                "state": {k: v.clone() for k, v in module.state_dict().items()}},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(
+        {
+            "local": local,
+            "averaged": [p.grad for p in params[:-1]],
+            "last_grad": params[-1].grad,
+            "state": {k: v.clone() for k, v in module.state_dict().items()},
+        },
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
 
 
 def test_gradients_averaged_per_dtype_in_buckets_and_state_broadcast(tmp_path):
@@ -259,9 +300,29 @@ def test_gradients_averaged_per_dtype_in_buckets_and_state_broadcast(tmp_path):
 
 # ---- the trainer through the CLI ---------------------------------------------------------------
 
-TRAIN = ["train", "--nproc", str(WORLD), "--method", "simclr", "--image-size", "8", "--backbone", "small",
-         "--hidden-dim", "16", "--epochs", "1", "--batch-size", "128", "--knn-every", "0", "--device", "cpu",
-         "--no-progress", "--no-tensorboard"]
+TRAIN = [
+    "train",
+    "--nproc",
+    str(WORLD),
+    "--method",
+    "simclr",
+    "--image-size",
+    "8",
+    "--backbone",
+    "small",
+    "--hidden-dim",
+    "16",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "128",
+    "--knn-every",
+    "0",
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--no-tensorboard",
+]
 
 
 def _losses(run) -> list[float]:
@@ -299,8 +360,10 @@ def test_batch_not_divisible_by_the_processes_is_one_line(tmp_path, capfd):
     argv = [*TRAIN, "--batch-size", "63", "--out", str(tmp_path / "run")]
     assert main(argv) == 2
     err = capfd.readouterr().err.strip().splitlines()
-    assert err == ["pyssl: error: batch size 63 must be divisible by the number of processes (2): "
-                   "each process trains on an equal shard of every batch"]
+    assert err == [
+        "pyssl: error: batch size 63 must be divisible by the number of processes (2): "
+        "each process trains on an equal shard of every batch"
+    ]
     assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
 
 

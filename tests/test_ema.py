@@ -1,4 +1,5 @@
 """Momentum EMA over tensor lists (one pass over all tensors) and the cosine momentum schedule."""
+
 import copy
 import math
 
@@ -10,7 +11,6 @@ from torch import nn
 
 import pyssl
 from pyssl.momentum import cosine_schedule, update_momentum
-
 
 
 def ref_ema(ema, online, m):
@@ -191,8 +191,15 @@ def test_update_momentum_mixed_precision_model():
 
 def test_cosine_schedule_matches_lightly():
     scheduler = pytest.importorskip("lightly.utils.scheduler")
-    for step, max_steps, period in [(0, 100, None), (37, 100, None), (99, 100, None), (5, 1, None), (0, 0, None),
-                                    (13, 100, 40), (200, 100, 30)]:
+    for step, max_steps, period in [
+        (0, 100, None),
+        (37, 100, None),
+        (99, 100, None),
+        (5, 1, None),
+        (0, 0, None),
+        (13, 100, 40),
+        (200, 100, 30),
+    ]:
         ours = cosine_schedule(step, max_steps, 0.996, 1.0, period)
         theirs = scheduler.cosine_schedule(step, max_steps, 0.996, 1.0, period)
         assert ours == pytest.approx(theirs, rel=1e-15, abs=1e-15)
@@ -231,8 +238,14 @@ def test_ema_cuda_matches_cpu(backend, ema_dtype, online_dtype):
 
 def test_ema_cuda_non_contiguous_and_models(backend):
     dev = backend.device
-    ema = [torch.randn(30, 40, device=dev).t(), torch.randn(2, 3, 8, 8, device=dev).to(memory_format=torch.channels_last)]
-    online = [torch.randn(40, 30, device=dev), torch.randn(2, 3, 8, 8, device=dev).to(memory_format=torch.channels_last)]
+    ema = [
+        torch.randn(30, 40, device=dev).t(),
+        torch.randn(2, 3, 8, 8, device=dev).to(memory_format=torch.channels_last),
+    ]
+    online = [
+        torch.randn(40, 30, device=dev),
+        torch.randn(2, 3, 8, 8, device=dev).to(memory_format=torch.channels_last),
+    ]
     expected = ref_ema(ema, online, 0.3)
     with backend:
         pyssl.ops.ema_update_(ema, online, 0.3)
@@ -281,7 +294,9 @@ def test_ema_cuda_groups_match_cpu(backend, count):
 
 
 @pytest.mark.emulated
-@pytest.mark.parametrize("count,launches", [(1, 1), (150, 1), (EMA_GROUP, 1), (EMA_GROUP + 1, 2), (3 * EMA_GROUP + 5, 4)])
+@pytest.mark.parametrize(
+    "count,launches", [(1, 1), (150, 1), (EMA_GROUP, 1), (EMA_GROUP + 1, 2), (3 * EMA_GROUP + 5, 4)]
+)
 def test_ema_emulated_launches_without_host_copies(count, launches):
     emu = pytest.importorskip("pyssl.emulation")
     if not emu.available():

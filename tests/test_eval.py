@@ -1,5 +1,6 @@
 """Evaluation: kNN against a brute-force float64 reference, balanced subsets, linear probe,
 fine-tuning, the table."""
+
 import math
 
 import pytest
@@ -7,8 +8,15 @@ import torch
 from torch import nn
 
 from pyssl.data import ImageDataset
-from pyssl.eval import (balanced_subset, evaluate_encoders, extract_features, fine_tune, format_table, knn_predict,
-                        linear_probe)
+from pyssl.eval import (
+    balanced_subset,
+    evaluate_encoders,
+    extract_features,
+    fine_tune,
+    format_table,
+    knn_predict,
+    linear_probe,
+)
 
 
 def knn_reference(train, labels, test, k, t, c):
@@ -63,23 +71,42 @@ def _blobs(n=60, size=8):
     h = size // 2
     for i, c in enumerate(y.tolist()):
         r, s = divmod(c, 2)
-        x[i, :, r * h:(r + 1) * h, s * h:(s + 1) * h] += 200
+        x[i, :, r * h : (r + 1) * h, s * h : (s + 1) * h] += 200
     return ImageDataset(x, y, ["a", "b", "c", "d"], "blobs")
 
 
 def test_features_finetune_and_evaluate():
     data = _blobs()
-    enc = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    enc = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten()
+    )
     transform = lambda x: x.float() / 255  # noqa: E731
     f = extract_features(enc, data.images, transform, batch_size=7)
     assert f.shape == (60, 16) and enc.training  # mode restored
     raw = extract_features(None, data.images, transform)
     assert raw.shape == (60, 192)
-    acc = fine_tune(enc, transform, data.images[:40], data.labels[:40], data.images[40:], data.labels[40:], 4,
-                    steps=60, batch_size=16, lr=1e-2)
+    acc = fine_tune(
+        enc,
+        transform,
+        data.images[:40],
+        data.labels[:40],
+        data.images[40:],
+        data.labels[40:],
+        4,
+        steps=60,
+        batch_size=16,
+        lr=1e-2,
+    )
     assert acc > 0.8
-    res = evaluate_encoders({"enc": enc, "pixels": None}, transform, data.subset(torch.arange(40)),
-                            data.subset(torch.arange(40, 60)), fractions=(0.1, 1.0), k=5, finetune_steps=10)
+    res = evaluate_encoders(
+        {"enc": enc, "pixels": None},
+        transform,
+        data.subset(torch.arange(40)),
+        data.subset(torch.arange(40, 60)),
+        fractions=(0.1, 1.0),
+        k=5,
+        finetune_steps=10,
+    )
     assert set(res) == {"enc", "pixels"} and set(res["enc"]) == {"linear", "knn", "finetune"}
     assert res["pixels"]["linear"][1.0] > 0.9 and math.isnan(res["pixels"]["finetune"][0.1])
     table = format_table(res, k=5)
@@ -118,15 +145,24 @@ def test_extract_features_of_an_intermediate_layer():
 def test_evaluation_with_images_on_the_host_and_the_encoder_on_the_gpu():
     data = _blobs()
     torch.manual_seed(int(torch.randint(0, 2**31, ())))
-    enc = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    enc = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten()
+    )
     transform = lambda x: x.float() / 255  # noqa: E731
     on_cpu = extract_features(enc, data.images, transform, batch_size=7)
     gpu_enc = enc.cuda()
     mixed = extract_features(gpu_enc, data.images, transform, batch_size=7)
     assert mixed.is_cuda
     torch.testing.assert_close(mixed.cpu(), on_cpu, rtol=1e-4, atol=1e-5)
-    res = evaluate_encoders({"enc": gpu_enc}, transform, data.subset(torch.arange(40)), data.subset(torch.arange(40, 60)),
-                            fractions=(1.0,), k=5, finetune_steps=5)
+    res = evaluate_encoders(
+        {"enc": gpu_enc},
+        transform,
+        data.subset(torch.arange(40)),
+        data.subset(torch.arange(40, 60)),
+        fractions=(1.0,),
+        k=5,
+        finetune_steps=5,
+    )
     assert all(0.0 <= res["enc"][p][1.0] <= 1.0 for p in ("linear", "knn", "finetune"))
 
 
@@ -135,8 +171,16 @@ def test_progress_leaves_out_what_raw_pixels_cannot_do():
 
     train, test = load_digits("train", size=8).subset(torch.arange(200)), load_digits("test", size=8)
     lines = []
-    results = evaluate_encoders({"raw pixels": None}, lambda x: x.float() / 255, train, test, fractions=(1.0,),
-                                protocols=("knn", "finetune"), k=5, log=lines.append)
+    results = evaluate_encoders(
+        {"raw pixels": None},
+        lambda x: x.float() / 255,
+        train,
+        test,
+        fractions=(1.0,),
+        protocols=("knn", "finetune"),
+        k=5,
+        log=lines.append,
+    )
     assert math.isnan(results["raw pixels"]["finetune"][1.0])  # nothing to fine-tune
     assert len(lines) == 1 and lines[0].startswith("raw pixels, 100% labels: knn ") and "nan" not in lines[0]
     assert "finetune" not in lines[0]

@@ -1,4 +1,5 @@
 """Loading the compiled extension: import order, and clear errors for a missing or stale build."""
+
 import subprocess
 import sys
 import types

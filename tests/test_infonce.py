@@ -1,4 +1,5 @@
 """The fused InfoNCE family (NT-Xent, InfoNCE, CLIP) against float64 plain-PyTorch references."""
+
 import math
 
 import pytest
@@ -88,7 +89,9 @@ def test_ntxent_low_precision_at_low_temperature_stays_finite():
 def test_ntxent_gradcheck():
     z0, z1 = leaf((4, 5), torch.float64), leaf((4, 5), torch.float64)
     for temperature in (0.1, 0.5):
-        assert torch.autograd.gradcheck(lambda a, b: pyssl.ops.ntxent(a, b, temperature), (z0, z1))
+        assert torch.autograd.gradcheck(
+            lambda a, b, temperature=temperature: pyssl.ops.ntxent(a, b, temperature), (z0, z1)
+        )
 
 
 def test_ntxent_matches_lightly():
@@ -295,7 +298,11 @@ def test_autocast_cpu_bf16():
         (lambda: NTXentLoss(0.5)(torch.randn(4, 3), torch.randn(5, 3)), ValueError, "same shape"),
         (lambda: NTXentLoss(0.5)(torch.randn(4), torch.randn(4)), ValueError, "z0 must be 2-D"),
         (lambda: NTXentLoss(0.5)(torch.randn(0, 3), torch.randn(0, 3)), ValueError, "z0 is an empty batch"),
-        (lambda: NTXentLoss(0.5)(torch.ones(4, 3, dtype=torch.long), torch.ones(4, 3)), TypeError, "z0 must be a floating"),
+        (
+            lambda: NTXentLoss(0.5)(torch.ones(4, 3, dtype=torch.long), torch.ones(4, 3)),
+            TypeError,
+            "z0 must be a floating",
+        ),
         (lambda: NTXentLoss(0.5)(torch.randn(4, 3), [1, 2]), TypeError, "z1 must be a torch.Tensor"),
         (lambda: NTXentLoss(0.0), ValueError, "temperature must be a finite number > 0"),
         (lambda: NTXentLoss(-1.0), ValueError, "temperature"),

@@ -4,6 +4,7 @@ Every test runs on each `backend` (conftest.py): on a GPU ("cuda", skipped witho
 the CPU emulator of the CUDA model ("emu": the same kernel sources, run on CPU tensors). The
 reference materialises the full logit matrix in float64; the fused ops must not.
 """
+
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pyssl
+
 cpu_ops = torch.ops.pyssl
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 TEMPERATURES = [0.01, 0.07, 0.5, 1.0]
@@ -246,12 +248,16 @@ def test_simt_path_for_half_input_matches_float32(backend, dtype, monkeypatch):
     loss, lse = backend.ops.ntxent_forward(z, 0.05)
     grad = backend.ops.ntxent_backward(torch.ones((), device=backend.device, dtype=dtype), z, lse, 0.05)
     out = backend.ops.infonce_forward(query, key, scale, True)
-    grads = backend.ops.infonce_backward(torch.ones((), device=backend.device, dtype=dtype), query, key, scale, out[1], out[2], True)
+    grads = backend.ops.infonce_backward(
+        torch.ones((), device=backend.device, dtype=dtype), query, key, scale, out[1], out[2], True
+    )
     monkeypatch.delenv("PYSSL_INFONCE_TENSOR_CORES")
     loss32, lse32 = backend.ops.ntxent_forward(z.float(), 0.05)
     grad32 = backend.ops.ntxent_backward(torch.ones((), device=backend.device), z.float(), lse32, 0.05)
     out32 = backend.ops.infonce_forward(query.float(), key.float(), scale, True)
-    grads32 = backend.ops.infonce_backward(torch.ones((), device=backend.device), query.float(), key.float(), scale, out32[1], out32[2], True)
+    grads32 = backend.ops.infonce_backward(
+        torch.ones((), device=backend.device), query.float(), key.float(), scale, out32[1], out32[2], True
+    )
     torch.testing.assert_close(lse, lse32, rtol=0, atol=1e-5 * 20)
     torch.testing.assert_close(loss, loss32.to(dtype))
     assert_grad_close(grad, grad32.to(dtype).double(), dtype)
@@ -347,7 +353,9 @@ def test_infonce_cpu_logit_scale_and_shapes(backend):
     loss, lse_row, lse_col = backend.ops.infonce_forward(query, key, scale, False)
     ref_loss, _, _ = ref_infonce(query, key, 12.5, False)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=0, atol=1e-5)
-    _, _, gs = backend.ops.infonce_backward(torch.ones((), device=backend.device), query, key, scale, lse_row, lse_col, False)
+    _, _, gs = backend.ops.infonce_backward(
+        torch.ones((), device=backend.device), query, key, scale, lse_row, lse_col, False
+    )
     assert gs.device.type == "cpu" and gs.dtype == torch.float64 and gs.shape == (1,)
     with pytest.raises(RuntimeError, match="logit_scale must be > 0"):
         backend.ops.infonce_forward(query, key, torch.tensor(-1.0), False)
@@ -455,7 +463,9 @@ def test_opcheck_cuda(backend, dtype):
     z = _randn(backend, 2 * 9, 13, dtype=dtype).requires_grad_()
     torch.library.opcheck(backend.ops.ntxent_forward.default, (z, 0.4))
     loss, lse = backend.ops.ntxent_forward(z.detach(), 0.4)
-    torch.library.opcheck(backend.ops.ntxent_backward.default, (torch.ones((), device=backend.device, dtype=dtype), z.detach(), lse, 0.4))
+    torch.library.opcheck(
+        backend.ops.ntxent_backward.default, (torch.ones((), device=backend.device, dtype=dtype), z.detach(), lse, 0.4)
+    )
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     for symmetric in (False, True):
         query = _randn(backend, 9, 13, dtype=dtype).requires_grad_()
@@ -465,7 +475,15 @@ def test_opcheck_cuda(backend, dtype):
         _, lse_row, lse_col = backend.ops.infonce_forward(query.detach(), key.detach(), scale.detach(), symmetric)
         torch.library.opcheck(
             backend.ops.infonce_backward.default,
-            (torch.ones((), device=backend.device, dtype=dtype), query.detach(), key.detach(), scale.detach(), lse_row, lse_col, symmetric),
+            (
+                torch.ones((), device=backend.device, dtype=dtype),
+                query.detach(),
+                key.detach(),
+                scale.detach(),
+                lse_row,
+                lse_col,
+                symmetric,
+            ),
         )
 
 
@@ -506,11 +524,17 @@ def test_bad_inputs_raise(backend):
     with pytest.raises(RuntimeError, match="2N rows"):
         backend.ops.ntxent_forward(_randn(backend, 5, 4), 0.5)
     with pytest.raises(RuntimeError, match="lse must have shape"):
-        backend.ops.ntxent_backward(torch.ones((), device=backend.device), _randn(backend, 6, 4), torch.zeros(5, device=backend.device), 0.5)
+        backend.ops.ntxent_backward(
+            torch.ones((), device=backend.device), _randn(backend, 6, 4), torch.zeros(5, device=backend.device), 0.5
+        )
     with pytest.raises(RuntimeError, match="need at least one key per query"):
-        backend.ops.infonce_forward(_randn(backend, 5, 4), _randn(backend, 4, 4), torch.tensor(2.0, device=backend.device), False)
+        backend.ops.infonce_forward(
+            _randn(backend, 5, 4), _randn(backend, 4, 4), torch.tensor(2.0, device=backend.device), False
+        )
     with pytest.raises(RuntimeError, match="same dim"):
-        backend.ops.infonce_forward(_randn(backend, 5, 4), _randn(backend, 5, 3), torch.tensor(2.0, device=backend.device), True)
+        backend.ops.infonce_forward(
+            _randn(backend, 5, 4), _randn(backend, 5, 3), torch.tensor(2.0, device=backend.device), True
+        )
     with pytest.raises(ValueError, match="z1"):
         pyssl.ops.ntxent(_randn(backend, 4, 3), _randn(backend, 4, 5), 0.5)
 
@@ -594,7 +618,9 @@ def test_property_infonce_matches_cpu(backend, n, extra, d, log_scale, symmetric
     atol = _loss_atol(torch.float32, scale.item())
     for a, b in zip(out, cpu):
         torch.testing.assert_close(a.cpu(), b, rtol=0, atol=atol)
-    grads = backend.ops.infonce_backward(torch.ones((), device=backend.device), query, key, scale, out[1], out[2], symmetric)
+    grads = backend.ops.infonce_backward(
+        torch.ones((), device=backend.device), query, key, scale, out[1], out[2], symmetric
+    )
     cpu_grads = cpu_ops.infonce_backward(torch.ones(()), query.cpu(), key.cpu(), scale.cpu(), cpu[1], cpu[2], symmetric)
     for a, b in zip(grads[:2], cpu_grads[:2]):
         assert_grad_close(a.cpu(), b, torch.float32, scale.item())

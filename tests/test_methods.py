@@ -1,4 +1,5 @@
 """SimCLR and MoCo v1/v2: registry, losses against plain-PyTorch references, queue, EMA."""
+
 import copy
 
 import pytest
@@ -6,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyssl.methods import MethodError, MoCo, SimCLR, available_methods, build_method, method_preset, register
 from pyssl.losses import MoCoLoss
+from pyssl.methods import MethodError, MoCo, SimCLR, available_methods, build_method, method_preset, register
 from pyssl.methods.base import Method
 from pyssl.momentum import cosine_schedule, update_momentum
 

@@ -1,5 +1,6 @@
 """The metric-learning losses against float64 references written as explicit loops over pairs and
 triplets, against pytorch-metric-learning where it has the same loss, and on bad input."""
+
 import math
 
 import pytest
@@ -31,6 +32,7 @@ def random_float64(gen, *shape):
 
 def random_rotation(gen, d):
     return torch.linalg.qr(random_float64(gen, d, d))[0]
+
 
 # ---- float64 references: explicit loops over pairs and triplets -----------------------------
 
@@ -116,7 +118,7 @@ def ref_lifted(x, y, neg_margin, pos_margin, normalize=True):
             if y[i] != y[j]:
                 continue
             terms = [torch.exp(neg_margin - d[i][k]) for k in range(n) if y[k] != y[i]]
-            terms += [torch.exp(neg_margin - d[j][l]) for l in range(n) if y[l] != y[j]]
+            terms += [torch.exp(neg_margin - d[j][k]) for k in range(n) if y[k] != y[j]]
             if not terms:
                 continue
             j_ij = torch.log(sum(terms)) + d[i][j] - pos_margin
@@ -289,7 +291,9 @@ def test_nce_with_a_given_normalizer_and_from_scores():
 
     check_loss_and_grad(loss_fn(features, bank, indices, noise), expected(), (features,), torch.float64)
     unit = F.normalize(features, dim=1)
-    from_scores = loss_fn.loss_from_scores((unit * bank[indices]).sum(1), torch.einsum("bd,bmd->bm", unit, bank[noise]), 25)
+    from_scores = loss_fn.loss_from_scores(
+        (unit * bank[indices]).sum(1), torch.einsum("bd,bmd->bm", unit, bank[noise]), 25
+    )
     check_loss_and_grad(from_scores, expected(), (features,), torch.float64)
     assert loss_fn.log_normalizer.item() == pytest.approx(math.log(123.0))
 
@@ -351,12 +355,16 @@ def test_labelled_losses_in_lower_precision(name, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_npair_and_nce_in_lower_precision(dtype):
     anchors, positives = leaf((8, 4), dtype), leaf((8, 4), dtype)
-    check_loss_and_grad(NPairLoss(0.01)(anchors, positives), ref_npair(anchors, positives, 0.01), (anchors, positives), dtype, 4.0)
+    check_loss_and_grad(
+        NPairLoss(0.01)(anchors, positives), ref_npair(anchors, positives, 0.01), (anchors, positives), dtype, 4.0
+    )
     features = leaf((5, 4), dtype)
     bank = F.normalize(torch.randn(30, 4), dim=1).to(dtype)
     indices, noise = torch.randint(0, 30, (5,)), torch.randint(0, 30, (5, 6))
     expected, _ = ref_nce(features, bank, indices, noise, 0.5, normalizer=30.0)
-    check_loss_and_grad(NCELoss(0.5, 6, normalizer=30.0)(features, bank, indices, noise), expected, (features,), dtype, 4.0)
+    check_loss_and_grad(
+        NCELoss(0.5, 6, normalizer=30.0)(features, bank, indices, noise), expected, (features,), dtype, 4.0
+    )
 
 
 def test_soft_nearest_neighbors_at_tiny_temperature_is_finite_and_hits_its_limit():
@@ -380,7 +388,11 @@ def test_large_margins_and_low_temperatures_stay_finite(dtype):
     # exp(200) overflows even float32, exp(-d / 0.01) underflows it; the losses themselves stay
     # within float16's range.
     x, y = leaf((32, 8), dtype), labels_for(32, 4)
-    for loss_fn in (LiftedStructureLoss(neg_margin=200.0), SoftNearestNeighborsLoss(0.01), ContrastiveLoss(neg_margin=50.0)):
+    for loss_fn in (
+        LiftedStructureLoss(neg_margin=200.0),
+        SoftNearestNeighborsLoss(0.01),
+        ContrastiveLoss(neg_margin=50.0),
+    ):
         loss = loss_fn(x, y)
         (grad,) = grads_of(loss, x)
         assert torch.isfinite(loss) and torch.isfinite(grad).all(), type(loss_fn).__name__
@@ -630,7 +642,9 @@ def test_npair_matches_pml(pml):
         embedding_reg_weight=0.01,
     )
     labels = torch.arange(32).repeat(2)
-    check_parity(NPairLoss(0.01)(anchors, positives), theirs(torch.cat([anchors, positives]), labels), (anchors, positives))
+    check_parity(
+        NPairLoss(0.01)(anchors, positives), theirs(torch.cat([anchors, positives]), labels), (anchors, positives)
+    )
 
 
 def test_soft_nearest_neighbors_matches_pml_nca(pml):
@@ -720,7 +734,9 @@ def _no_pair_batches():
         (lambda: LiftedStructureLoss(), lambda losses, distances: losses.LiftedStructureLoss()),
         (
             lambda: SoftNearestNeighborsLoss(),
-            lambda losses, distances: losses.NCALoss(distance=distances.LpDistance(power=2, normalize_embeddings=False)),
+            lambda losses, distances: losses.NCALoss(
+                distance=distances.LpDistance(power=2, normalize_embeddings=False)
+            ),
         ),
     ],
     ids=["triplet", "lifted_structure", "soft_nearest_neighbors"],
@@ -757,7 +773,14 @@ def test_npair_and_nce_empty_batch_give_connected_zero():
 
 
 def test_exported_and_described():
-    for name in ("ContrastiveLoss", "TripletLoss", "NPairLoss", "LiftedStructureLoss", "NCELoss", "SoftNearestNeighborsLoss"):
+    for name in (
+        "ContrastiveLoss",
+        "TripletLoss",
+        "NPairLoss",
+        "LiftedStructureLoss",
+        "NCELoss",
+        "SoftNearestNeighborsLoss",
+    ):
         assert name in pyssl.losses.__all__ and getattr(pyssl.losses, name).__doc__
     assert "mining='batch_hard'" in repr(TripletLoss(mining="batch_hard"))
 
@@ -786,20 +809,44 @@ def _bank_call(**overrides):
         (lambda: NCELoss(0.1, 2.0), TypeError, "num_noise must be an int"),
         (lambda: NCELoss(0.1, normalizer=0.0), ValueError, "normalizer"),
         (lambda: TripletLoss()(torch.randn(4), torch.zeros(4, dtype=torch.long)), ValueError, "embeddings must be 2-D"),
-        (lambda: ContrastiveLoss()(torch.ones(4, 3, dtype=torch.long), torch.zeros(4)), TypeError, "embeddings must be a floating"),
+        (
+            lambda: ContrastiveLoss()(torch.ones(4, 3, dtype=torch.long), torch.zeros(4)),
+            TypeError,
+            "embeddings must be a floating",
+        ),
         (lambda: ContrastiveLoss()(torch.randn(4, 3), torch.zeros(4)), TypeError, "labels must be an integer"),
         (lambda: LiftedStructureLoss()(torch.randn(4, 3), [0, 0, 1, 1]), TypeError, "labels must be a torch.Tensor"),
-        (lambda: SoftNearestNeighborsLoss()(torch.randn(4, 3), torch.zeros(5, dtype=torch.long)), ValueError, "labels must have shape"),
-        (lambda: TripletLoss()(torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.long)), ValueError, "labels must have shape"),
         (
-            lambda: TripletLoss(check_inputs_finite=True)(torch.full((3, 2), float("nan")), torch.zeros(3, dtype=torch.long)),
+            lambda: SoftNearestNeighborsLoss()(torch.randn(4, 3), torch.zeros(5, dtype=torch.long)),
+            ValueError,
+            "labels must have shape",
+        ),
+        (
+            lambda: TripletLoss()(torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.long)),
+            ValueError,
+            "labels must have shape",
+        ),
+        (
+            lambda: TripletLoss(check_inputs_finite=True)(
+                torch.full((3, 2), float("nan")), torch.zeros(3, dtype=torch.long)
+            ),
             ValueError,
             "embeddings contains NaN",
         ),
-        (lambda: NPairLoss()(torch.randn(4, 3), torch.randn(5, 3)), ValueError, "anchors and positives must have the same shape"),
-        (lambda: NPairLoss()(torch.randn(4, 3), torch.ones(4, 3, dtype=torch.int32)), TypeError, "positives must be a floating"),
         (
-            lambda: NPairLoss(check_inputs_finite=True)(torch.randn(2, 3), torch.tensor([[1.0, float("inf"), 0], [0, 0, 0]])),
+            lambda: NPairLoss()(torch.randn(4, 3), torch.randn(5, 3)),
+            ValueError,
+            "anchors and positives must have the same shape",
+        ),
+        (
+            lambda: NPairLoss()(torch.randn(4, 3), torch.ones(4, 3, dtype=torch.int32)),
+            TypeError,
+            "positives must be a floating",
+        ),
+        (
+            lambda: NPairLoss(check_inputs_finite=True)(
+                torch.randn(2, 3), torch.tensor([[1.0, float("inf"), 0], [0, 0, 0]])
+            ),
             ValueError,
             "positives contains NaN or inf",
         ),

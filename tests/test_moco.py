@@ -1,4 +1,5 @@
 """MoCo queue loss: fused op against a float64 reference, the module's queue against lightly."""
+
 import copy
 import io
 import math
@@ -13,7 +14,6 @@ from hypothesis import strategies as st
 
 import pyssl
 from pyssl.losses import MoCoLoss
-
 from tolerances import assert_close, leaf  # noqa: E402
 
 # ---- float64 reference -----------------------------------------------------------------------
@@ -88,7 +88,11 @@ def test_moco_gradcheck():
 
 
 def test_moco_small_temperature_bf16_finite():
-    query, key, queue = leaf((20, 16), torch.bfloat16), leaf((20, 16), torch.bfloat16), unit_queue(700, 16, torch.bfloat16)
+    query, key, queue = (
+        leaf((20, 16), torch.bfloat16),
+        leaf((20, 16), torch.bfloat16),
+        unit_queue(700, 16, torch.bfloat16),
+    )
     loss = pyssl.ops.moco(query, key, queue, 0.01)
     assert torch.isfinite(loss)
     assert all(torch.isfinite(g).all() for g in grads(loss, query, key))
@@ -310,8 +314,9 @@ def test_moco_cuda_matches_cpu(backend, n, k, d, queue_dtype):
 # (1653 fp32 / 745 fp64 features): the CUDA sweep tiles the features, so any dim runs, as on the
 # CPU. Small batches and queues (a partial row block, a partial second queue tile) keep the
 # emulated cases to seconds.
-@pytest.mark.parametrize("d,dtype", [(1100, torch.float32), (2048, torch.float32), (3000, torch.float32),
-                                     (800, torch.float64)])
+@pytest.mark.parametrize(
+    "d,dtype", [(1100, torch.float32), (2048, torch.float32), (3000, torch.float32), (800, torch.float64)]
+)
 def test_moco_cuda_large_feature_dims(backend, d, dtype):
     n, k, temperature = 5, 70, 0.2
     query, key, queue = leaf((n, d), dtype), leaf((n, d), dtype), unit_queue(k, d, dtype)

@@ -1,6 +1,7 @@
 """MoCo's Shuffle-BN in one process: SplitBatchNorm and the key shuffle against float64
 references, the divisibility check, the default that changes nothing, and the trainer's
 SyncBatchNorm decision. The two-process (Gloo) checks are in test_distributed.py."""
+
 import copy
 
 import pytest
@@ -46,8 +47,17 @@ def bn_backbone(channels=CHANNELS):
 
 def bn_moco(bn_splits=1, **kw):
     """MoCo v1 (a linear head: no BatchNorm of its own) on :func:`bn_backbone`, in float64."""
-    return MoCo(backbone=bn_backbone(), version=1, image_size=SIZE, in_channels=CHANNELS, out_dim=OUT_DIM,
-                queue_size=8, momentum=0.5, bn_splits=bn_splits, **kw).double()
+    return MoCo(
+        backbone=bn_backbone(),
+        version=1,
+        image_size=SIZE,
+        in_channels=CHANNELS,
+        out_dim=OUT_DIM,
+        queue_size=8,
+        momentum=0.5,
+        bn_splits=bn_splits,
+        **kw,
+    ).double()
 
 
 def ref_keys(method, views, permutation, group_size):
@@ -195,8 +205,19 @@ def _count_shuffles(monkeypatch):
 @pytest.mark.parametrize("version", [1, 2])
 def test_eval_mode_keys_do_not_depend_on_the_shuffle(version, monkeypatch):
     calls = _count_shuffles(monkeypatch)
-    m = build_method("moco" if version == 1 else "mocov2", backbone="convnet-small", image_size=8, hidden_dim=16,
-                     out_dim=8, queue_size=32, bn_splits=4).double().eval()
+    m = (
+        build_method(
+            "moco" if version == 1 else "mocov2",
+            backbone="convnet-small",
+            image_size=8,
+            hidden_dim=16,
+            out_dim=8,
+            queue_size=32,
+            bn_splits=4,
+        )
+        .double()
+        .eval()
+    )
     views = torch.randn(16, 3, 8, 8, dtype=torch.float64)
     shuffled_keys = m._keys(views)
     assert calls == [16]
@@ -231,8 +252,9 @@ def test_without_shuffle_keys_share_their_querys_statistics():
 
 
 def test_batch_not_divisible_by_bn_splits():
-    m = build_method("mocov2", backbone="convnet-small", image_size=8, hidden_dim=16, out_dim=8, queue_size=32,
-                     bn_splits=4)
+    m = build_method(
+        "mocov2", backbone="convnet-small", image_size=8, hidden_dim=16, out_dim=8, queue_size=32, bn_splits=4
+    )
     with pytest.raises(MethodError, match=r"batch of 10 images .* not divisible by bn_splits=4"):
         m.training_step(torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8))
     assert torch.isfinite(m.training_step(torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8)))
@@ -314,14 +336,16 @@ def test_trainer_converts_to_sync_bn_as_use_sync_bn_decides(tmp_path, monkeypatc
     real = train.use_sync_bn
     kw = dict(backbone="convnet-small", image_size=8, hidden_dim=16, out_dim=8, queue_size=32)
     for shuffle_bn, forced, expect in ((True, lambda *a: True, True), (True, real, False), (False, real, False)):
+
         def deciding(requested, method, world_size, device_type, _decide=forced):
             asked.append((requested, world_size, device_type, method.sync_bn_by_default))
             return _decide(requested, method, world_size, device_type)
 
         monkeypatch.setattr(train, "use_sync_bn", deciding)
         method = build_method("mocov2", shuffle_bn=shuffle_bn, **kw)
-        cfg = TrainConfig(epochs=1, batch_size=8, device="cpu", out_dir=str(tmp_path), progress=False,
-                          tensorboard=False)
+        cfg = TrainConfig(
+            epochs=1, batch_size=8, device="cpu", out_dir=str(tmp_path), progress=False, tensorboard=False
+        )
         trainer = Trainer(method, _images(16), cfg)
         converted = any(isinstance(mod, nn.SyncBatchNorm) for mod in method.modules())
         assert trainer.sync_bn is expect and converted is expect
@@ -332,9 +356,23 @@ def test_cli_bn_splits_builds_split_batch_norm(tmp_path):
     from pyssl.cli import build_parser, prepare_training
     from pyssl.models import SplitBatchNorm
 
-    args = build_parser().parse_args(["train", "--method", "mocov2", "--bn-splits", "4", "--epochs", "1",
-                                      "--batch-size", "64", "--out", str(tmp_path / "run"), "--no-progress",
-                                      "--no-tensorboard"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--method",
+            "mocov2",
+            "--bn-splits",
+            "4",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+            "--no-tensorboard",
+        ]
+    )
     method = prepare_training(args).method
     assert method.bn_splits == 4 and method.shuffles_keys()
     splits = [m for m in method.backbone_momentum.modules() if isinstance(m, SplitBatchNorm)]

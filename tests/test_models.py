@@ -1,10 +1,19 @@
 """Backbones and heads: shapes for 8..96 px, the CIFAR stem, external backbones, bad names."""
+
 import pytest
 import torch
 from torch import nn
 
-from pyssl.models import (BACKBONES, ModelError, PredictionHead, ProjectionHead, ResNet, build_backbone, linear_head,
-                          mlp_head)
+from pyssl.models import (
+    BACKBONES,
+    ModelError,
+    PredictionHead,
+    ProjectionHead,
+    ResNet,
+    build_backbone,
+    linear_head,
+    mlp_head,
+)
 
 
 @pytest.mark.parametrize("name", ["small", "convnet-small", "resnet-tiny", "resnet10-small"])
@@ -68,12 +77,15 @@ def test_registry_lists_backbones():
     assert {"resnet18", "resnet34", "convnet"} <= set(BACKBONES)
 
 
-@pytest.mark.parametrize("name,channels,stride", [
-    ("small", 32, 2),            # ConvEncoder 16-32-64: stage 1 halves once
-    ("convnet-small", 32, 4),    # ConvNet 16-32-64: stage 1 ends with its second max-pool
-    ("resnet18", 256, 4),        # CIFAR ResNet-18: layer3
-    ("resnet-tiny", 32, 2),
-])
+@pytest.mark.parametrize(
+    "name,channels,stride",
+    [
+        ("small", 32, 2),  # ConvEncoder 16-32-64: stage 1 halves once
+        ("convnet-small", 32, 4),  # ConvNet 16-32-64: stage 1 ends with its second max-pool
+        ("resnet18", 256, 4),  # CIFAR ResNet-18: layer3
+        ("resnet-tiny", 32, 2),
+    ],
+)
 def test_middle_layer_is_the_second_to_last_stage(name, channels, stride):
     from pyssl.eval import extract_features, middle_layer
 

@@ -1,4 +1,5 @@
 """RGB <-> Lab against a float64 reference written from the CIE formulas (and scikit-image)."""
+
 import numpy as np
 import pytest
 import torch

@@ -1,6 +1,7 @@
 """The self-prediction methods: each learns its pretext task in a short CPU run, features beat a
 random-init encoder where the method is meant for linear probing, impossible sizes give a clear
 ValueError, and each trains from the CLI with nothing but its name."""
+
 import copy
 import functools
 
@@ -30,7 +31,7 @@ def _split(x, y, n_train):
 def _eval_metrics(method, images, batches=3, batch=128):
     acc = {}
     for i in range(batches):
-        m = method.pretext_metrics(images[i * batch: (i + 1) * batch])
+        m = method.pretext_metrics(images[i * batch : (i + 1) * batch])
         for k, v in m.items():
             acc[k] = acc.get(k, 0.0) + v / batches
     return acc
@@ -230,8 +231,9 @@ def test_bad_configurations():
 def test_cli_builds_each_method_on_its_default_data(name, tmp_path):
     from pyssl.cli import build_parser, prepare_training
 
-    args = build_parser().parse_args(["train", "--method", name, "--epochs", "1", "--out", str(tmp_path / name),
-                                      "--no-progress", "--no-tensorboard"])
+    args = build_parser().parse_args(
+        ["train", "--method", name, "--epochs", "1", "--out", str(tmp_path / name), "--no-progress", "--no-tensorboard"]
+    )
     trainer = prepare_training(args)
     assert trainer.train_data.name == {"rotnet": "digits", "video_colorization": "videos"}.get(name, "colour_digits")
     assert trainer.cfg.optimizer == "adamw" and trainer.cfg.epochs == 1
@@ -242,8 +244,24 @@ def test_cli_builds_each_method_on_its_default_data(name, tmp_path):
 def test_cli_trains_rotnet_one_epoch(tmp_path, capsys):
     from pyssl.cli import main
 
-    assert main(["train", "--method", "rotnet", "--epochs", "1", "--out", str(tmp_path / "r"), "--no-progress",
-                 "--no-tensorboard", "--knn-every", "0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "rotnet",
+                "--epochs",
+                "1",
+                "--out",
+                str(tmp_path / "r"),
+                "--no-progress",
+                "--no-tensorboard",
+                "--knn-every",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "r" / "checkpoint.pt").exists()
 
 

@@ -1,4 +1,5 @@
 """Batched pretext transforms: rotations, patch grids, jigsaw permutations, inpainting masks."""
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,8 +23,8 @@ def test_rotate_all4_matches_rot90():
     rotated, labels = rotate_all4(x)
     assert rotated.shape == (20, 3, 7, 7)
     for k in range(4):
-        assert torch.equal(rotated[5 * k: 5 * (k + 1)], torch.rot90(x, k, dims=(2, 3)))
-        assert (labels[5 * k: 5 * (k + 1)] == k).all()
+        assert torch.equal(rotated[5 * k : 5 * (k + 1)], torch.rot90(x, k, dims=(2, 3)))
+        assert (labels[5 * k : 5 * (k + 1)] == k).all()
     u = torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8)
     assert torch.equal(rotate_all4(u)[0][2:4], torch.rot90(u, 1, dims=(2, 3)))
     with pytest.raises(ValueError, match="square"):
@@ -39,7 +40,7 @@ def test_extract_patches_equals_slicing():
     for i in range(3):
         for j in range(4):
             r, c = origins[i, j].tolist()
-            assert torch.equal(p[i, j], x[i, :, r: r + 5, c: c + 5])
+            assert torch.equal(p[i, j], x[i, :, r : r + 5, c : c + 5])
 
 
 @settings(max_examples=40, deadline=None)

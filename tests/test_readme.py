@@ -11,11 +11,11 @@ The setup code runs first, in the block's namespace, with ``torch`` imported. A 
 the CUDA emulator (``pyssl.emulation``) is skipped when pyssl was built without it. Keep the
 blocks and their stand-ins small: each must run in a few seconds on the CPU.
 """
+
 import os
 import re
 
 import pytest
-import torch
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 BLOCK = re.compile(r"(?:<!--\s*test-setup:(?P<setup>.*?)-->\s*\n)?^```python\n(?P<code>.*?)^```", re.S | re.M)

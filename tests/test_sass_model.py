@@ -73,7 +73,12 @@ def test_tile_path_does_the_work_and_nested_loops_repeat_to_the_tiles_mmas():
 def test_costs_by_resource():
     parse = sass_model.parse_functions
     ldsm, lds128, guarded_stg, ldgsts = parse(
-        sass("LDSM.16.M88.4 R4, [R2]", "LDS.128 R4, [R2]", "@P0 STG.E [R2.64], R4", "LDGSTS.E.BYPASS.128 [R2], desc[UR4][R4.64]")
+        sass(
+            "LDSM.16.M88.4 R4, [R2]",
+            "LDS.128 R4, [R2]",
+            "@P0 STG.E [R2.64], R4",
+            "LDGSTS.E.BYPASS.128 [R2], desc[UR4][R4.64]",
+        )
     )["kernel"]
     assert sass_model.instruction_cost(ldsm)["l1"] == 4.0  # 512 bytes at 128 per clock
     assert sass_model.instruction_cost(lds128)["l1"] == 4.0

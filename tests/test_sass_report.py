@@ -31,10 +31,7 @@ sass_report = load_script()
 LSE_FLOAT = "_ZN5pyssl7infonce4cuda18lse_partial_kernelIfEEvPKT_S5_lllS5_blPS3_S6_"
 LSE_MMA = "_ZN5pyssl7infonce4cuda22lse_partial_mma_kernelEPK6__halfS4_lllPKfblPfS7_"
 FINALIZE = "_ZN5pyssl7infonce4cuda20grad_finalize_kernelIddEEvPKT_lllllS5_S5_S5_S5_S3_PT0_"
-EMA = (
-    "_ZN5pyssl3ema49_GLOBAL__N__d48e73e4_11_ema_cuda_cu_8bc4e21e_466017ema_update_kernel"
-    "EPKNS1_11TensorEntryElld"
-)
+EMA = "_ZN5pyssl3ema49_GLOBAL__N__d48e73e4_11_ema_cuda_cu_8bc4e21e_466017ema_update_kernelEPKNS1_11TensorEntryElld"
 
 RESOURCE_USAGE_SAMPLE = f"""
 Fatbin ptx code:
@@ -220,9 +217,7 @@ def test_kernel_records_and_violations():
 def test_tensor_core_kernel_without_hmma_is_a_violation():
     without_hmma = SASS_SAMPLE.replace("HMMA.16816.F32", "FFMA")
     violations = sass_report.find_violations(sample_kernels(without_hmma))
-    assert ("no_hmma", "pyssl::infonce::cuda::lse_partial_mma_kernel") in {
-        (v["kind"], v["kernel"]) for v in violations
-    }
+    assert ("no_hmma", "pyssl::infonce::cuda::lse_partial_mma_kernel") in {(v["kind"], v["kernel"]) for v in violations}
 
 
 def test_local_memory_alone_counts_as_spill():
@@ -329,8 +324,16 @@ def test_real_infonce_object_has_hmma_in_mma_kernels(tmp_path):
         "lse_partial_mma_kernel",
         "grad_partial_mma_kernel",
         # The forward's instances: wide blocks (32 rows a warp) with resident rows, else streamed.
-        *(f"lse_partial_kernel<{op}, {variant}>" for op in ("__half", "__nv_bfloat16") for variant in ("true, 2", "false, 1")),
-        *(f"grad_partial_kernel<{op}, {resident}>" for op in ("__half", "__nv_bfloat16") for resident in ("true", "false")),
+        *(
+            f"lse_partial_kernel<{op}, {variant}>"
+            for op in ("__half", "__nv_bfloat16")
+            for variant in ("true, 2", "false, 1")
+        ),
+        *(
+            f"grad_partial_kernel<{op}, {resident}>"
+            for op in ("__half", "__nv_bfloat16")
+            for resident in ("true", "false")
+        ),
     }
     assert all(kernel["hmma"] for kernel in mma_kernels), mma_kernels
     assert not [v for v in report["violations"] if v["kind"] in ("no_hmma", "unreadable")]

@@ -1,4 +1,5 @@
 """Trainer: schedules, LARS, atomic checkpoints, exact resume (in process and after SIGKILL)."""
+
 import csv
 import math
 import os
@@ -11,8 +12,17 @@ from torch import nn
 
 from pyssl.data import load_digits
 from pyssl.methods import build_method
-from pyssl.train import (LARS, CheckpointError, ConfigError, StopTraining, TrainConfig, Trainer, load_checkpoint,
-                         save_atomic, warmup_cosine)
+from pyssl.train import (
+    LARS,
+    CheckpointError,
+    ConfigError,
+    StopTraining,
+    TrainConfig,
+    Trainer,
+    load_checkpoint,
+    save_atomic,
+    warmup_cosine,
+)
 
 DATA = load_digits("train", size=8)
 SMALL = DATA.subset(torch.arange(96))
@@ -27,8 +37,16 @@ def make_method(name="simclr", seed=0):
 
 
 def cfg(tmp_path, **kw):
-    base = dict(epochs=2, batch_size=32, lr=0.05, out_dir=str(tmp_path), progress=False, tensorboard=False,
-                warmup_epochs=1, seed=3)
+    base = dict(
+        epochs=2,
+        batch_size=32,
+        lr=0.05,
+        out_dir=str(tmp_path),
+        progress=False,
+        tensorboard=False,
+        warmup_epochs=1,
+        seed=3,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -96,6 +114,7 @@ def _stop_at(n):
     def cb(trainer, step, loss):
         if step == n:
             raise StopTraining
+
     return cb
 
 
@@ -116,8 +135,10 @@ def test_resume_mid_epoch_reproduces_losses_exactly(tmp_path, method, opt):
         logged = [float(r["loss"]) for r in csv.DictReader(f)]
     assert logged == full.losses  # the log rows after the checkpoint were replaced, not duplicated
     # the resumed run ends with exactly the uninterrupted run's weights
-    for (n, p), (_, q) in zip(load_checkpoint(str(tmp_path / "full" / "checkpoint.pt"))["model"].items(),
-                              resumed_trainer.method.state_dict().items()):
+    for (n, p), (_, q) in zip(
+        load_checkpoint(str(tmp_path / "full" / "checkpoint.pt"))["model"].items(),
+        resumed_trainer.method.state_dict().items(),
+    ):
         assert torch.equal(p, q), n
 
 
@@ -146,9 +167,34 @@ def test_logs_knn_amp_and_tensorboard(tmp_path):
 
 
 def _train_argv(out, *extra):
-    return ["train", "--method", "mocov2", "--data", "digits", "--image-size", "8", "--backbone", "convnet-small",
-            "--hidden-dim", "16", "--epochs", "1", "--batch-size", "128", "--device", "cpu", "--checkpoint-every", "3",
-            "--knn-every", "0", "--no-progress", "--no-tensorboard", "--out", str(out), *extra]
+    return [
+        "train",
+        "--method",
+        "mocov2",
+        "--data",
+        "digits",
+        "--image-size",
+        "8",
+        "--backbone",
+        "convnet-small",
+        "--hidden-dim",
+        "16",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "128",
+        "--device",
+        "cpu",
+        "--checkpoint-every",
+        "3",
+        "--knn-every",
+        "0",
+        "--no-progress",
+        "--no-tensorboard",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _losses(run):
@@ -161,8 +207,13 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
 
     # 1258 digits / 128 = 9 steps in the epoch; checkpoints at steps 3 and 6; SIGKILL after step 5
     assert main(_train_argv(tmp_path / "full")) == 0
-    killed = subprocess.run([sys.executable, "-m", "pyssl", *_train_argv(tmp_path / "cut")], capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "PYSSL_CRASH_AT_STEP": "5"})
+    killed = subprocess.run(
+        [sys.executable, "-m", "pyssl", *_train_argv(tmp_path / "cut")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYSSL_CRASH_AT_STEP": "5"},
+    )
     assert killed.returncode == -9, killed.stderr
     assert load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["step"] == 3
     assert len(_losses(tmp_path / "cut")) == 3  # the checkpoint's steps are on disk; 4 and 5 died in the buffer
@@ -192,12 +243,17 @@ def test_training_from_host_memory_matches_training_from_the_gpu(tmp_path):
     try:
         results = {}
         for where in ("device", "cpu"):
-            trainer = Trainer(make_method(), SMALL, cfg(tmp_path / where, device="cuda", data_on=where, knn_every=1),
-                              test=DATA.subset(torch.arange(96, 160)))
+            trainer = Trainer(
+                make_method(),
+                SMALL,
+                cfg(tmp_path / where, device="cuda", data_on=where, knn_every=1),
+                test=DATA.subset(torch.arange(96, 160)),
+            )
             assert trainer.train_data.images.device.type == ("cuda" if where == "device" else "cpu")
             results[where] = trainer.fit()
-        torch.testing.assert_close(torch.tensor(results["cpu"].losses), torch.tensor(results["device"].losses),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            torch.tensor(results["cpu"].losses), torch.tensor(results["device"].losses), rtol=1e-4, atol=1e-4
+        )
         assert results["cpu"].knn == pytest.approx(results["device"].knn, abs=0.02)
     finally:
         torch.backends.cudnn.deterministic = False
@@ -249,8 +305,12 @@ def test_sigkill_at_every_instant_around_checkpoints_then_resume(tmp_path):
     assert main(_train_argv(tmp_path / "full", "--checkpoint-every", "2")) == 0
     cut = tmp_path / "cut"
     argv = _train_argv(cut, "--checkpoint-every", "2")
-    r = subprocess.run([sys.executable, "-c", _KILL_EACH_FORK, json.dumps(argv), json.dumps([k for k, _ in KILLS])],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", _KILL_EACH_FORK, json.dumps(argv), json.dumps([k for k, _ in KILLS])],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     reports = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(reports) == len(KILLS), r.stderr
@@ -293,14 +353,18 @@ def test_resume_repairs_a_log_or_refuses_it_with_a_clear_message(tmp_path):
     with open(path, "a") as f:
         f.write("5,0,0.2")
     assert repair_log(path, header, 3, None, every_step=True) == [
-        "metrics.csv: added the missing header line", "metrics.csv: dropped a torn last line '5,0,0.2'"]
+        "metrics.csv: added the missing header line",
+        "metrics.csv: dropped a torn last line '5,0,0.2'",
+    ]
     assert open(path, newline="").read().splitlines() == [HEADER, *map(_row, (1, 2, 3))]
     # what cannot be repaired is refused, and the log is left as it is
-    refused = [((HEADER, _row(1), _row(2)), 3, None, "step 3 is missing"),
-               ((_row(4), _row(5)), 3, None, "steps 1-3 are missing"),
-               ((HEADER, _row(1), _row(1), _row(2)), 2, None, "step 1 is logged more than once"),
-               ((HEADER, _row(1), "garbage", _row(2)), 2, None, "a line that does not parse: 'garbage'"),
-               ((HEADER, _row(1)), 2, 10_000, "it is shorter than at the checkpoint")]
+    refused = [
+        ((HEADER, _row(1), _row(2)), 3, None, "step 3 is missing"),
+        ((_row(4), _row(5)), 3, None, "steps 1-3 are missing"),
+        ((HEADER, _row(1), _row(1), _row(2)), 2, None, "step 1 is logged more than once"),
+        ((HEADER, _row(1), "garbage", _row(2)), 2, None, "a line that does not parse: 'garbage'"),
+        ((HEADER, _row(1)), 2, 10_000, "it is shorter than at the checkpoint"),
+    ]
     for lines, step, length, reason in refused:
         _log(path, *lines)
         before = open(path, "rb").read()

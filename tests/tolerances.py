@@ -1,4 +1,5 @@
 """Tolerances of the fused loss kernels against their float64 references, shared by their tests."""
+
 import torch
 
 # Per input dtype: the kernels accumulate in float32 (float64 for float64), so the error is

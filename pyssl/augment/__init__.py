@@ -6,6 +6,7 @@
 - :class:`SimCLRAugment`: the whole SimCLR / MoCo v2 pipeline (random parameters drawn on the
   device) in one fused C++/CUDA op; :func:`byol_pair` for BYOL's asymmetric views.
 """
+
 from pyssl.augment.functional import (
     adjust_brightness,
     adjust_contrast,

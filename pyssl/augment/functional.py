@@ -8,11 +8,12 @@ torchvision does (bilinear resizing without antialias). These are plain PyTorch,
 over the batch; the fused pipeline (:class:`pyssl.augment.SimCLRAugment`) computes the same
 composition in one kernel.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Real
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -54,9 +55,7 @@ def per_image(op: str, name: str, value, images: Tensor, dtype: torch.dtype | No
         if value.dim() == 0:
             value = value.expand(batch)
         elif value.dim() != 1 or value.shape[0] != batch:
-            raise ValueError(
-                f"{op}: {name} must hold one value per image ({batch}), got shape {tuple(value.shape)}"
-            )
+            raise ValueError(f"{op}: {name} must hold one value per image ({batch}), got shape {tuple(value.shape)}")
         return value.to(device=images.device, dtype=dtype)
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{op}: {name} must be a number or a tensor of {batch} values, got {type(value).__name__}")
@@ -130,7 +129,9 @@ def check_boxes(op: str, boxes, images: Tensor) -> Tensor:
     if boxes.is_floating_point() or boxes.dtype == torch.bool or boxes.is_complex():
         raise TypeError(f"{op}: boxes must be an integer tensor, got dtype {boxes.dtype}")
     if boxes.shape != (batch, 4):
-        raise ValueError(f"{op}: boxes must have shape ({batch}, 4) (top, left, height, width), got {tuple(boxes.shape)}")
+        raise ValueError(
+            f"{op}: boxes must have shape ({batch}, 4) (top, left, height, width), got {tuple(boxes.shape)}"
+        )
     boxes = boxes.to(device=images.device, dtype=torch.long)
     top, left, h, w = boxes.unbind(1)
     bad = (top < 0) | (left < 0) | (h <= 0) | (w <= 0) | (top + h > height) | (left + w > width)
@@ -336,7 +337,9 @@ def gaussian_blur(images: Tensor, sigma, kernel_size=None) -> Tensor:
     dtype = compute_dtype(images)
     sigma = per_image(op, "sigma", sigma, images, dtype=torch.float64)
     if bool((~(sigma > 0) | ~torch.isfinite(sigma)).any()):
-        raise ValueError(f"{op}: sigma must be finite and > 0, got {sigma[~(sigma > 0) | ~torch.isfinite(sigma)][0].item()}")
+        raise ValueError(
+            f"{op}: sigma must be finite and > 0, got {sigma[~(sigma > 0) | ~torch.isfinite(sigma)][0].item()}"
+        )
     if kernel_size is None:
         ksize = kernel_size_for(sigma)
     else:

@@ -7,12 +7,13 @@ is scaled to [0, 1] when read and the whole chain runs in float32 without re-qua
 the output equals the composition of :mod:`pyssl.augment.functional` ops applied to
 ``images / 255`` with the same parameters.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from numbers import Real
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -70,25 +71,27 @@ class AugmentParams:
         return self.source_index.shape[0]
 
     @staticmethod
-    def cat(parts: Sequence["AugmentParams"]) -> "AugmentParams":
+    def cat(parts: Sequence[AugmentParams]) -> AugmentParams:
         return AugmentParams(
             *(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(AugmentParams))
         )
 
-    def split(self, n: int) -> list["AugmentParams"]:
+    def split(self, n: int) -> list[AugmentParams]:
         """n equal parts (the views of :meth:`SimCLRAugment.views`)."""
         fields = [getattr(self, f.name).chunk(n) for f in dataclasses.fields(AugmentParams)]
         return [AugmentParams(*part) for part in zip(*fields)]
 
-    def to(self, device) -> "AugmentParams":
+    def to(self, device) -> AugmentParams:
         return AugmentParams(*(getattr(self, f.name).to(device) for f in dataclasses.fields(AugmentParams)))
 
 
 def _pair(op: str, name: str, value, low: float = -math.inf, high: float = math.inf) -> tuple[float, float]:
     if isinstance(value, Real) and not isinstance(value, bool):
         value = (value, value)
-    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(
-        isinstance(v, Real) and not isinstance(v, bool) for v in value
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or not all(isinstance(v, Real) and not isinstance(v, bool) for v in value)
     ):
         raise ValueError(f"{op}: {name} must be a pair (min, max) of numbers, got {value!r}")
     lo, hi = float(value[0]), float(value[1])
@@ -192,9 +195,15 @@ class SimCLRAugment(nn.Module):
             or blur_kernel_size % 2 == 0
             or blur_kernel_size > F.MAX_KERNEL_SIZE
         ):
-            raise ValueError(f"{op}: blur_kernel_size must be an odd int in [1, {F.MAX_KERNEL_SIZE}] or None, got {blur_kernel_size!r}")
+            raise ValueError(
+                f"{op}: blur_kernel_size must be an odd int in [1, {F.MAX_KERNEL_SIZE}] or None, got {blur_kernel_size!r}"
+            )
         self.blur_kernel_size = blur_kernel_size
-        if isinstance(solarize_threshold, bool) or not isinstance(solarize_threshold, Real) or math.isnan(solarize_threshold):
+        if (
+            isinstance(solarize_threshold, bool)
+            or not isinstance(solarize_threshold, Real)
+            or math.isnan(solarize_threshold)
+        ):
             raise ValueError(f"{op}: solarize_threshold must be a number, got {solarize_threshold!r}")
         self.solarize_threshold = float(solarize_threshold)
         if jitter_order not in ("random", "fixed"):
@@ -217,28 +226,37 @@ class SimCLRAugment(nn.Module):
     # ---- presets -------------------------------------------------------------------------------
 
     @classmethod
-    def simclr(cls, size, strength: float = 1.0, **overrides) -> "SimCLRAugment":
+    def simclr(cls, size, strength: float = 1.0, **overrides) -> SimCLRAugment:
         """SimCLR (Chen et al. 2020): jitter 0.8 s (hue 0.2 s), blur kernel 10% of the side."""
         side = size if isinstance(size, int) else min(size)
         s = strength
         kwargs = dict(
-            scale=(0.08, 1.0), jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), p_jitter=0.8, p_gray=0.2,
-            p_blur=0.5, sigma=(0.1, 2.0), blur_kernel_size=_odd_kernel(side),
+            scale=(0.08, 1.0),
+            jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),
+            p_jitter=0.8,
+            p_gray=0.2,
+            p_blur=0.5,
+            sigma=(0.1, 2.0),
+            blur_kernel_size=_odd_kernel(side),
         )
         kwargs.update(overrides)
         return cls(size, **kwargs)
 
     @classmethod
-    def mocov2(cls, size, **overrides) -> "SimCLRAugment":
+    def mocov2(cls, size, **overrides) -> SimCLRAugment:
         """MoCo v2 (Chen et al. 2020): crop scale (0.2, 1), jitter 0.4/0.4/0.4/0.1, blur sigma
         (0.1, 2) with a +-3 sigma kernel (PIL's radius-sigma blur)."""
-        kwargs = dict(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.5, sigma=(0.1, 2.0))
+        kwargs = dict(
+            scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.5, sigma=(0.1, 2.0)
+        )
         kwargs.update(overrides)
         return cls(size, **kwargs)
 
     # ---- parameters ----------------------------------------------------------------------------
 
-    def draw_params(self, batch: int, height: int, width: int, device=None, generator: torch.Generator | None = None) -> AugmentParams:
+    def draw_params(
+        self, batch: int, height: int, width: int, device=None, generator: torch.Generator | None = None
+    ) -> AugmentParams:
         """Draws the parameters of ``batch`` images of ``height`` x ``width`` on ``device``."""
         device = torch.device(device) if device is not None else torch.device("cpu")
         u = torch.rand((batch, _UNIFORM_COLUMNS), generator=generator, device=device)
@@ -314,7 +332,10 @@ class SimCLRAugment(nn.Module):
                 raise ValueError(
                     f"{type(self).__name__}: mean/std have {len(mean)} values but the images {channels} channels"
                 )
-        return (torch.tensor(mean, dtype=torch.float32, device=device), torch.tensor(std, dtype=torch.float32, device=device))
+        return (
+            torch.tensor(mean, dtype=torch.float32, device=device),
+            torch.tensor(std, dtype=torch.float32, device=device),
+        )
 
     def kernel_bound(self) -> int:
         """The largest blur kernel this augmentation draws."""
@@ -337,9 +358,23 @@ class SimCLRAugment(nn.Module):
             return torch.empty(shape, dtype=self.dtype, device=images.device, memory_format=layout)
         return ops.augment_fused(
             # Data augmentation: no gradient flows through it.
-            images.detach(), p.source_index, p.crop_boxes, p.flip, p.jitter_factors, p.jitter_order, p.gray,
-            p.blur_sigma, p.blur_kernel_size, p.solarize_threshold, mean, std,
-            self.size[0], self.size[1], self.dtype, self.channels_last, blur_kernel_bound,
+            images.detach(),
+            p.source_index,
+            p.crop_boxes,
+            p.flip,
+            p.jitter_factors,
+            p.jitter_order,
+            p.gray,
+            p.blur_sigma,
+            p.blur_kernel_size,
+            p.solarize_threshold,
+            mean,
+            std,
+            self.size[0],
+            self.size[1],
+            self.dtype,
+            self.channels_last,
+            blur_kernel_bound,
         )
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None, return_params: bool = False):
@@ -374,15 +409,25 @@ class MultiViewAugment(nn.Module):
             raise ValueError("MultiViewAugment: needs one or more SimCLRAugment")
         first = augments[0]
         for a in augments[1:]:
-            if (a.size, a.mean, a.std, a.dtype, a.channels_last) != (first.size, first.mean, first.std, first.dtype, first.channels_last):
-                raise ValueError("MultiViewAugment: the augmentations must share size, mean, std, dtype and channels_last")
+            if (a.size, a.mean, a.std, a.dtype, a.channels_last) != (
+                first.size,
+                first.mean,
+                first.std,
+                first.dtype,
+                first.channels_last,
+            ):
+                raise ValueError(
+                    "MultiViewAugment: the augmentations must share size, mean, std, dtype and channels_last"
+                )
         self.augments = augments
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None, return_params: bool = False):
         first = self.augments[0]
         F.check_images(type(self).__name__, images)
         batch, _, height, width = images.shape
-        params = AugmentParams.cat([a.draw_params(batch, height, width, images.device, generator) for a in self.augments])
+        params = AugmentParams.cat(
+            [a.draw_params(batch, height, width, images.device, generator) for a in self.augments]
+        )
         out = first.apply(images, params, blur_kernel_bound=max(a.kernel_bound() for a in self.augments))
         views = list(out.chunk(len(self.augments)))
         return (views, params.split(len(self.augments))) if return_params else views
@@ -393,7 +438,14 @@ def byol_pair(size, **overrides) -> MultiViewAugment:
     0.4/0.4/0.2/0.1 with p 0.8, gray 0.2; view 1 always blurred, view 2 blurred with p 0.1 and
     solarized with p 0.2. Blur kernel 10% of the side (23 at 224)."""
     side = size if isinstance(size, int) else min(size)
-    common = dict(scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2, sigma=(0.1, 2.0), blur_kernel_size=_odd_kernel(side))
+    common = dict(
+        scale=(0.08, 1.0),
+        jitter=(0.4, 0.4, 0.2, 0.1),
+        p_jitter=0.8,
+        p_gray=0.2,
+        sigma=(0.1, 2.0),
+        blur_kernel_size=_odd_kernel(side),
+    )
     common.update(overrides)
     first = SimCLRAugment(size, **{**common, "p_blur": 1.0, "p_solarize": 0.0})
     second = SimCLRAugment(size, **{**common, "p_blur": 0.1, "p_solarize": 0.2})

@@ -12,12 +12,13 @@ tokens); ``tokenize`` lower-cases, splits on anything that is not a letter or a 
 and maps words outside the vocabulary to ``<unk>``. A token row is
 ``<sot> w1 ... wn <eot> <pad> ...``: CLIP's layout, with the text feature read at ``<eot>``.
 """
+
 from __future__ import annotations
 
 import collections
 import functools
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -35,8 +36,11 @@ _TEMPLATES = {
     (): ("a {d}", "the digit {d}", "a photo of the number {d}", "a handwritten {d}"),
     ("c",): ("a {c} {d}", "the digit {d} in {c}", "a {d} painted {c}", "a photo of a {c} number {d}"),
     ("b",): ("a {d} on a {b}", "the digit {d} over a picture of a {b}", "a photo of the number {d} on a {b}"),
-    ("c", "b"): ("a {c} {d} on a {b}", "the digit {d} in {c} over a picture of a {b}",
-                 "a photo of a {c} number {d} on a {b}"),
+    ("c", "b"): (
+        "a {c} {d} on a {b}",
+        "the digit {d} in {c} over a picture of a {b}",
+        "a photo of a {c} number {d} on a {b}",
+    ),
 }
 #: The prompt templates of zero-shot digit classification (an ensemble, as in CLIP).
 DIGIT_PROMPTS = ("a {d}", "the digit {d}", "a photo of the number {d}")
@@ -67,8 +71,16 @@ def split_words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
-VOCAB: tuple[str, ...] = SPECIALS + tuple(sorted(
-    _template_words() | set(DIGIT_WORDS) | set(COLOUR_NAMES) | set(BACKGROUND_NAMES) | {str(i) for i in range(10)} | {"an"}))
+VOCAB: tuple[str, ...] = SPECIALS + tuple(
+    sorted(
+        _template_words()
+        | set(DIGIT_WORDS)
+        | set(COLOUR_NAMES)
+        | set(BACKGROUND_NAMES)
+        | {str(i) for i in range(10)}
+        | {"an"}
+    )
+)
 
 
 @functools.lru_cache(maxsize=8)
@@ -96,8 +108,12 @@ def build_vocab(texts: Sequence[str], max_words: int = 20000) -> tuple[str, ...]
     return SPECIALS + tuple(words)
 
 
-def tokenize(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH, truncate: bool = False,
-             vocab: Sequence[str] | None = None) -> Tensor:
+def tokenize(
+    texts: str | Sequence[str],
+    context_length: int = CONTEXT_LENGTH,
+    truncate: bool = False,
+    vocab: Sequence[str] | None = None,
+) -> Tensor:
     """Texts -> int64 ``(len(texts), context_length)`` token rows (``<sot> ... <eot> <pad>...``).
 
     ``vocab``: the word list (default :data:`VOCAB`, the captioned digits' words; see
@@ -117,8 +133,10 @@ def tokenize(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH, t
         ids = [index.get(w, UNK) for w in split_words(text)]
         if len(ids) > context_length - 2:
             if not truncate:
-                raise ValueError(f"tokenize: text {i} has {len(ids)} words, more than context_length - 2 = "
-                                 f"{context_length - 2}: {text!r} (pass truncate=True to cut it)")
+                raise ValueError(
+                    f"tokenize: text {i} has {len(ids)} words, more than context_length - 2 = "
+                    f"{context_length - 2}: {text!r} (pass truncate=True to cut it)"
+                )
             ids = ids[: context_length - 2]
         ids = [SOT, *ids, EOT]
         rows[i, : len(ids)] = torch.tensor(ids)
@@ -142,8 +160,15 @@ def decode(tokens: Tensor, vocab: Sequence[str] | None = None) -> list[str]:
     return out
 
 
-def digit_captions(labels: Tensor, colours: Tensor, backgrounds: Tensor, generator: torch.Generator,
-                   p_colour: float = 0.7, p_background: float = 0.5, p_numeral: float = 0.3) -> list[str]:
+def digit_captions(
+    labels: Tensor,
+    colours: Tensor,
+    backgrounds: Tensor,
+    generator: torch.Generator,
+    p_colour: float = 0.7,
+    p_background: float = 0.5,
+    p_numeral: float = 0.3,
+) -> list[str]:
     """One caption per image: the digit always (a numeral with probability ``p_numeral``),
     its colour with probability ``p_colour``, the background with ``p_background``."""
     n = len(labels)
@@ -154,9 +179,14 @@ def digit_captions(labels: Tensor, colours: Tensor, backgrounds: Tensor, generat
         d = int(labels[i])
         names = tuple(k for k, on in (("c", u[i, 0] < p_colour), ("b", u[i, 1] < p_background)) if on)
         group = _TEMPLATES[names]
-        captions.append(_fill(
-            group[int(pick[i]) % len(group)], d=str(d) if u[i, 2] < p_numeral else DIGIT_WORDS[d],
-            c=COLOUR_NAMES[int(colours[i])], b=BACKGROUND_NAMES[int(backgrounds[i])]))
+        captions.append(
+            _fill(
+                group[int(pick[i]) % len(group)],
+                d=str(d) if u[i, 2] < p_numeral else DIGIT_WORDS[d],
+                c=COLOUR_NAMES[int(colours[i])],
+                b=BACKGROUND_NAMES[int(backgrounds[i])],
+            )
+        )
     return captions
 
 
@@ -165,5 +195,20 @@ def class_prompts(words: Sequence[str], templates: Sequence[str], key: str) -> l
     return [[_fill(t, **{key: w}) for t in templates] for w in words]
 
 
-__all__ = ["tokenize", "decode", "build_vocab", "check_vocab", "split_words", "digit_captions", "class_prompts",
-           "VOCAB", "CONTEXT_LENGTH", "DIGIT_WORDS", "COLOUR_NAMES", "COLOUR_HUES", "BACKGROUND_NAMES", "DIGIT_PROMPTS", "COLOUR_PROMPTS"]
+__all__ = [
+    "tokenize",
+    "decode",
+    "build_vocab",
+    "check_vocab",
+    "split_words",
+    "digit_captions",
+    "class_prompts",
+    "VOCAB",
+    "CONTEXT_LENGTH",
+    "DIGIT_WORDS",
+    "COLOUR_NAMES",
+    "COLOUR_HUES",
+    "BACKGROUND_NAMES",
+    "DIGIT_PROMPTS",
+    "COLOUR_PROMPTS",
+]

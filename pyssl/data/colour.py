@@ -14,6 +14,7 @@ per-image Python loops over pixels).
 * :func:`synthetic_videos`: textured coloured shapes moving over a panning photo
   background, with per-pixel object ids for label/mask propagation.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,6 +23,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from pyssl.data.captions import COLOUR_HUES, digit_captions, tokenize
+from pyssl.data.dataset import DataError, ImageDataset
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,11 +49,19 @@ def _affine_crops(photos: Tensor, which: Tensor, theta: Tensor, size: int) -> Te
     for p in range(src.shape[0]):
         sel = which == p
         if sel.any():
-            out[sel] = F.grid_sample(src[p : p + 1].expand(int(sel.sum()), -1, -1, -1), grid[sel], mode="bilinear", padding_mode="reflection", align_corners=False)
+            out[sel] = F.grid_sample(
+                src[p : p + 1].expand(int(sel.sum()), -1, -1, -1),
+                grid[sel],
+                mode="bilinear",
+                padding_mode="reflection",
+                align_corners=False,
+            )
     return out
 
 
-def _crop_thetas(n: int, size: int, min_scale: float, max_scale: float, gen: torch.Generator, device, pan: Tensor | None = None):
+def _crop_thetas(
+    n: int, size: int, min_scale: float, max_scale: float, gen: torch.Generator, device, pan: Tensor | None = None
+):
     # Affine maps from output to photo coordinates ([-1, 1] normalised): crop side is
     # `scale * size` photo pixels, random centre, random horizontal flip.
     h, w = 427, 640
@@ -73,7 +85,9 @@ def _check_size(name: str, size: int, minimum: int = 8) -> None:
         raise ValueError(f"{name}: size must be an int >= {minimum}, got {size!r}")
 
 
-def photo_crops(n: int = 2048, size: int = 32, seed: int = 0, min_scale: float = 1.0, max_scale: float = 4.0, device=None) -> Tensor:
+def photo_crops(
+    n: int = 2048, size: int = 32, seed: int = 0, min_scale: float = 1.0, max_scale: float = 4.0, device=None
+) -> Tensor:
     """``n`` random crops of the photographs, resized to ``size`` x ``size``: uint8 ``(n, 3, S, S)``.
 
     A crop covers ``scale * size`` photo pixels with ``scale`` log-uniform in
@@ -140,7 +154,8 @@ def colour_digits(size: int = 32, seed: int = 0, device=None) -> tuple[Tensor, T
     _check_size("colour_digits", size)
     gen = torch.Generator().manual_seed(seed)
     images, labels, _ = _render_digits(
-        size, gen, lambda labels: (labels.float() / 10 + 0.03 * torch.randn(len(labels), generator=gen)) % 1.0)
+        size, gen, lambda labels: (labels.float() / 10 + 0.03 * torch.randn(len(labels), generator=gen)) % 1.0
+    )
     return images.to(device), labels.to(device)
 
 
@@ -154,7 +169,6 @@ def captioned_digits(size: int = 32, seed: int = 0, device=None) -> tuple[Tensor
     the attribute tensors index :data:`~pyssl.data.captions.COLOUR_NAMES` and
     :data:`~pyssl.data.captions.BACKGROUND_NAMES`.
     """
-    from pyssl.data.captions import COLOUR_HUES, digit_captions
 
     _check_size("captioned_digits", size)
     gen = torch.Generator().manual_seed(seed)
@@ -172,8 +186,13 @@ def captioned_digits(size: int = 32, seed: int = 0, device=None) -> tuple[Tensor
 
 
 def synthetic_videos(
-    n: int = 256, frames: int = 4, size: int = 32, num_shapes: int = 3, max_speed: float = 2.0,
-    seed: int = 0, device=None,
+    n: int = 256,
+    frames: int = 4,
+    size: int = 32,
+    num_shapes: int = 3,
+    max_speed: float = 2.0,
+    seed: int = 0,
+    device=None,
 ) -> tuple[Tensor, Tensor]:
     """Videos of textured coloured shapes moving over a panning photo background.
 
@@ -193,7 +212,7 @@ def synthetic_videos(
     t = torch.arange(frames, dtype=torch.float32)
     # Background: one photo crop per video, translated by pan * t pixels.
     theta, which, (sx, sy) = _crop_thetas(n, size, 1.5, 3.0, gen, "cpu")
-    pan = (torch.rand(n, 2, generator=gen) * 2 - 1)
+    pan = torch.rand(n, 2, generator=gen) * 2 - 1
     theta_t = theta[:, None].repeat(1, frames, 1, 1)
     theta_t[:, :, 0, 2] += (pan[:, None, 0] * t * 2 / size) * sx[:, None]
     theta_t[:, :, 1, 2] += (pan[:, None, 1] * t * 2 / size) * sy[:, None]
@@ -221,13 +240,21 @@ def synthetic_videos(
         kind = torch.randint(0, 3, (n,), generator=gen)[:, None, None, None]
         r = radius[:, None, None, None]
         inside = torch.where(
-            kind == 0, dy**2 + dx**2 <= r**2,
+            kind == 0,
+            dy**2 + dx**2 <= r**2,
             torch.where(kind == 1, torch.maximum(dy.abs(), dx.abs()) <= r * 0.85, dy.abs() + dx.abs() <= r * 1.2),
         )
-        colour = _hsv_to_rgb(torch.rand(n, generator=gen), 0.6 + 0.4 * torch.rand(n, generator=gen), 0.5 + 0.5 * torch.rand(n, generator=gen))
+        colour = _hsv_to_rgb(
+            torch.rand(n, generator=gen),
+            0.6 + 0.4 * torch.rand(n, generator=gen),
+            0.5 + 0.5 * torch.rand(n, generator=gen),
+        )
         phase = torch.rand(n, generator=gen) * 2 * math.pi
         orient = torch.rand(n, generator=gen) * math.pi
-        stripes = torch.sin((dy * torch.cos(orient)[:, None, None, None] + dx * torch.sin(orient)[:, None, None, None]) * 1.6 + phase[:, None, None, None])
+        stripes = torch.sin(
+            (dy * torch.cos(orient)[:, None, None, None] + dx * torch.sin(orient)[:, None, None, None]) * 1.6
+            + phase[:, None, None, None]
+        )
         shade = 0.7 + 0.3 * stripes  # (n, T, S, S), moves with the shape
         fill = colour[:, None, :, None, None] * shade[:, :, None]
         video = torch.where(inside[:, :, None], fill, video)
@@ -253,7 +280,6 @@ def _stratified_test_mask(labels: Tensor, test_fraction: float, seed: int) -> Te
 def _digits_split(name: str, split: str, size: int, test_fraction: float, seed: int, render):
     # The rendered digits (``render(size) -> (images, labels, texts or None)``) as an ImageDataset,
     # split like ``load_digits``; shared by the colour and the captioned digits.
-    from pyssl.data import DataError, ImageDataset
 
     if split not in ("train", "test", "all"):
         raise DataError(f"{name}: split must be train, test or all, got {split!r}")
@@ -276,7 +302,6 @@ def load_colour_digits(split: str = "train", size: int = 32, test_fraction: floa
 def load_captioned_digits(split: str = "train", size: int = 32, test_fraction: float = 0.3, seed: int = 0):
     """:func:`captioned_digits` as a :class:`pyssl.data.ImageDataset` whose ``texts`` are the
     tokenised captions (split like ``load_colour_digits``)."""
-    from pyssl.data.captions import tokenize
 
     def render(s: int):
         images, labels, captions, _ = captioned_digits(s)
@@ -285,14 +310,14 @@ def load_captioned_digits(split: str = "train", size: int = 32, test_fraction: f
     return _digits_split("captioned_digits", split, size, test_fraction, seed, render)
 
 
-def load_videos(split: str = "train", size: int = 32, frames: int = 4, num_videos: int | None = None,
-                with_masks: bool = False):
+def load_videos(
+    split: str = "train", size: int = 32, frames: int = 4, num_videos: int | None = None, with_masks: bool = False
+):
     """:func:`synthetic_videos` stored as images ``(N, frames * 3, S, S)`` (frame-major) with labels -1.
 
     ``train`` has 1024 videos (seed 0), ``test`` 256 (seed 1). ``with_masks=True`` also
-    returns the object masks ``(N, frames, S, S)`` for :func:`pyssl.pretext.video.propagate_masks`.
+    returns the object masks ``(N, frames, S, S)`` for :func:`pyssl.eval.propagation.propagate_masks`.
     """
-    from pyssl.data import DataError, ImageDataset
 
     if split not in ("train", "test"):
         raise DataError(f"videos: split must be train or test, got {split!r}")
@@ -313,7 +338,6 @@ def load_colour_data(kind: str, image_size: int | None = None):
         return load_captioned_digits("train", size), load_captioned_digits("test", size)
     if kind == "videos":
         return load_videos("train", size), load_videos("test", size)
-    from pyssl.data import DataError
 
     raise DataError(f"unknown colour data set {kind!r} (colour_digits, captioned_digits or videos)")
 

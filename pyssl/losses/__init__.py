@@ -1,12 +1,27 @@
 """Drop-in loss modules: the InfoNCE family and MoCo on pyssl's fused kernels; the metric-learning
 losses (contrastive, triplet, N-pair, lifted structure, NCE, soft nearest neighbours) in plain,
 memory-bounded PyTorch."""
+
 from pyssl.losses.infonce import ClipLoss, InfoNCELoss, NTXentLoss
-from pyssl.losses.metric import (ContrastiveLoss, LiftedStructureLoss, NCELoss, NPairLoss, SoftNearestNeighborsLoss,
-                                 TripletLoss)
+from pyssl.losses.metric import (
+    ContrastiveLoss,
+    LiftedStructureLoss,
+    NCELoss,
+    NPairLoss,
+    SoftNearestNeighborsLoss,
+    TripletLoss,
+)
 from pyssl.losses.moco import MoCoLoss
 
 __all__ = [
-    "NTXentLoss", "InfoNCELoss", "ClipLoss", "MoCoLoss",
-    "ContrastiveLoss", "TripletLoss", "NPairLoss", "LiftedStructureLoss", "NCELoss", "SoftNearestNeighborsLoss",
+    "NTXentLoss",
+    "InfoNCELoss",
+    "ClipLoss",
+    "MoCoLoss",
+    "ContrastiveLoss",
+    "TripletLoss",
+    "NPairLoss",
+    "LiftedStructureLoss",
+    "NCELoss",
+    "SoftNearestNeighborsLoss",
 ]

@@ -12,6 +12,7 @@ encoders) and in exchange gets exactly the single-process gradient once paramete
 averaged over ranks, as DDP and the pyssl trainer do. Every rank must pass the same shapes.
 The flag is ignored in a single process.
 """
+
 from __future__ import annotations
 
 import torch

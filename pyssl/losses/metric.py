@@ -20,6 +20,7 @@ Two rules hold for every loss here:
   a single valid pair or triplet gives 0, connected to the graph with zero gradients, as
   pytorch-metric-learning's losses do.
 """
+
 from __future__ import annotations
 
 import math
@@ -659,9 +660,7 @@ class NCELoss(nn.Module):
         if indices.shape != features.shape[:1]:
             raise ValueError(f"{op}: indices must have shape ({features.shape[0]},), got {tuple(indices.shape)}")
         if noise_indices is None:
-            noise_indices = torch.randint(
-                0, bank_rows, (features.shape[0], self.num_noise), device=features.device
-            )
+            noise_indices = torch.randint(0, bank_rows, (features.shape[0], self.num_noise), device=features.device)
         else:
             _check_bank_indices(op, "noise_indices", noise_indices, bank_rows, features.device)
             if noise_indices.shape != (features.shape[0], self.num_noise):

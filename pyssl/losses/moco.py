@@ -5,6 +5,7 @@ an online log-sum-exp and, since the loss is a scalar, also accumulates the only
 backward needs from the queue (the probability-weighted queue sum per query). The backward
 therefore never reads the queue, and the keys can be enqueued right after the forward.
 """
+
 from __future__ import annotations
 
 import threading
@@ -183,5 +184,7 @@ class MoCoLoss(nn.Module):
             self.queue_len.fill_(self._len)
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, queue_size={self.queue_size}, dim={self.dim}, "
-                f"queue_dtype={self.queue.dtype}, gather_distributed={self.gather_distributed}")
+        return (
+            f"temperature={self.temperature}, queue_size={self.queue_size}, dim={self.dim}, "
+            f"queue_dtype={self.queue.dtype}, gather_distributed={self.gather_distributed}"
+        )

@@ -5,6 +5,7 @@ The methods follow the interface of :mod:`pyssl.methods`: an ``nn.Module`` with 
 -> loss`` on a batch of uint8 (or float [0, 1]) images, ``set_progress(step, max_steps)``
 and ``train_defaults`` (the optimiser settings the CLI uses by default).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,7 +22,9 @@ def batch_images(batch: Any) -> Tensor:
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
         return batch[0]
-    raise TypeError(f"training_step expects images (B, C, H, W) or an (images, labels) tuple, got {type(batch).__name__}")
+    raise TypeError(
+        f"training_step expects images (B, C, H, W) or an (images, labels) tuple, got {type(batch).__name__}"
+    )
 
 
 def accuracy(logits: Tensor, target: Tensor) -> float:
@@ -31,8 +34,10 @@ def accuracy(logits: Tensor, target: Tensor) -> float:
 def own_encoder_only(method: str, backbone) -> None:
     """The colour methods build their own Lab encoders: only ``"small"`` (their default) is accepted."""
     if backbone != "small":
-        raise MethodError(f"{method} builds its own encoders on Lab channels; backbone must be 'small' "
-                          f"(set widths= to resize them), got {backbone!r}")
+        raise MethodError(
+            f"{method} builds its own encoders on Lab channels; backbone must be 'small' "
+            f"(set widths= to resize them), got {backbone!r}"
+        )
 
 
 def as_method_error(fn, *args, **kwargs):
@@ -82,8 +87,15 @@ class PretextMethod(nn.Module):
     train_defaults: dict = {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 1e-4, "momentum": 0.9}
     #: What ``pyssl train`` uses for these methods over the data set's defaults (which are
     #: tuned for the contrastive methods: SGD learning rates, projection widths, augmentation).
-    cli_defaults: dict = {"backbone": "small", "batch_size": 128, "lr": {"*": 2e-3}, "warmup_epochs": 0.0,
-                          "epochs": 20, "hidden_dim": None, "augment_kwargs": None}
+    cli_defaults: dict = {
+        "backbone": "small",
+        "batch_size": 128,
+        "lr": {"*": 2e-3},
+        "warmup_epochs": 0.0,
+        "epochs": 20,
+        "hidden_dim": None,
+        "augment_kwargs": None,
+    }
 
     def __init__(self, image_size: int | None = None, in_channels: int = 3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
         super().__init__()

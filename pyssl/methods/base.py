@@ -1,4 +1,5 @@
 """Common parts of the methods: backbone construction, augmentation, progress hooks."""
+
 from __future__ import annotations
 
 import torch
@@ -45,8 +46,16 @@ class Method(nn.Module):
     #: user left ``sync_bn`` unset (:func:`pyssl.train.use_sync_bn`); MoCo with Shuffle-BN says no.
     sync_bn_by_default: bool = True
 
-    def __init__(self, backbone: str | nn.Module = "resnet18", image_size: int = 32, in_channels: int = 3,
-                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), augment=None, augment_kwargs: dict | None = None):
+    def __init__(
+        self,
+        backbone: str | nn.Module = "resnet18",
+        image_size: int = 32,
+        in_channels: int = 3,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        augment=None,
+        augment_kwargs: dict | None = None,
+    ):
         super().__init__()
         if not isinstance(image_size, int) or image_size < 4:
             raise MethodError(f"image_size must be an int >= 4, got {image_size!r}")
@@ -57,7 +66,9 @@ class Method(nn.Module):
             with torch.no_grad():
                 was = self.backbone.training
                 self.backbone.eval()
-                self.backbone.out_dim = self.backbone(torch.zeros(1, in_channels, image_size, image_size)).flatten(1).shape[1]
+                self.backbone.out_dim = (
+                    self.backbone(torch.zeros(1, in_channels, image_size, image_size)).flatten(1).shape[1]
+                )
                 self.backbone.train(was)
         if augment is None:
             kw = {**self.augment_defaults(image_size), **(augment_kwargs or {})}

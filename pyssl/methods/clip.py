@@ -1,8 +1,9 @@
 """CLIP (Radford et al., 2021): an image and a text encoder trained to match image-caption pairs."""
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -10,8 +11,8 @@ from torch import Tensor, nn
 
 from pyssl.data import captions as caption_text
 from pyssl.losses import ClipLoss
-from pyssl.methods import register
 from pyssl.methods.base import Method, MethodError
+from pyssl.methods.registry import register
 from pyssl.models import TextTransformer
 
 
@@ -62,16 +63,37 @@ class CLIP(Method):
     needs_texts = True
     # AdamW with CLIP's decoupled weight decay; biases, norms and the logit scale get none.
     train_defaults = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.1, "momentum": 0.9}
-    cli_defaults = {"batch_size": 128, "lr": {"*": 1e-3}, "warmup_epochs": 1.0,
-                    "epochs": 20, "hidden_dim": None, "augment_kwargs": None}
+    cli_defaults = {
+        "batch_size": 128,
+        "lr": {"*": 1e-3},
+        "warmup_epochs": 1.0,
+        "epochs": 20,
+        "hidden_dim": None,
+        "augment_kwargs": None,
+    }
 
-    def __init__(self, backbone: str | nn.Module = "resnet18", image_size: int = 32, in_channels: int = 3,
-                 embed_dim: int = 128, text_width: int = 128, text_layers: int = 2, text_heads: int = 4,
-                 context_length: int = caption_text.CONTEXT_LENGTH, temperature: float = 0.07,
-                 learn_temperature: bool = True, max_logit_scale: float = 100.0,
-                 lock_image: bool = False,
-                 vocab: list[str] | None = None, vocab_size: int | None = None, eot_token: int = caption_text.EOT,
-                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), augment=None, augment_kwargs=None):
+    def __init__(
+        self,
+        backbone: str | nn.Module = "resnet18",
+        image_size: int = 32,
+        in_channels: int = 3,
+        embed_dim: int = 128,
+        text_width: int = 128,
+        text_layers: int = 2,
+        text_heads: int = 4,
+        context_length: int = caption_text.CONTEXT_LENGTH,
+        temperature: float = 0.07,
+        learn_temperature: bool = True,
+        max_logit_scale: float = 100.0,
+        lock_image: bool = False,
+        vocab: list[str] | None = None,
+        vocab_size: int | None = None,
+        eot_token: int = caption_text.EOT,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        augment=None,
+        augment_kwargs=None,
+    ):
         try:
             self_vocab = caption_text.check_vocab(vocab if vocab is not None else caption_text.VOCAB)
         except ValueError as e:
@@ -80,15 +102,22 @@ class CLIP(Method):
             vocab_size = len(self_vocab)
         elif vocab is not None and vocab_size != len(self_vocab):
             raise MethodError(f"clip: vocab_size {vocab_size} but vocab has {len(self_vocab)} words")
-        for name, value in (("embed_dim", embed_dim), ("text_width", text_width), ("text_layers", text_layers),
-                            ("text_heads", text_heads), ("context_length", context_length), ("vocab_size", vocab_size)):
+        for name, value in (
+            ("embed_dim", embed_dim),
+            ("text_width", text_width),
+            ("text_layers", text_layers),
+            ("text_heads", text_heads),
+            ("context_length", context_length),
+            ("vocab_size", vocab_size),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MethodError(f"clip: {name} must be a positive int, got {value!r}")
         if not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
             raise MethodError(f"clip: temperature must be > 0, got {temperature!r}")
         if not isinstance(max_logit_scale, (int, float)) or not max_logit_scale >= 1 / temperature:
-            raise MethodError(f"clip: max_logit_scale must be >= 1 / temperature = {1 / temperature:g}, "
-                              f"got {max_logit_scale!r}")
+            raise MethodError(
+                f"clip: max_logit_scale must be >= 1 / temperature = {1 / temperature:g}, got {max_logit_scale!r}"
+            )
         if text_width % text_heads:
             raise MethodError(f"clip: text_width {text_width} is not divisible by text_heads {text_heads}")
         if not isinstance(lock_image, bool):
@@ -109,7 +138,7 @@ class CLIP(Method):
         self.criterion = ClipLoss(gather_distributed=True)
         self._last_metrics: dict[str, Tensor] = {}
 
-    def train(self, mode: bool = True) -> "CLIP":
+    def train(self, mode: bool = True) -> CLIP:
         super().train(mode)
         if self.lock_image:  # a locked tower keeps its BatchNorm statistics too
             self.backbone.eval()
@@ -140,10 +169,16 @@ class CLIP(Method):
         return F.normalize(z, dim=-1) if normalize else z
 
     def _pairs(self, batch) -> tuple[Tensor, Tensor]:
-        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], Tensor)
-                and isinstance(batch[1], Tensor)):
-            raise MethodError("clip trains on image-text pairs: a batch must be (images, texts); use --data "
-                              "captioned_digits or another data set with captions")
+        if not (
+            isinstance(batch, (tuple, list))
+            and len(batch) >= 2
+            and isinstance(batch[0], Tensor)
+            and isinstance(batch[1], Tensor)
+        ):
+            raise MethodError(
+                "clip trains on image-text pairs: a batch must be (images, texts); use --data "
+                "captioned_digits or another data set with captions"
+            )
         images, texts = batch[0], batch[1]
         if images.dim() != 4:
             raise MethodError(f"clip: expected images (B, C, H, W), got {tuple(images.shape)}")
@@ -188,8 +223,9 @@ class CLIP(Method):
             self.train(was)
         return F.normalize(torch.stack(weights), dim=-1)
 
-    def class_prompts(self, classes: Sequence[str],
-                      templates: Sequence[str] = ("a photo of a {c}", "a {c}", "{c}")) -> list[list[str]]:
+    def class_prompts(
+        self, classes: Sequence[str], templates: Sequence[str] = ("a photo of a {c}", "a {c}", "{c}")
+    ) -> list[list[str]]:
         """Zero-shot prompts for class names (one list of filled-in templates per class).
         Raises ``ValueError`` naming the class words the vocabulary lacks: their prompts would
         read ``<unk>``, and classes that differ only there could not be told apart."""

@@ -1,12 +1,13 @@
 """Colorization: predict the ab channels of CIE Lab from L (Zhang et al., 2016)."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pyssl.methods import register
 from pyssl.methods._pretext import MethodError, PretextMethod, own_encoder_only
+from pyssl.methods.registry import register
 from pyssl.pretext.lab import AB_RANGE, ABQuantizer, rgb_to_lab
 from pyssl.pretext.nets import Backbone, ConvEncoder, DenseHead, LabChannels, normalized_lab
 
@@ -45,10 +46,24 @@ class Colorization(PretextMethod):
 
     default_data = "colour_digits"
 
-    def __init__(self, image_size: int = 32, in_channels: int = 3, widths: tuple[int, ...] = (16, 32, 64),
-                 loss: str = "both", reg_weight: float = 1.0, cls_weight: float = 1.0, grid: float = 10.0,
-                 soft_k: int = 5, soft_sigma: float = 5.0, temperature: float = 0.38, rebalance: float | None = 0.5,
-                 backbone: str = "small", mean=None, std=None, hidden_dim: int | None = None):
+    def __init__(
+        self,
+        image_size: int = 32,
+        in_channels: int = 3,
+        widths: tuple[int, ...] = (16, 32, 64),
+        loss: str = "both",
+        reg_weight: float = 1.0,
+        cls_weight: float = 1.0,
+        grid: float = 10.0,
+        soft_k: int = 5,
+        soft_sigma: float = 5.0,
+        temperature: float = 0.38,
+        rebalance: float | None = 0.5,
+        backbone: str = "small",
+        mean=None,
+        std=None,
+        hidden_dim: int | None = None,
+    ):
         own_encoder_only("colorization", backbone)
         super().__init__(image_size, in_channels, mean=(0.0,) * 3, std=(1.0,) * 3)
         if loss not in _LOSSES:
@@ -57,7 +72,9 @@ class Colorization(PretextMethod):
         self.soft_k, self.soft_sigma, self.temperature = int(soft_k), float(soft_sigma), float(temperature)
         self.quantizer = ABQuantizer(grid)
         if not (soft_k >= 1 and soft_sigma > 0 and temperature > 0):
-            raise MethodError(f"colorization: need soft_k >= 1, soft_sigma > 0, temperature > 0; got {soft_k}, {soft_sigma}, {temperature}")
+            raise MethodError(
+                f"colorization: need soft_k >= 1, soft_sigma > 0, temperature > 0; got {soft_k}, {soft_sigma}, {temperature}"
+            )
         if rebalance is not None and not 0.0 < float(rebalance) <= 1.0:
             raise MethodError(f"colorization: rebalance must be in (0, 1] or None, got {rebalance!r}")
         self.rebalance = None if rebalance is None else float(rebalance)
@@ -72,8 +89,10 @@ class Colorization(PretextMethod):
         size = images.shape[-1]
         need = self.encoder.downsample
         if size % need or images.shape[-2] % need:
-            raise ValueError(f"colorization: image size {images.shape[-2]}x{size} must be a multiple of {need} "
-                             f"(the encoder's downsampling); the minimum is {need}x{need}")
+            raise ValueError(
+                f"colorization: image size {images.shape[-2]}x{size} must be a multiple of {need} "
+                f"(the encoder's downsampling); the minimum is {need}x{need}"
+            )
 
     def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``(ab regression (N, 2, h, w) in Lab units, bin logits (N, Q, h, w))`` at the encoder's
@@ -114,8 +133,11 @@ class Colorization(PretextMethod):
                 self.ab_counts += torch.bincount(bins.flatten(), minlength=self.quantizer.num_bins).to(self.ab_counts)
             weights = self.quantizer.rebalance_weights(self.ab_counts, self.rebalance, self.soft_sigma)
             cls_loss = (weights[bins] * cls_per_pixel).mean()
-        loss = {"regression": self.reg_weight * reg_loss, "classification": self.cls_weight * cls_loss,
-                "both": self.reg_weight * reg_loss + self.cls_weight * cls_loss}[self.loss_kind]
+        loss = {
+            "regression": self.reg_weight * reg_loss,
+            "classification": self.cls_weight * cls_loss,
+            "both": self.reg_weight * reg_loss + self.cls_weight * cls_loss,
+        }[self.loss_kind]
         with torch.no_grad():
             hit = (logits.argmax(1) == bins).float().flatten()
             per_bin = torch.zeros(self.quantizer.num_bins, device=hit.device).index_add_(0, bins.flatten(), hit)

@@ -1,4 +1,5 @@
 """Contrastive Predictive Coding on image patches (van den Oord et al., 2018; Hénaff et al., 2019)."""
+
 from __future__ import annotations
 
 import torch
@@ -6,8 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pyssl.losses import InfoNCELoss
-from pyssl.methods import register
 from pyssl.methods._pretext import MethodError, PretextMethod, as_method_error, make_backbone
+from pyssl.methods.registry import register
 from pyssl.pretext.transforms import extract_patches, sliding_grid, sliding_origins
 
 
@@ -69,9 +70,19 @@ class CPC(PretextMethod):
 
     default_data = "colour_digits"
 
-    def __init__(self, backbone: str | nn.Module = "small", image_size: int = 32, in_channels: int = 3,
-                 patch_size: int | None = None, stride: int | None = None, steps: int = 2,
-                 context_layers: int = 2, temperature: float = 0.1, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    def __init__(
+        self,
+        backbone: str | nn.Module = "small",
+        image_size: int = 32,
+        in_channels: int = 3,
+        patch_size: int | None = None,
+        stride: int | None = None,
+        steps: int = 2,
+        context_layers: int = 2,
+        temperature: float = 0.1,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    ):
         super().__init__(image_size, in_channels, mean, std)
         if not isinstance(steps, int) or steps < 1:
             raise MethodError(f"cpc: steps must be a positive int, got {steps!r}")

@@ -1,4 +1,5 @@
 """Context encoder: reconstruct a masked region from its context (Pathak et al., 2016)."""
+
 from __future__ import annotations
 
 import torch
@@ -6,8 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from pyssl.methods import register
 from pyssl.methods._pretext import MethodError, PretextMethod, as_method_error, own_encoder_only
+from pyssl.methods.registry import register
 from pyssl.pretext.nets import ConvDecoder, ConvEncoder
 from pyssl.pretext.transforms import region_masks
 
@@ -41,10 +42,21 @@ class Inpainting(PretextMethod):
 
     default_data = "colour_digits"
 
-    def __init__(self, image_size: int = 32, in_channels: int = 3, widths: tuple[int, ...] = (16, 32, 64),
-                 mask: str = "center", mask_fraction: float = 0.5, rec_weight: float = 0.999,
-                 adv_weight: float = 0.001, disc_weight: float = 1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                 backbone: str = "small", hidden_dim: int | None = None):
+    def __init__(
+        self,
+        image_size: int = 32,
+        in_channels: int = 3,
+        widths: tuple[int, ...] = (16, 32, 64),
+        mask: str = "center",
+        mask_fraction: float = 0.5,
+        rec_weight: float = 0.999,
+        adv_weight: float = 0.001,
+        disc_weight: float = 1.0,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        backbone: str = "small",
+        hidden_dim: int | None = None,
+    ):
         own_encoder_only("inpainting", backbone)
         super().__init__(image_size, in_channels, mean, std)
         as_method_error(region_masks, 1, 8, mask, mask_fraction)  # validates mask and mask_fraction
@@ -62,10 +74,14 @@ class Inpainting(PretextMethod):
         super().check_images(images)
         need = self.backbone.downsample
         if images.shape[-1] != images.shape[-2] or images.shape[-1] % need:
-            raise ValueError(f"inpainting: images must be square with a side that is a multiple of {need}, "
-                             f"got {images.shape[-2]}x{images.shape[-1]}; the minimum is {max(need, 4)}x{max(need, 4)}")
+            raise ValueError(
+                f"inpainting: images must be square with a side that is a multiple of {need}, "
+                f"got {images.shape[-2]}x{images.shape[-1]}; the minimum is {max(need, 4)}x{max(need, 4)}"
+            )
         if images.shape[-1] < 4:
-            raise ValueError(f"inpainting: images of {images.shape[-1]}x{images.shape[-1]} are too small; the minimum is 4x4")
+            raise ValueError(
+                f"inpainting: images of {images.shape[-1]}x{images.shape[-1]} are too small; the minimum is 4x4"
+            )
 
     def reconstruct(self, images: Tensor, mask: Tensor) -> Tensor:
         """The decoder's full image from the masked input (normalised units)."""
@@ -89,8 +105,9 @@ class Inpainting(PretextMethod):
             g_adv = F.binary_cross_entropy_with_logits(fake_for_g, torch.ones_like(fake_for_g))
             real_logit = self.discriminator(x)
             fake_logit = self.discriminator(composite.detach())
-            d_loss = (F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
-                      + F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit)))
+            d_loss = F.binary_cross_entropy_with_logits(
+                real_logit, torch.ones_like(real_logit)
+            ) + F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit))
             loss = loss + self.adv_weight * g_adv + self.disc_weight * d_loss
             metrics["g_adv"] = float(g_adv.detach())
             metrics["d_loss"] = float(d_loss.detach())

@@ -1,12 +1,13 @@
 """Jigsaw puzzles: recover which permutation shuffled 3x3 tiles (Noroozi & Favaro, 2016)."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyssl.methods import register
 from pyssl.methods._pretext import PretextMethod, accuracy, as_method_error, make_backbone
+from pyssl.methods.registry import register
 from pyssl.pretext.nets import mlp
 from pyssl.pretext.transforms import extract_patches, grid_geometry, grid_origins, maximal_hamming_permutations
 
@@ -38,9 +39,20 @@ class Jigsaw(PretextMethod):
 
     default_data = "colour_digits"
 
-    def __init__(self, backbone: str | nn.Module = "small", image_size: int = 32, in_channels: int = 3,
-                 num_permutations: int = 100, patch_size: int | None = None, gap: int = 2, jitter: int = 1,
-                 hidden_dim: int | None = None, seed: int = 0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    def __init__(
+        self,
+        backbone: str | nn.Module = "small",
+        image_size: int = 32,
+        in_channels: int = 3,
+        num_permutations: int = 100,
+        patch_size: int | None = None,
+        gap: int = 2,
+        jitter: int = 1,
+        hidden_dim: int | None = None,
+        seed: int = 0,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    ):
         super().__init__(image_size, in_channels, mean, std)
         self.patch_size, self.gap, self.jitter = patch_size, gap, jitter
         patch = as_method_error(grid_geometry, image_size, patch_size, gap, jitter, task="jigsaw")

@@ -1,4 +1,5 @@
 """MoCo v1 (He et al., 2019) and v2 (Chen et al., 2020): a momentum key encoder and a queue."""
+
 from __future__ import annotations
 
 import copy
@@ -7,11 +8,11 @@ import torch
 from torch import Tensor, nn
 
 from pyssl import distributed
-from pyssl.methods import register
 from pyssl.losses import MoCoLoss
 from pyssl.methods.base import Method, MethodError, images_of, two_views
-from pyssl.momentum import cosine_schedule, update_momentum
+from pyssl.methods.registry import register
 from pyssl.models import ProjectionHead, SplitBatchNorm
+from pyssl.momentum import cosine_schedule, update_momentum
 
 
 @register("mocov2", version=2)
@@ -59,11 +60,25 @@ class MoCo(Method):
 
     train_defaults = {"optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4, "momentum": 0.9}
 
-    def __init__(self, backbone: str | nn.Module = "resnet18", version: int = 2, image_size: int = 32,
-                 in_channels: int = 3, hidden_dim: int = 2048, out_dim: int = 128,
-                 temperature: float | None = None, queue_size: int = 65536, momentum: float = 0.99,
-                 momentum_end: float | None = None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                 augment=None, augment_kwargs=None, shuffle_bn: bool = True, bn_splits: int = 1):
+    def __init__(
+        self,
+        backbone: str | nn.Module = "resnet18",
+        version: int = 2,
+        image_size: int = 32,
+        in_channels: int = 3,
+        hidden_dim: int = 2048,
+        out_dim: int = 128,
+        temperature: float | None = None,
+        queue_size: int = 65536,
+        momentum: float = 0.99,
+        momentum_end: float | None = None,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        augment=None,
+        augment_kwargs=None,
+        shuffle_bn: bool = True,
+        bn_splits: int = 1,
+    ):
         if version not in (1, 2):
             raise MethodError(f"MoCo: version must be 1 or 2, got {version!r}")
         if not isinstance(shuffle_bn, bool):
@@ -97,10 +112,14 @@ class MoCo(Method):
 
     def augment_defaults(self, image_size: int) -> dict:
         if self.version == 1:
-            return {"scale": (0.2, 1.0), "jitter": (0.4, 0.4, 0.4, 0.4), "p_jitter": 1.0, "p_gray": 0.2,
-                    "p_blur": 0.0}
-        return {"scale": (0.2, 1.0), "jitter": (0.4, 0.4, 0.4, 0.1), "p_jitter": 0.8, "p_gray": 0.2,
-                "p_blur": 0.5 if image_size > 64 else 0.0}
+            return {"scale": (0.2, 1.0), "jitter": (0.4, 0.4, 0.4, 0.4), "p_jitter": 1.0, "p_gray": 0.2, "p_blur": 0.0}
+        return {
+            "scale": (0.2, 1.0),
+            "jitter": (0.4, 0.4, 0.4, 0.1),
+            "p_jitter": 0.8,
+            "p_gray": 0.2,
+            "p_blur": 0.5 if image_size > 64 else 0.0,
+        }
 
     @property
     def sync_bn_by_default(self) -> bool:
@@ -135,8 +154,10 @@ class MoCo(Method):
     def training_step(self, batch) -> Tensor:
         x = images_of(batch)
         if x.shape[0] % self.bn_splits:
-            raise MethodError(f"MoCo: a batch of {x.shape[0]} images (per process) is not divisible by "
-                              f"bn_splits={self.bn_splits}: every BatchNorm normalises bn_splits equal chunks of it")
+            raise MethodError(
+                f"MoCo: a batch of {x.shape[0]} images (per process) is not divisible by "
+                f"bn_splits={self.bn_splits}: every BatchNorm normalises bn_splits equal chunks of it"
+            )
         vq, vk = two_views(self.augment, x)
         q = self(vq)
         k = self._keys(vk)

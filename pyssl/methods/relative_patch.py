@@ -1,15 +1,21 @@
 """Relative patch location: which of the 8 neighbours is the second patch (Doersch et al., 2015)."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyssl.methods import register
 from pyssl.methods._pretext import MethodError, PretextMethod, accuracy, as_method_error, make_backbone
+from pyssl.methods.registry import register
 from pyssl.pretext.nets import mlp
-from pyssl.pretext.transforms import (drop_colour_channels, extract_patches, grid_geometry, grid_origins,
-                                      project_out_green_magenta)
+from pyssl.pretext.transforms import (
+    drop_colour_channels,
+    extract_patches,
+    grid_geometry,
+    grid_origins,
+    project_out_green_magenta,
+)
 
 _CHROMATIC = ("project", "drop", "none")
 
@@ -45,9 +51,19 @@ class RelativePatch(PretextMethod):
 
     default_data = "colour_digits"
 
-    def __init__(self, backbone: str | nn.Module = "small", image_size: int = 32, in_channels: int = 3,
-                 patch_size: int | None = None, gap: int = 2, jitter: int = 1, hidden_dim: int | None = None,
-                 chromatic: str = "project", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    def __init__(
+        self,
+        backbone: str | nn.Module = "small",
+        image_size: int = 32,
+        in_channels: int = 3,
+        patch_size: int | None = None,
+        gap: int = 2,
+        jitter: int = 1,
+        hidden_dim: int | None = None,
+        chromatic: str = "project",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    ):
         super().__init__(image_size, in_channels, mean, std)
         if chromatic not in _CHROMATIC:
             raise MethodError(f"relative_patch: chromatic must be one of {_CHROMATIC}, got {chromatic!r}")

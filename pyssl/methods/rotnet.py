@@ -1,11 +1,12 @@
 """RotNet: predict which of four rotations was applied (Gidaris et al., 2018)."""
+
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyssl.methods import register
 from pyssl.methods._pretext import PretextMethod, accuracy, make_backbone
+from pyssl.methods.registry import register
 from pyssl.pretext.nets import mlp
 from pyssl.pretext.transforms import rotate_all4
 
@@ -27,8 +28,15 @@ class RotNet(PretextMethod):
 
     default_data = "digits"
 
-    def __init__(self, backbone: str | nn.Module = "small", image_size: int = 16, in_channels: int = 3,
-                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), hidden_dim: int | None = None):
+    def __init__(
+        self,
+        backbone: str | nn.Module = "small",
+        image_size: int = 16,
+        in_channels: int = 3,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        hidden_dim: int | None = None,
+    ):
         super().__init__(image_size, in_channels, mean, std)
         self.backbone = make_backbone(backbone, in_channels, image_size)
         d = self.backbone.out_dim
@@ -37,7 +45,9 @@ class RotNet(PretextMethod):
     def check_images(self, images: Tensor) -> None:
         super().check_images(images)
         if images.shape[-1] != images.shape[-2]:
-            raise ValueError(f"rotnet: rotation by 90 degrees needs square images, got {images.shape[-2]}x{images.shape[-1]}")
+            raise ValueError(
+                f"rotnet: rotation by 90 degrees needs square images, got {images.shape[-2]}x{images.shape[-1]}"
+            )
 
     def pretext_loss(self, images: Tensor) -> tuple[Tensor, dict[str, float]]:
         rotated, labels = rotate_all4(self.normalize(images))

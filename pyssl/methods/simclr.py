@@ -1,12 +1,13 @@
 """SimCLR (Chen et al., 2020): two augmented views, a projection head, NT-Xent."""
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
 from pyssl.losses import NTXentLoss
-from pyssl.methods import register
 from pyssl.methods.base import Method, images_of, two_views
+from pyssl.methods.registry import register
 from pyssl.models import ProjectionHead
 
 
@@ -29,17 +30,32 @@ class SimCLR(Method):
 
     train_defaults = {"optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4, "momentum": 0.9}
 
-    def __init__(self, backbone: str | nn.Module = "resnet18", image_size: int = 32, in_channels: int = 3,
-                 hidden_dim: int = 2048, out_dim: int = 128, temperature: float = 0.5,
-                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), augment=None, augment_kwargs=None):
+    def __init__(
+        self,
+        backbone: str | nn.Module = "resnet18",
+        image_size: int = 32,
+        in_channels: int = 3,
+        hidden_dim: int = 2048,
+        out_dim: int = 128,
+        temperature: float = 0.5,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        augment=None,
+        augment_kwargs=None,
+    ):
         super().__init__(backbone, image_size, in_channels, mean, std, augment, augment_kwargs)
         self.projection_head = ProjectionHead(self.backbone.out_dim, hidden_dim, out_dim, 2, batch_norm=True)
         # Inert in a single process; under torch.distributed every rank's loss covers the global batch.
         self.criterion = NTXentLoss(temperature, gather_distributed=True)
 
     def augment_defaults(self, image_size: int) -> dict:
-        return {"scale": (0.08, 1.0), "jitter": (0.4, 0.4, 0.4, 0.1), "p_jitter": 0.8, "p_gray": 0.2,
-                "p_blur": 0.5 if image_size > 64 else 0.0}
+        return {
+            "scale": (0.08, 1.0),
+            "jitter": (0.4, 0.4, 0.4, 0.1),
+            "p_jitter": 0.8,
+            "p_gray": 0.2,
+            "p_blur": 0.5 if image_size > 64 else 0.0,
+        }
 
     def forward(self, x: Tensor) -> Tensor:
         return self.projection_head(self.backbone(x))

@@ -1,12 +1,13 @@
 """Split-brain autoencoder: L -> ab and ab -> L, features concatenated (Zhang et al., 2017)."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pyssl.methods import register
 from pyssl.methods._pretext import MethodError, PretextMethod, own_encoder_only
+from pyssl.methods.registry import register
 from pyssl.pretext.lab import AB_RANGE, ABQuantizer, rgb_to_lab
 from pyssl.pretext.nets import Backbone, ConcatBackbone, ConvEncoder, DenseHead, LabChannels, normalized_lab
 
@@ -36,9 +37,19 @@ class SplitBrain(PretextMethod):
 
     default_data = "colour_digits"
 
-    def __init__(self, image_size: int = 32, in_channels: int = 3, widths: tuple[int, ...] = (16, 32, 64),
-                 loss: str = "classification", grid: float = 10.0, l_bins: int = 50, backbone: str = "small",
-                 mean=None, std=None, hidden_dim: int | None = None):
+    def __init__(
+        self,
+        image_size: int = 32,
+        in_channels: int = 3,
+        widths: tuple[int, ...] = (16, 32, 64),
+        loss: str = "classification",
+        grid: float = 10.0,
+        l_bins: int = 50,
+        backbone: str = "small",
+        mean=None,
+        std=None,
+        hidden_dim: int | None = None,
+    ):
         own_encoder_only("split_brain", backbone)
         super().__init__(image_size, in_channels, mean=(0.0,) * 3, std=(1.0,) * 3)
         if loss not in _LOSSES:
@@ -62,8 +73,10 @@ class SplitBrain(PretextMethod):
         super().check_images(images)
         need = self.encoder_l.downsample
         if images.shape[-1] % need or images.shape[-2] % need:
-            raise ValueError(f"split_brain: image size {images.shape[-2]}x{images.shape[-1]} must be a multiple of "
-                             f"{need} (the encoders' downsampling); the minimum is {need}x{need}")
+            raise ValueError(
+                f"split_brain: image size {images.shape[-2]}x{images.shape[-1]} must be a multiple of "
+                f"{need} (the encoders' downsampling); the minimum is {need}x{need}"
+            )
 
     def pretext_loss(self, images: Tensor) -> tuple[Tensor, dict[str, float]]:
         x = self.to_float(images)
@@ -80,8 +93,10 @@ class SplitBrain(PretextMethod):
             loss_ab = F.cross_entropy(out_ab, ab_bins)
             loss_l = F.cross_entropy(out_l, l_bins)
             with torch.no_grad():
-                m = {"ab_bin_acc": float((out_ab.argmax(1) == ab_bins).float().mean()),
-                     "l_bin_acc": float((out_l.argmax(1) == l_bins).float().mean())}
+                m = {
+                    "ab_bin_acc": float((out_ab.argmax(1) == ab_bins).float().mean()),
+                    "l_bin_acc": float((out_l.argmax(1) == l_bins).float().mean()),
+                }
         else:
             loss_ab = F.mse_loss(out_ab, lab[:, 1:] / AB_RANGE)
             loss_l = F.mse_loss(out_l, nlab[:, :1])

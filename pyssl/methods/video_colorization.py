@@ -1,12 +1,13 @@
 """Tracking emerges by colorizing videos (Vondrick et al., 2018)."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyssl.methods import register
 from pyssl.methods._pretext import MethodError, PretextMethod, own_encoder_only
+from pyssl.methods.registry import register
 from pyssl.pretext.lab import ABQuantizer, rgb_to_lab
 from pyssl.pretext.nets import Backbone, ConvEncoder, FirstFrame, LabChannels, normalized_lab
 
@@ -18,8 +19,10 @@ def split_frames(videos: Tensor) -> Tensor:
             raise ValueError(f"video_colorization: expected RGB frames (N, T, 3, H, W), got {tuple(videos.shape)}")
         return videos
     if videos.dim() != 4 or videos.shape[1] % 3 or videos.shape[1] < 6:
-        raise ValueError("video_colorization: expected videos as (N, T*3, H, W) images with T >= 2 RGB frames, "
-                         f"or (N, T, 3, H, W); got {tuple(videos.shape)}")
+        raise ValueError(
+            "video_colorization: expected videos as (N, T*3, H, W) images with T >= 2 RGB frames, "
+            f"or (N, T, 3, H, W); got {tuple(videos.shape)}"
+        )
     n, c, h, w = videos.shape
     return videos.view(n, c // 3, 3, h, w)
 
@@ -42,7 +45,7 @@ class VideoColorization(PretextMethod):
     are the ab values quantised into the in-gamut bins of spacing ``grid`` (one-hot), and
     the loss is the cross-entropy of the predicted distribution at the target's true bin.
     Copying a colour is only right if it points to the same surface, so tracking emerges:
-    :func:`pyssl.pretext.video.propagate_masks` uses the same attention to carry object
+    :func:`pyssl.eval.propagation.propagate_masks` uses the same attention to carry object
     masks from the first frame to later ones.
 
     Videos come as ``(N, T * 3, H, W)`` uint8 images (how :mod:`pyssl.data.colour` stores
@@ -59,9 +62,19 @@ class VideoColorization(PretextMethod):
 
     default_data = "videos"
 
-    def __init__(self, image_size: int = 32, in_channels: int = 12, widths: tuple[int, ...] = (32, 64),
-                 embed_dim: int = 64, grid: float = 20.0, temperature: float = 1.0, backbone: str = "small",
-                 mean=None, std=None, hidden_dim: int | None = None):
+    def __init__(
+        self,
+        image_size: int = 32,
+        in_channels: int = 12,
+        widths: tuple[int, ...] = (32, 64),
+        embed_dim: int = 64,
+        grid: float = 20.0,
+        temperature: float = 1.0,
+        backbone: str = "small",
+        mean=None,
+        std=None,
+        hidden_dim: int | None = None,
+    ):
         own_encoder_only("video_colorization", backbone)
         super().__init__(image_size, 3, mean=(0.0,) * 3, std=(1.0,) * 3)
         if in_channels % 3 or in_channels < 6:
@@ -84,8 +97,10 @@ class VideoColorization(PretextMethod):
         frames = split_frames(images)
         need = self.downsample
         if frames.shape[-1] % need or frames.shape[-2] % need:
-            raise ValueError(f"video_colorization: frame size {frames.shape[-2]}x{frames.shape[-1]} must be a "
-                             f"multiple of {need}; the minimum is {need}x{need}")
+            raise ValueError(
+                f"video_colorization: frame size {frames.shape[-2]}x{frames.shape[-1]} must be a "
+                f"multiple of {need}; the minimum is {need}x{need}"
+            )
 
     def normalize(self, images: Tensor) -> Tensor:
         x = images.float() / 255.0 if not images.is_floating_point() else images.float()
@@ -116,7 +131,9 @@ class VideoColorization(PretextMethod):
         pred.scatter_add_(1, ref_bins.unsqueeze(-1).expand(-1, -1, a.shape[2]), a)
         loss = F.nll_loss(torch.log(pred.clamp_min(1e-8)), tgt_bins)
         with torch.no_grad():
-            metrics = {"colour_acc": float((pred.argmax(1) == tgt_bins).float().mean()),
-                       # Copying the colour at the same location: the no-motion baseline.
-                       "colour_acc_copy": float((ref_bins == tgt_bins).float().mean())}
+            metrics = {
+                "colour_acc": float((pred.argmax(1) == tgt_bins).float().mean()),
+                # Copying the colour at the same location: the no-motion baseline.
+                "colour_acc_copy": float((ref_bins == tgt_bins).float().mean()),
+            }
         return loss, metrics

@@ -1,4 +1,5 @@
 """The text tower of CLIP: a small causal transformer over token rows."""
+
 from __future__ import annotations
 
 import torch
@@ -21,16 +22,24 @@ class TextTransformer(nn.Module):
     Shape: tokens int64 ``(B, L)`` with ``L <= context_length`` -> features ``(B, width)``.
     """
 
-    def __init__(self, vocab_size: int, eot_token: int, context_length: int = 16, width: int = 128,
-                 layers: int = 2, heads: int = 4):
+    def __init__(
+        self,
+        vocab_size: int,
+        eot_token: int,
+        context_length: int = 16,
+        width: int = 128,
+        layers: int = 2,
+        heads: int = 4,
+    ):
         super().__init__()
         if width % heads:
             raise ValueError(f"TextTransformer: width {width} is not divisible by heads {heads}")
         self.vocab_size, self.eot_token, self.context_length = vocab_size, eot_token, context_length
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
         self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.ln_final = nn.LayerNorm(width)
         self.out_dim = width
@@ -39,8 +48,10 @@ class TextTransformer(nn.Module):
 
     def check_tokens(self, tokens: Tensor) -> None:
         if not isinstance(tokens, Tensor) or tokens.dtype != torch.long or tokens.dim() != 2:
-            raise ValueError(f"texts must be int64 token rows (B, L), got "
-                             f"{getattr(tokens, 'dtype', type(tokens).__name__)} {tuple(getattr(tokens, 'shape', ()))}")
+            raise ValueError(
+                f"texts must be int64 token rows (B, L), got "
+                f"{getattr(tokens, 'dtype', type(tokens).__name__)} {tuple(getattr(tokens, 'shape', ()))}"
+            )
         if not 0 < tokens.shape[1] <= self.context_length:
             raise ValueError(f"texts: rows of {tokens.shape[1]} tokens, expected 1..{self.context_length}")
         # One device synchronisation: an out-of-range id would otherwise be a device-side assert on CUDA.
@@ -48,8 +59,9 @@ class TextTransformer(nn.Module):
         no_eot = ~(tokens == self.eot_token).any(1).all()
         if bool(bad_id | no_eot):
             if bool(bad_id):
-                raise ValueError(f"texts: token ids must be in [0, {self.vocab_size}), got "
-                                 f"{int(tokens.min())}..{int(tokens.max())}")
+                raise ValueError(
+                    f"texts: token ids must be in [0, {self.vocab_size}), got {int(tokens.min())}..{int(tokens.max())}"
+                )
             raise ValueError(f"texts: every row must contain the end-of-text token {self.eot_token}")
 
     def forward(self, tokens: Tensor, *, check: bool = True) -> Tensor:

@@ -3,14 +3,16 @@
 The full trainer lives in :mod:`pyssl.train`; this keeps the pretext tests a few seconds long
 (random batches, Adam, no schedule, no checkpoints).
 """
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
 
-def quick_fit(method: nn.Module, data: Tensor, steps: int = 50, batch_size: int = 64, lr: float = 2e-3,
-              seed: int = 0) -> list[dict[str, float]]:
+def quick_fit(
+    method: nn.Module, data: Tensor, steps: int = 50, batch_size: int = 64, lr: float = 2e-3, seed: int = 0
+) -> list[dict[str, float]]:
     """``steps`` Adam steps of ``method.training_step`` on random batches of ``data``; the metrics per step."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=lr)

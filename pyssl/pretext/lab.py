@@ -5,6 +5,7 @@ and CHW both work). Constants are CIE's: D65 white point, 2 degree observer, the
 companding curve, and the Lab non-linearity with its linear segment below
 :math:`(6/29)^3`. Float64 inputs give float64 outputs; lower precisions compute in float32.
 """
+
 from __future__ import annotations
 
 import functools
@@ -82,8 +83,8 @@ def lab_to_rgb(lab: Tensor, dim: int = -3, clip: bool = True) -> Tensor:
         raise TypeError(f"lab_to_rgb: expected a floating tensor, got {lab.dtype}")
     out_dtype = lab.dtype
     x = lab.to(_work_dtype(lab))
-    l, a, b = x.unbind(d)
-    fy = (l + 16.0) / 116.0
+    lightness, a, b = x.unbind(d)
+    fy = (lightness + 16.0) / 116.0
     f = torch.stack((fy + a / 500.0, fy, fy - b / 200.0), dim=d)
     t = torch.where(f > _DELTA, f**3, 3 * _DELTA**2 * (f - 4.0 / 29.0))
     white = torch.tensor(_D65_WHITE, dtype=x.dtype, device=x.device).view(_channel_shape(x, d))
@@ -184,7 +185,7 @@ class ABQuantizer:
         key = (sigma, device)
         if key not in self._kernels:
             centers = self.centers.to(device=device, dtype=torch.float64)
-            kernel = torch.exp(-torch.cdist(centers, centers) ** 2 / (2 * sigma**2))
+            kernel = torch.exp(-(torch.cdist(centers, centers) ** 2) / (2 * sigma**2))
             self._kernels[key] = kernel / kernel.sum(dim=1, keepdim=True)  # each bin's mass spreads over its neighbours
         return self._kernels[key]
 

@@ -4,61 +4,29 @@ Sized for 8x8..64x64 images on a CPU: a handful of 3x3 conv + BatchNorm + ReLU s
 Encoders return pooled ``(N, D)`` features (``feature_dim``) or, with ``pool=False``, the
 last feature map, which decoders and dense heads use.
 """
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from pyssl.models import StagedEncoder
+# ConvEncoder lives with the backbones (it is the "small" one); it is still importable from here.
+from pyssl.models.backbones import ConvEncoder as ConvEncoder
+from pyssl.models.backbones import conv_bn_relu
+from pyssl.models.staged import StagedEncoder as StagedEncoder
 from pyssl.pretext.lab import rgb_to_lab
-
-
-def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
-
-
-class ConvEncoder(StagedEncoder, nn.Module):
-    """Conv stages; every stage after the first halves the resolution.
-
-    Args:
-        in_channels: image channels.
-        widths: channels per stage.
-        pool: global-average-pool the last map into ``(N, widths[-1])`` features.
-        depth: conv layers per stage.
-    """
-
-    def __init__(self, in_channels: int = 3, widths: tuple[int, ...] = (16, 32, 64), pool: bool = True, depth: int = 1):
-        super().__init__()
-        layers, cin = [], in_channels
-        self._stage_container, self._stage_ends = "features", []
-        for i, w in enumerate(widths):
-            layers.append(conv_bn_relu(cin, w, stride=1 if i == 0 else 2))
-            layers += [conv_bn_relu(w, w) for _ in range(depth - 1)]
-            self._stage_ends.append(len(layers) - 1)
-            cin = w
-        self.features = nn.Sequential(*layers)
-        self.pool = pool
-        self.in_channels = in_channels
-        self.feature_dim = self.out_dim = widths[-1]
-        self.downsample = 2 ** (len(widths) - 1)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """The last feature map ``(N, widths[-1], H / downsample, W / downsample)``."""
-        return self.features(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        f = self.features(x)
-        return f.mean(dim=(2, 3)) if self.pool else f
 
 
 class ConvDecoder(nn.Module):
     """Upsampling stages that mirror :class:`ConvEncoder` back to full resolution."""
 
-    def __init__(self, in_channels: int, out_channels: int, widths: tuple[int, ...] = (64, 32), final_act: nn.Module | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        widths: tuple[int, ...] = (64, 32),
+        final_act: nn.Module | None = None,
+    ):
         super().__init__()
         layers, cin = [], in_channels
         for w in widths:
@@ -85,7 +53,9 @@ class DenseHead(nn.Module):
 
 
 def mlp(din: int, dhidden: int, dout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(din, dhidden), nn.BatchNorm1d(dhidden), nn.ReLU(inplace=True), nn.Linear(dhidden, dout))
+    return nn.Sequential(
+        nn.Linear(din, dhidden), nn.BatchNorm1d(dhidden), nn.ReLU(inplace=True), nn.Linear(dhidden, dout)
+    )
 
 
 def to_float_images(x: Tensor) -> Tensor:

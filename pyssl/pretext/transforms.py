@@ -4,6 +4,7 @@ Every function here works on a whole batch ``(N, C, H, W)`` with index arithmeti
 (one gather per call), so it runs wherever the batch lives and never loops over images.
 Random choices take an optional ``generator`` so tests can replay them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -87,8 +88,15 @@ def _patch_index(size: int, patch: int, origins: Tensor) -> Tensor:
 
 
 def grid_origins(
-    n: int, size: int, patch: int, gap: int, jitter: int, grid: int = 3,
-    *, device=None, generator: torch.Generator | None = None,
+    n: int,
+    size: int,
+    patch: int,
+    gap: int,
+    jitter: int,
+    grid: int = 3,
+    *,
+    device=None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Top-left corners ``(N, grid*grid, 2)`` of the patches, jittered per image and patch.
 
@@ -223,8 +231,13 @@ def min_pairwise_hamming(perms: Tensor) -> int:
 
 
 def region_masks(
-    n: int, size: int, mode: str = "center", fraction: float = 0.5, *,
-    device=None, generator: torch.Generator | None = None,
+    n: int,
+    size: int,
+    mode: str = "center",
+    fraction: float = 0.5,
+    *,
+    device=None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Boolean masks ``(N, 1, S, S)``, True where pixels are dropped.
 

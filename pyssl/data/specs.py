@@ -1,0 +1,82 @@
+"""The built-in data sets of :func:`~pyssl.data.load_data` (``--data NAME[:PATH]``), registered in
+the order they are listed."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pyssl.data.caption_files import load_caption_file
+from pyssl.data.colour import load_colour_data
+from pyssl.data.dataset import ImageDataset, _resize_uint8
+from pyssl.data.digits import load_digits
+from pyssl.data.files import load_cifar, load_image_folder, load_stl10
+from pyssl.data.registry import data_kinds, register_data
+
+
+@register_data("digits")
+def _digits(path: str, image_size: int | None):
+    size = image_size or 16
+    return load_digits("train", size=size), load_digits("test", size=size)
+
+
+# colour_digits and videos: the embedded colour data of the pretext tasks (pyssl.data.colour);
+# captioned_digits: its image-text pairs (CLIP).
+@register_data("colour_digits")
+def _colour_digits(path: str, image_size: int | None):
+    return load_colour_data("colour_digits", image_size)
+
+
+@register_data("captioned_digits")
+def _captioned_digits(path: str, image_size: int | None):
+    return load_colour_data("captioned_digits", image_size)
+
+
+@register_data("videos")
+def _videos(path: str, image_size: int | None):
+    return load_colour_data("videos", image_size)
+
+
+def _cifar(path: str, image_size: int | None, kind: str):
+    train, test = load_cifar(path, "train", kind), load_cifar(path, "test", kind)
+    if image_size and image_size != 32:
+        train = ImageDataset(_resize_uint8(train.images, image_size), train.labels, train.classes, kind)
+        test = ImageDataset(_resize_uint8(test.images, image_size), test.labels, test.classes, kind)
+    return train, test
+
+
+@register_data("cifar10", needs_path=True)
+def _cifar10(path: str, image_size: int | None):
+    return _cifar(path, image_size, "cifar10")
+
+
+@register_data("cifar100", needs_path=True)
+def _cifar100(path: str, image_size: int | None):
+    return _cifar(path, image_size, "cifar100")
+
+
+@register_data("stl10", needs_path=True)
+def _stl10(path: str, image_size: int | None):
+    return load_stl10(path, "train", image_size), load_stl10(path, "test", image_size)
+
+
+@register_data("folder", needs_path=True)
+def _folder(path: str, image_size: int | None):
+    size = image_size or 32
+    for tr, te in (("train", "val"), ("train", "test")):
+        if os.path.isdir(os.path.join(path, tr)) and os.path.isdir(os.path.join(path, te)):
+            return load_image_folder(os.path.join(path, tr), size), load_image_folder(os.path.join(path, te), size)
+    full = load_image_folder(path, size)
+    perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(0))
+    cut = max(1, len(full) // 5)
+    return full.subset(perm[cut:]), full.subset(perm[:cut])
+
+
+@register_data("captions", needs_path=True)
+def _captions(path: str, image_size: int | None):
+    return load_caption_file(path, image_size or 32)
+
+
+# The names of the built-in data sets (others may register more: data_kinds() lists all).
+DATA_KINDS = data_kinds()
