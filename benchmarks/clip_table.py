@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from pyssl.cli import build_parser, prepare_training
+from pyssl.config import build_trainer, resolve
 from pyssl.data.colour import _stratified_test_mask, captioned_digits
 from pyssl.eval import balanced_subset, extract_features, linear_probe, zero_shot_accuracy
 
@@ -63,26 +63,17 @@ def main() -> int:
     runs = []
     for seed in seeds:
         with tempfile.TemporaryDirectory() as out:
-            targs = build_parser().parse_args(
-                [
-                    "train",
-                    "--method",
-                    "clip",
-                    "--epochs",
-                    str(args.epochs),
-                    "--seed",
-                    str(seed),
-                    "--out",
-                    out,
-                    "--no-progress",
-                    "--no-tensorboard",
-                    "--knn-every",
-                    "0",
-                    "--device",
-                    "cpu",
-                ]
+            run = resolve(
+                "clip",
+                epochs=args.epochs,
+                seed=seed,
+                out=out,
+                progress=False,
+                tensorboard=False,
+                knn_every=0,
+                device="cpu",
             )
-            trainer = prepare_training(targs)
+            trainer = build_trainer(run)
             random_init = copy.deepcopy(trainer.method)
             t0 = time.perf_counter()
             trainer.fit()

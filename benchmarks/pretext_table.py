@@ -77,29 +77,21 @@ def probe(method, train, test, layer=None, grid=1, fraction=1.0, seed=0) -> floa
 def run(name: str, epochs: int, seed: int, out_dir: str) -> dict:
     """Train ``name`` as ``pyssl train --method NAME`` would (the contrastive methods on the pretext
     methods' default data and network, for a side-by-side comparison) and measure it."""
-    from pyssl.cli import build_parser, prepare_training
+    from pyssl.config import build_trainer, resolve
 
     contrastive = name not in PRETEXT
-    argv = [
-        "train",
-        "--method",
-        name,
-        "--epochs",
-        str(epochs),
-        "--seed",
-        str(seed),
-        "--device",
-        "cpu",
-        "--out",
-        os.path.join(out_dir, f"{name}-{seed}"),
-        "--no-progress",
-        "--no-tensorboard",
-        "--knn-every",
-        "0",
-    ]
+    settings = dict(
+        epochs=epochs,
+        seed=seed,
+        device="cpu",
+        out=os.path.join(out_dir, f"{name}-{seed}"),
+        progress=False,
+        tensorboard=False,
+        knn_every=0,
+    )
     if contrastive:
-        argv += ["--data", "colour_digits", "--backbone", "small"]
-    trainer = prepare_training(build_parser().parse_args(argv))
+        settings.update(backbone="small")
+    trainer = build_trainer(resolve(name, "colour_digits" if contrastive else None, **settings))
     method, train, test = trainer.method, trainer.train_data, trainer.test_data
     random_init = copy.deepcopy(method)
     t0 = time.time()

@@ -16,97 +16,6 @@ import os
 import signal
 import sys
 
-DEFAULT_RUN_DIR = "runs"
-
-# Per-data-set defaults: the embedded digits are sized for a CPU; real data sets get the standard
-# CIFAR protocol (ResNet-18 with the CIFAR stem, batch 512, 200 epochs, kNN k=200 every 5 epochs).
-DATA_DEFAULTS = {
-    "digits": {
-        "backbone": "convnet-small",
-        "image_size": 16,
-        "batch_size": 128,
-        "epochs": 40,
-        "knn_every": 5,
-        "hidden_dim": 512,
-        "lr": {"simclr": 0.5, "*": 0.1},
-        "warmup_epochs": 2,
-        "knn_k": 20,
-        # digits are not mirror-symmetric, and 8x8 originals leave little to crop
-        "augment_kwargs": {"scale": [0.3, 1.0], "p_flip": 0.0},
-        "temperature": {"simclr": 0.2},
-    },
-    # The embedded colour data of the pretext methods (pyssl.data.colour); videos have no labels.
-    "colour_digits": {
-        "backbone": "convnet-small",
-        "image_size": 32,
-        "batch_size": 128,
-        "epochs": 20,
-        "knn_every": 5,
-        "hidden_dim": 512,
-        "knn_k": 20,
-    },
-    # CLIP's image-text pairs; the "small" pretext encoder is too weak to learn the digits from captions.
-    "captioned_digits": {
-        "backbone": "resnet10-small",
-        "image_size": 32,
-        "batch_size": 128,
-        "epochs": 20,
-        "knn_every": 5,
-        "hidden_dim": 512,
-        "knn_k": 20,
-    },
-    "videos": {
-        "backbone": "convnet-small",
-        "image_size": 32,
-        "batch_size": 32,
-        "epochs": 20,
-        "knn_every": 0,
-        "hidden_dim": 512,
-    },
-    # Your own image-text pairs (pyssl.data.load_caption_file); labels are optional, so no kNN.
-    "captions": {
-        "backbone": "resnet18",
-        "image_size": 64,
-        "batch_size": 256,
-        "epochs": 100,
-        "knn_every": 0,
-        "hidden_dim": 2048,
-    },
-    "cifar10": {
-        "backbone": "resnet18",
-        "image_size": 32,
-        "batch_size": 512,
-        "epochs": 200,
-        "knn_every": 5,
-        "hidden_dim": 2048,
-    },
-    "cifar100": {
-        "backbone": "resnet18",
-        "image_size": 32,
-        "batch_size": 512,
-        "epochs": 200,
-        "knn_every": 5,
-        "hidden_dim": 2048,
-    },
-    "stl10": {
-        "backbone": "resnet18",
-        "image_size": 96,
-        "batch_size": 256,
-        "epochs": 200,
-        "knn_every": 5,
-        "hidden_dim": 2048,
-    },
-    "folder": {
-        "backbone": "resnet18",
-        "image_size": 64,
-        "batch_size": 256,
-        "epochs": 200,
-        "knn_every": 5,
-        "hidden_dim": 2048,
-    },
-}
-
-
 #: ``pyssl train --method``: every registered method (a test checks this against the registry,
 #: which the parser does not import: ``--help`` stays fast).
 METHODS = {
@@ -201,16 +110,18 @@ def _positive_float(text: str) -> float:
 
 
 def _default_device() -> str:
-    import torch
+    from pyssl.config import default_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return default_device()
 
 
 def _per_data(key: str) -> str:
-    """A default of DATA_DEFAULTS as "40 on digits, 20 on colour_digits/videos, ..."."""
+    """A default of the data sets as "40 on digits, 20 on colour_digits/videos, ..."."""
+    from pyssl.data import data_defaults, data_kinds
+
     kinds: dict = {}
-    for kind, d in DATA_DEFAULTS.items():
-        kinds.setdefault(d[key], []).append(kind)
+    for kind in data_kinds():
+        kinds.setdefault(data_defaults(kind)[key], []).append(kind)
     return ", ".join(f"{value} on {'/'.join(names)}" for value, names in kinds.items())
 
 
@@ -330,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
+    t.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any constructor argument of the method or trainer setting, e.g. --set queue_size=4096 "
+        "--set momentum_end=1.0 (values are Python literals or plain text; repeat for more). The "
+        "flags above are shorthands for some of these",
+    )
 
     e = sub.add_parser(
         "eval",
@@ -387,123 +306,72 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- train ---------------------------------------------------------------------------------------
 
 
+#: The flags that set one configuration key each (pyssl.config.resolve's overrides); anything
+#: else goes through --set KEY=VALUE. flag -> key
+FLAG_SETTINGS = {
+    "backbone": "backbone",
+    "image_size": "image_size",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "optimizer": "optimizer",
+    "lr": "lr",
+    "weight_decay": "weight_decay",
+    "warmup_epochs": "warmup_epochs",
+    "clip_grad": "clip_grad",
+    "temperature": "temperature",
+    "queue_size": "queue_size",
+    "key_momentum": "momentum",
+    "bn_splits": "bn_splits",
+    "hidden_dim": "hidden_dim",
+    "device": "device",
+    "seed": "seed",
+    "out": "out",
+    "checkpoint_every": "checkpoint_every",
+    "knn_every": "knn_every",
+    "knn_k": "knn_k",
+    "knn_t": "knn_t",
+    "init_backbone": "init_backbone",
+    "data_on": "data_on",
+}
+
+
+def run_overrides(args) -> dict:
+    """The configuration keys the command line sets: its flags, then ``--set KEY=VALUE``."""
+    from pyssl.config import parse_settings
+
+    found = {key: getattr(args, flag) for flag, key in FLAG_SETTINGS.items() if getattr(args, flag) is not None}
+    for flag, key in (("amp", "amp"), ("lock_image", "lock_image")):
+        if getattr(args, flag):
+            found[key] = True
+    if args.no_progress:
+        found["progress"] = False
+    if args.no_tensorboard:
+        found["tensorboard"] = False
+    found["sync_bn"] = {"auto": None, "on": True, "off": False}[args.sync_bn]
+    for key, value in parse_settings(args.set or []).items():
+        if key in found and found[key] != value:
+            raise CLIError(f"--set {key}={value!r} contradicts the flag that sets {key} to {found[key]!r}")
+        found[key] = value
+    return found
+
+
 def prepare_training(args):
     """Everything that can fail (method, data, sizes, checkpoint) is checked here, before training."""
-    import torch
-
     from pyssl import distributed
-    from pyssl.data import load_data
-    from pyssl.methods import available_methods, build_method, method_class
-    from pyssl.train import ConfigError, TrainConfig, Trainer
+    from pyssl.config import DEFAULT_RUN_DIR, build_trainer, resolve
+    from pyssl.methods import available_methods, method_class
 
     if args.method not in available_methods():
         raise CLIError(f"unknown method {args.method!r} (choose from {', '.join(available_methods())})")
-    cls = method_class(args.method)
     if args.data is None:  # colour pretext tasks default to colour data, video colorization to videos
-        args.data = getattr(cls, "default_data", "digits")
+        args.data = method_class(args.method).spec.default_data
+    overrides = run_overrides(args)
     kind = args.data.partition(":")[0].lower()
-    out = args.out or os.path.join(DEFAULT_RUN_DIR, f"{args.method}-{kind}")
+    overrides.setdefault("out", os.path.join(DEFAULT_RUN_DIR, f"{args.method}-{kind}"))
     if distributed.is_main_process():  # the other ranks would see the files rank 0 starts writing
-        check_run_directory(out, args.resume, args.overwrite)
-    # A method's own CLI defaults (the pretext methods' optimiser and sizes) win over the data set's.
-    d = {**DATA_DEFAULTS.get(kind, DATA_DEFAULTS["folder"]), **getattr(cls, "cli_defaults", {})}
-    image_size = args.image_size or d["image_size"]
-    train, test = load_data(args.data, image_size)
-    if kind == "videos" and getattr(cls, "default_data", None) != "videos":
-        raise ConfigError(
-            f"videos holds clips of several frames stacked as channels; {args.method} trains on "
-            f"images (video_colorization is the method for videos)"
-        )
-    needs_texts = getattr(cls, "needs_texts", False)
-    if needs_texts and train.texts is None:
-        raise ConfigError(
-            f"{args.method} trains on image-text pairs and {kind} has no captions (use --data {cls.default_data})"
-        )
-    labelled = bool((train.labels >= 0).any()) and bool((test.labels >= 0).any())
-    if not labelled and args.knn_every:
-        raise ConfigError(f"--knn-every {args.knn_every}: {args.data} has no labels to measure kNN accuracy with")
-    batch_size = args.batch_size or min(d["batch_size"], len(train))
-    if batch_size > len(train):
-        raise ConfigError(f"batch size {batch_size} is larger than the data set ({len(train)} images)")
-    tdef = dict(cls.train_defaults)
-    device = args.device or _default_device()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device} requested but CUDA is not available")
-    mean, std = train.mean_std()
-    mcfg = {
-        "backbone": args.backbone or d["backbone"],
-        "image_size": image_size,
-        "in_channels": train.channels,
-        "mean": list(mean),
-        "std": list(std),
-    }
-    if args.hidden_dim or d.get("hidden_dim"):
-        mcfg["hidden_dim"] = args.hidden_dim or d["hidden_dim"]
-    if args.temperature is not None:
-        mcfg["temperature"] = args.temperature
-    elif args.method in d.get("temperature", {}):
-        mcfg["temperature"] = d["temperature"][args.method]
-    if d.get("augment_kwargs") is not None:
-        mcfg["augment_kwargs"] = dict(d["augment_kwargs"])
-    if cls.__name__ == "MoCo":
-        queue = args.queue_size
-        if queue is None:  # a queue much larger than the data set would hold stale copies of each image
-            queue = batch_size
-            while queue * 2 <= min(4096, len(train) // 2):
-                queue *= 2
-        mcfg["queue_size"] = queue
-        if args.key_momentum is not None:
-            mcfg["momentum"] = args.key_momentum
-        if args.bn_splits is not None:
-            mcfg["bn_splits"] = args.bn_splits
-    elif args.queue_size is not None or args.key_momentum is not None or args.bn_splits is not None:
-        raise ConfigError(f"--queue-size/--key-momentum/--bn-splits apply to MoCo only, not {args.method}")
-    if args.lock_image:
-        if not needs_texts:
-            raise ConfigError(f"--lock-image applies to CLIP only, not {args.method}")
-        mcfg["lock_image"] = True
-    if needs_texts:  # the text tower fits the data's tokens
-        mcfg["context_length"] = train.texts.shape[1]
-        if train.vocab is not None:
-            mcfg["vocab"] = list(train.vocab)
-    torch.manual_seed(args.seed)
-    method = build_method(args.method, **mcfg)
-    if args.lr is not None:
-        lr = args.lr
-    elif "lr" in d:  # tuned per method for the data set's default batch size; linear scaling otherwise
-        lr = d["lr"].get(args.method, d["lr"]["*"]) * batch_size / d["batch_size"]
-    else:
-        lr = tdef["lr"] * batch_size / 128
-    epochs = args.epochs or d["epochs"]
-    cfg = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        optimizer=args.optimizer or tdef["optimizer"],
-        lr=lr,
-        weight_decay=args.weight_decay if args.weight_decay is not None else tdef["weight_decay"],
-        momentum=tdef.get("momentum", 0.9),
-        warmup_epochs=args.warmup_epochs
-        if args.warmup_epochs is not None
-        else min(d.get("warmup_epochs", 0.0), epochs / 10),
-        clip_grad=args.clip_grad,
-        amp=args.amp,
-        device=device,
-        seed=args.seed,
-        out_dir=out,
-        checkpoint_every=args.checkpoint_every,
-        knn_every=args.knn_every if args.knn_every is not None else d["knn_every"] if labelled else 0,
-        knn_k=args.knn_k or d.get("knn_k", 200),
-        knn_t=args.knn_t,
-        tensorboard=not args.no_tensorboard,
-        progress=not args.no_progress,
-        sync_bn={"auto": None, "on": True, "off": False}[args.sync_bn],
-        data_on=args.data_on,
-    )
-    extra = {"data": args.data, "method": args.method, "image_size": image_size}
-    if args.init_backbone:
-        init_backbone(method, args.init_backbone)
-        extra["init_backbone"] = os.path.abspath(args.init_backbone)
-    trainer = Trainer(method, train, cfg, test, extra=extra, probe=crash_probe())
+        check_run_directory(overrides["out"], args.resume, args.overwrite)
+    run = resolve(args.method, args.data, **overrides)
+    trainer = build_trainer(run, probe=crash_probe())
     if args.resume:
         trainer.load()  # checked now, so a bad checkpoint fails before any step
     return trainer
@@ -564,28 +432,6 @@ def crash_probe():
     return probe
 
 
-def init_backbone(method, path: str) -> None:
-    """Loads the backbone weights of the run at ``path`` into ``method.backbone`` (and into a
-    momentum copy of it, which must start equal). A mismatch is a one-line CheckpointError."""
-    from pyssl.train import CheckpointError, load_checkpoint
-
-    ckpt_path = checkpoint_file(path)
-    state = load_checkpoint(ckpt_path).get("backbone")
-    if not state:
-        raise CheckpointError(f"--init-backbone: {ckpt_path} holds no backbone weights")
-    for name in ("backbone", "backbone_momentum"):
-        target = getattr(method, name, None)
-        if target is None:
-            continue
-        try:
-            target.load_state_dict(state)
-        except RuntimeError as e:
-            raise CheckpointError(
-                f"--init-backbone: the backbone of {ckpt_path} does not fit this method's "
-                f"({str(e).splitlines()[0][:160]}); pass the same --backbone"
-            ) from None
-
-
 def cmd_train(args) -> int:
     from pyssl import distributed
 
@@ -610,9 +456,8 @@ def _count(n: int, noun: str) -> str:
 
 
 def _train(args, is_main: bool) -> int:
-    from dataclasses import asdict
-
     from pyssl import distributed
+    from pyssl.config import write_run_config
 
     trainer = prepare_training(args)
     cfg = trainer.cfg
@@ -631,19 +476,7 @@ def _train(args, is_main: bool) -> int:
             for name in RUN_REPORTS:
                 if os.path.exists(os.path.join(cfg.out_dir, name)):
                     os.remove(os.path.join(cfg.out_dir, name))
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(
-                {
-                    "args": vars(args),
-                    "train": asdict(cfg),
-                    "method": trainer.method_spec,
-                    "world_size": trainer.world_size,
-                },
-                f,
-                indent=1,
-                default=str,
-            )
+        write_run_config(trainer.run, trainer, {"args": vars(args)})
     distributed.barrier()  # the run directory exists before any rank writes into it
     try:
         result = trainer.fit(resume=args.resume)
@@ -731,36 +564,11 @@ def _worker(local_rank: int, args, env: dict, errors) -> None:
 # ---- eval ----------------------------------------------------------------------------------------
 
 
-def checkpoint_file(path: str) -> str:
-    """A run directory's checkpoint, or ``path`` itself when it names a file."""
-    from pyssl.train import CHECKPOINT_NAME
-
-    return os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
-
-
-def load_run(path: str, device: str):
-    """(method with the trained weights, a fresh random-init copy, checkpoint dict)."""
-    import torch
-
-    from pyssl.methods import build_method
-    from pyssl.train import load_checkpoint
-
-    ckpt_path = checkpoint_file(path)
-    ckpt = load_checkpoint(ckpt_path)
-    spec = ckpt.get("method") or {}
-    if "name" not in spec:
-        raise CLIError(f"{ckpt_path} does not record how to rebuild its method")
-    torch.manual_seed(12345)
-    method = build_method(spec["name"], **spec["cfg"])
-    random_init = build_method(spec["name"], **spec["cfg"])
-    method.load_state_dict(ckpt["model"])
-    return method.to(device).eval(), random_init.to(device).eval(), ckpt
-
-
 def cmd_eval(args) -> int:
     import torch
 
-    from pyssl.data import load_data
+    from pyssl.config import load_run
+    from pyssl.data import data_defaults, load_data
     from pyssl.eval import PROTOCOLS, evaluate_encoders, format_table, resolve_layer
 
     device = args.device or _default_device()
@@ -783,7 +591,7 @@ def cmd_eval(args) -> int:
             f"pyssl eval: {spec} has no labels, so there is nothing to probe; pass a labelled data "
             f"set with --data (e.g. --data colour_digits, or a captions file with a label column)"
         )
-    k = args.k or DATA_DEFAULTS.get(spec.partition(":")[0].lower(), {}).get("knn_k", 200)
+    k = args.k or data_defaults(spec.partition(":")[0].lower()).get("knn_k", 200)
     trained_name = f"{extra.get('method', 'trained')} encoder"
     encoders = {trained_name: method.backbone}
     if not args.no_baselines:
@@ -912,6 +720,7 @@ def cmd_plot(args) -> int:
     if os.path.exists(os.path.join(args.run, CHECKPOINT_NAME)):
         import torch
 
+        from pyssl.config import load_run
         from pyssl.data import load_data
         from pyssl.eval import extract_features
 

@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from pyssl import cli
+    from pyssl.config import build_trainer, load_run, resolve, write_run_config
     from pyssl.data import load_data
     from pyssl.eval import evaluate_encoders, format_table
 
@@ -38,30 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     # The demo's run directory is its own: running the demo again means training again.
-    rc = cli.main(
-        [
-            "train",
-            "--method",
-            args.method,
-            "--data",
-            "digits",
-            "--device",
-            "cpu",
-            "--epochs",
-            str(args.epochs),
-            "--seed",
-            str(args.seed),
-            "--out",
-            args.out,
-            "--knn-k",
-            str(args.k),
-            "--overwrite",
-        ]
-    )
-    if rc:
-        return rc
+    run = resolve(args.method, "digits", device="cpu", epochs=args.epochs, seed=args.seed, out=args.out, knn_k=args.k)
+    trainer = build_trainer(run)
+    write_run_config(run, trainer)
+    trainer.fit()
     t_train = time.perf_counter() - t0
-    method, random_init, ckpt = cli.load_run(args.out, "cpu")
+    method, random_init, ckpt = load_run(args.out, "cpu")
     train, test = load_data("digits", ckpt["extra"]["image_size"])
     protocols = ("linear", "knn", "finetune") if args.finetune else ("linear", "knn")
     name = {"simclr": "SimCLR", "moco": "MoCo v1", "mocov2": "MoCo v2"}.get(args.method, args.method)

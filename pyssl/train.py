@@ -523,6 +523,7 @@ class Trainer:
         self.probe = probe
         self.checkpoint_step: int | None = None  # of the last checkpoint written or loaded
         self._logs: dict[str, CsvLog] = {}  # open while fit runs (rank 0)
+        self.run = None  # the pyssl.config.RunConfig it was built from, if any
 
     # -- state --
 

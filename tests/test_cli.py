@@ -66,10 +66,16 @@ def _error_cases(tmp_path):
         (["train", "--data", "imagenet:/x", *TINY], "unknown data set"),
         (["train", "--backbone", "resnet99", "--device", "cpu"], "unknown backbone"),
         (["train", "--resume", *TINY], "no checkpoint"),
-        (["train", "--method", "simclr", "--queue-size", "64", *TINY], "MoCo only"),
+        (
+            ["train", "--method", "simclr", "--queue-size", "64", *TINY],
+            "not an option of simclr (it is one of moco, mocov2)",
+        ),
         (["train", "--method", "simclr", "--data", "videos", *TINY], "simclr trains on images"),
-        (["train", "--method", "simclr", "--bn-splits", "2", *TINY], "MoCo only"),
-        (["train", "--method", "simclr", "--lock-image", *TINY], "CLIP only"),
+        (
+            ["train", "--method", "simclr", "--bn-splits", "2", *TINY],
+            "not an option of simclr (it is one of moco, mocov2)",
+        ),
+        (["train", "--method", "simclr", "--lock-image", *TINY], "not an option of simclr (it is one of clip)"),
         (["train", "--method", "clip", "--data", "digits", *TINY], "digits has no captions"),
         (["eval", str(tmp_path / "nothing")], "no checkpoint"),
         (["plot", str(tmp_path / "nothing")], "does not exist"),
@@ -207,24 +213,11 @@ def test_training_stack_is_imported_lazily():
 
 
 def test_cifar10_defaults_are_the_standard_protocol(tmp_path):
-    from pyssl.cli import build_parser, prepare_training
+    from pyssl.config import build_trainer, resolve
 
     root = tmp_path / "cifar-10-batches-py"
     _write_cifar(root)
-    args = build_parser().parse_args(
-        [
-            "train",
-            "--method",
-            "simclr",
-            "--data",
-            f"cifar10:{tmp_path}",
-            "--device",
-            "cpu",
-            "--out",
-            str(tmp_path / "run"),
-        ]
-    )
-    trainer = prepare_training(args)
+    trainer = build_trainer(resolve("simclr", f"cifar10:{tmp_path}", device="cpu", out=str(tmp_path / "run")))
     cfg, backbone = trainer.cfg, trainer.method.backbone
     assert cfg.epochs == 200 and cfg.knn_k == 200 and cfg.knn_t == 0.1 and cfg.knn_every > 0
     assert cfg.batch_size == 40  # 512, capped by this 40-image stand-in
@@ -235,7 +228,7 @@ def test_cifar10_defaults_are_the_standard_protocol(tmp_path):
 
 
 def test_init_backbone_starts_from_another_runs_backbone(tmp_path, capsys):
-    from pyssl.cli import build_parser, prepare_training
+    from pyssl.config import build_trainer, resolve
     from pyssl.train import load_checkpoint
 
     first = tmp_path / "simclr"
@@ -258,10 +251,18 @@ def test_init_backbone_starts_from_another_runs_backbone(tmp_path, capsys):
     assert main(["train", "--method", "simclr", *common, "--out", str(first)]) == 0
     saved = load_checkpoint(str(first / "checkpoint.pt"))["backbone"]
     for method in ("clip", "mocov2"):
-        args = build_parser().parse_args(
-            ["train", "--method", method, *common, "--out", str(tmp_path / method), "--init-backbone", str(first)]
+        run = resolve(
+            method,
+            "captioned_digits",
+            image_size=16,
+            backbone="convnet-small",
+            epochs=1,
+            batch_size=256,
+            knn_every=0,
+            out=str(tmp_path / method),
+            init_backbone=str(first),
         )
-        trainer = prepare_training(args)
+        trainer = build_trainer(run)
         copies = [trainer.method.backbone] + ([trainer.method.backbone_momentum] if method == "mocov2" else [])
         for module in copies:
             for name, value in module.state_dict().items():
@@ -415,7 +416,7 @@ def test_unlabelled_image_folder_trains_without_knn(tmp_path, capsys):
     run = tmp_path / "run"
     argv = ["train", "--data", f"folder:{tmp_path}", "--epochs", "1", "--batch-size", "16", "--out", str(run), *TINY]
     assert main(argv + ["--knn-every", "1"]) == 2
-    assert "--knn-every 1: folder:" in _one_error_line(capsys)
+    assert "knn_every 1: folder:" in _one_error_line(capsys)
     assert main(argv) == 0
     assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 2 and not list(csv.DictReader(open(run / "knn.csv")))
 

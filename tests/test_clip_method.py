@@ -275,39 +275,27 @@ def test_clip_rejects_bad_batches_and_settings():
         m.zero_shot_classifier([])
 
 
-def test_cli_trains_clip_on_captioned_digits_and_refuses_data_without_captions(tmp_path):
-    from pyssl.cli import build_parser, prepare_training
+def test_clip_trains_on_captioned_digits_and_refuses_data_without_captions(tmp_path):
+    from pyssl.config import build_trainer, resolve
     from pyssl.train import ConfigError
 
-    args = build_parser().parse_args(
-        [
-            "train",
-            "--method",
-            "clip",
-            "--epochs",
-            "1",
-            "--image-size",
-            "16",
-            "--batch-size",
-            "256",
-            "--out",
-            str(tmp_path / "clip"),
-            "--no-progress",
-            "--no-tensorboard",
-            "--knn-every",
-            "0",
-        ]
+    run = resolve(
+        "clip",
+        epochs=1,
+        image_size=16,
+        batch_size=256,
+        out=str(tmp_path / "clip"),
+        progress=False,
+        tensorboard=False,
+        knn_every=0,
     )
-    trainer = prepare_training(args)
+    trainer = build_trainer(run)
     assert trainer.train_data.name == "captioned_digits" and trainer.train_data.texts is not None
     assert trainer.cfg.optimizer == "adamw"
     result = trainer.fit()
     assert result.steps == len(trainer.train_data) // 256 and all(map(math.isfinite, result.losses))
-    bad = build_parser().parse_args(
-        ["train", "--method", "clip", "--data", "colour_digits", "--epochs", "1", "--out", str(tmp_path / "bad")]
-    )
     with pytest.raises(ConfigError, match="image-text pairs.*--data captioned_digits"):
-        prepare_training(bad)
+        resolve("clip", "colour_digits", epochs=1, out=str(tmp_path / "bad"))
 
 
 # ---- your own image-text pairs: captions:FILE ----------------------------------------------------
@@ -389,33 +377,23 @@ def test_caption_file_errors_name_the_problem(tmp_path):
         load_caption_file(str(tmp_path / "nope.csv"))
 
 
-def test_cli_trains_clip_on_a_caption_file_and_eval_rebuilds_its_vocabulary(tmp_path):
-    from pyssl.cli import build_parser, load_run, prepare_training
+def test_clip_trains_on_a_caption_file_and_eval_rebuilds_its_vocabulary(tmp_path):
+    from pyssl.config import build_trainer, load_run, resolve
 
     path = _write_pairs(tmp_path)
     out = tmp_path / "run"
-    args = build_parser().parse_args(
-        [
-            "train",
-            "--method",
-            "clip",
-            "--data",
-            f"captions:{path}",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "16",
-            "--image-size",
-            "16",
-            "--backbone",
-            "convnet-small",
-            "--out",
-            str(out),
-            "--no-progress",
-            "--no-tensorboard",
-        ]
+    run = resolve(
+        "clip",
+        f"captions:{path}",
+        epochs=2,
+        batch_size=16,
+        image_size=16,
+        backbone="convnet-small",
+        out=str(out),
+        progress=False,
+        tensorboard=False,
     )
-    trainer = prepare_training(args)
+    trainer = build_trainer(run)
     assert trainer.method.vocab == trainer.train_data.vocab
     assert trainer.method.text_encoder.context_length == trainer.train_data.texts.shape[1]
     result = trainer.fit()

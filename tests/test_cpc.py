@@ -57,23 +57,10 @@ def test_cpc_rejects_small_images():
         build_method("cpc", steps=0)
 
 
-def test_cli_builds_cpc_on_its_default_data(tmp_path):
-    from pyssl.cli import build_parser, prepare_training
+def test_a_cpc_run_defaults_to_its_own_data(tmp_path):
+    from pyssl.config import build_trainer, resolve
 
-    args = build_parser().parse_args(
-        [
-            "train",
-            "--method",
-            "cpc",
-            "--epochs",
-            "1",
-            "--out",
-            str(tmp_path / "cpc"),
-            "--no-progress",
-            "--no-tensorboard",
-        ]
-    )
-    trainer = prepare_training(args)
+    trainer = build_trainer(resolve("cpc", epochs=1, out=str(tmp_path / "cpc"), progress=False, tensorboard=False))
     assert trainer.train_data.name == "colour_digits"
     assert trainer.cfg.optimizer == "adamw" and trainer.cfg.epochs == 1
     loss = trainer.method.training_step(trainer.train_data.images[:16])

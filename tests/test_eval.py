@@ -190,6 +190,7 @@ def test_pyssl_eval_fine_tunes_only_when_asked(tmp_path, monkeypatch):
     # Fine-tuning is opt-in, as the README says (a CLIP run took 8:42 with it, 22 s without).
     # An untrained method stands in for a run: the protocols are what is checked.
     import pyssl.cli
+    import pyssl.config
     import pyssl.eval
     from pyssl.methods import build_method
 
@@ -203,7 +204,7 @@ def test_pyssl_eval_fine_tunes_only_when_asked(tmp_path, monkeypatch):
         asked.append(tuple(protocols))
         return {name: {p: {f: 0.5 for f in fractions} for p in protocols} for name in encoders}
 
-    monkeypatch.setattr(pyssl.cli, "load_run", untrained_run)
+    monkeypatch.setattr(pyssl.config, "load_run", untrained_run)
     monkeypatch.setattr(pyssl.eval, "evaluate_encoders", recording)
     common = [str(tmp_path), "--fractions", "100%", "--no-baselines", "--device", "cpu"]
     assert pyssl.cli.main(["eval", *common]) == 0

@@ -352,28 +352,14 @@ def test_trainer_converts_to_sync_bn_as_use_sync_bn_decides(tmp_path, monkeypatc
     assert asked == [(None, 2, "cpu", False), (None, 2, "cpu", False), (None, 2, "cpu", True)]
 
 
-def test_cli_bn_splits_builds_split_batch_norm(tmp_path):
-    from pyssl.cli import build_parser, prepare_training
+def test_a_run_with_bn_splits_builds_split_batch_norm(tmp_path):
+    from pyssl.config import build_trainer, resolve
     from pyssl.models import SplitBatchNorm
 
-    args = build_parser().parse_args(
-        [
-            "train",
-            "--method",
-            "mocov2",
-            "--bn-splits",
-            "4",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "64",
-            "--out",
-            str(tmp_path / "run"),
-            "--no-progress",
-            "--no-tensorboard",
-        ]
+    run = resolve(
+        "mocov2", bn_splits=4, epochs=1, batch_size=64, out=str(tmp_path / "run"), progress=False, tensorboard=False
     )
-    method = prepare_training(args).method
+    method = build_trainer(run).method
     assert method.bn_splits == 4 and method.shuffles_keys()
     splits = [m for m in method.backbone_momentum.modules() if isinstance(m, SplitBatchNorm)]
     assert splits and all(m.splits == 4 for m in splits)

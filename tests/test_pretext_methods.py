@@ -228,13 +228,10 @@ def test_bad_configurations():
 
 
 @pytest.mark.parametrize("name", PRETEXT)
-def test_cli_builds_each_method_on_its_default_data(name, tmp_path):
-    from pyssl.cli import build_parser, prepare_training
+def test_a_run_of_each_method_defaults_to_its_own_data(name, tmp_path):
+    from pyssl.config import build_trainer, resolve
 
-    args = build_parser().parse_args(
-        ["train", "--method", name, "--epochs", "1", "--out", str(tmp_path / name), "--no-progress", "--no-tensorboard"]
-    )
-    trainer = prepare_training(args)
+    trainer = build_trainer(resolve(name, epochs=1, out=str(tmp_path / name), progress=False, tensorboard=False))
     assert trainer.train_data.name == {"rotnet": "digits", "video_colorization": "videos"}.get(name, "colour_digits")
     assert trainer.cfg.optimizer == "adamw" and trainer.cfg.epochs == 1
     loss = trainer.method.training_step(trainer.train_data.images[:16])

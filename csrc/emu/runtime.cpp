@@ -690,11 +690,19 @@ class GuardedAllocator final : public c10::Allocator {
     std::memset(data, 0xFF, payload);
     register_guard(reinterpret_cast<uintptr_t>(guard),
                    {reinterpret_cast<uintptr_t>(data), reinterpret_cast<uintptr_t>(guard), "a global buffer"});
-    auto* ctx = new Mapping{base, span, guard};
-    return {data, ctx, &release, c10::Device(c10::DeviceType::CPU)};
+    {
+      std::lock_guard<std::mutex> lock(mapping_mutex());
+      mappings()[data] = Mapping{base, span, guard};
+    }
+    // The context is the data pointer itself, as with c10's own CPU allocator: some CPU kernels
+    // (oneDNN's bf16 matmul) require DataPtr::get() == get_context(). The mapping is looked up.
+    return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
+
+  // Makes raw_allocate / raw_deallocate (oneDNN's scratch buffers) go through the guards too.
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
 
  private:
   struct Mapping {
@@ -702,11 +710,25 @@ class GuardedAllocator final : public c10::Allocator {
     size_t span;
     unsigned char* guard;
   };
-  static void release(void* p) {
-    auto* m = static_cast<Mapping*>(p);
-    unregister_guard(reinterpret_cast<uintptr_t>(m->guard));
-    munmap(m->base, m->span);
-    delete m;
+  static std::mutex& mapping_mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static std::unordered_map<void*, Mapping>& mappings() {
+    static std::unordered_map<void*, Mapping> m;
+    return m;
+  }
+  static void release(void* data) {
+    Mapping m{};
+    {
+      std::lock_guard<std::mutex> lock(mapping_mutex());
+      auto it = mappings().find(data);
+      if (it == mappings().end()) return;
+      m = it->second;
+      mappings().erase(it);
+    }
+    unregister_guard(reinterpret_cast<uintptr_t>(m.guard));
+    munmap(m.base, m.span);
   }
 };
 

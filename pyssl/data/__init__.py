@@ -10,7 +10,7 @@ from pyssl.data.caption_files import CAPTION_COLUMNS, IMAGE_COLUMNS, MAX_CONTEXT
 from pyssl.data.dataset import DataError, ImageDataset
 from pyssl.data.digits import load_digits
 from pyssl.data.files import IMAGE_EXTENSIONS, load_cifar, load_image_folder, load_stl10
-from pyssl.data.registry import data_kinds, load_data, register_data
+from pyssl.data.registry import data_defaults, data_kinds, load_data, register_data
 from pyssl.data.sampling import batches
 from pyssl.data.specs import DATA_KINDS
 
@@ -25,6 +25,7 @@ __all__ = [
     "load_data",
     "register_data",
     "data_kinds",
+    "data_defaults",
     "batches",
     "DATA_KINDS",
     "IMAGE_EXTENSIONS",

@@ -13,19 +13,58 @@ from pyssl.data.dataset import DataError, ImageDataset
 
 # name -> (loader, whether the spec must name an existing path: "name:PATH")
 _DATA_SETS: dict[str, tuple[Callable[[str, int | None], tuple[ImageDataset, ImageDataset]], bool]] = {}
+# name -> the run defaults declared with it (see register_data)
+_DEFAULTS: dict[str, dict] = {}
+#: The run defaults of a data set registered without its own: a real data set of unknown size.
+GENERIC_DEFAULTS = {
+    "backbone": "resnet18",
+    "image_size": 64,
+    "batch_size": 256,
+    "epochs": 200,
+    "knn_every": 5,
+    "hidden_dim": 2048,
+}
+#: What a data set's defaults may set (pyssl.config reads them; a typo fails at registration).
+DEFAULT_KEYS = (
+    "backbone",
+    "image_size",
+    "batch_size",
+    "epochs",
+    "knn_every",
+    "knn_k",
+    "hidden_dim",
+    "lr",
+    "warmup_epochs",
+    "augment_kwargs",
+    "temperature",
+)
 
 
-def register_data(name: str, needs_path: bool = False) -> Callable:
+def register_data(name: str, needs_path: bool = False, defaults: dict | None = None) -> Callable:
     """Decorator of a loader ``(path, image_size) -> (train, test)``: ``load_data("name[:PATH]")`` calls it.
-    With ``needs_path``, the spec must name a path that exists (it comes to the loader expanded)."""
+    With ``needs_path``, the spec must name a path that exists (it comes to the loader expanded).
+
+    ``defaults``: how a run on this data set is sized when the user does not say (keys of
+    :data:`DEFAULT_KEYS`; ``lr`` and ``temperature`` map method names, or ``"*"`` for the rest,
+    to values tuned for the default batch size); missing keys come from :data:`GENERIC_DEFAULTS`.
+    """
+    unknown = set(defaults or {}) - set(DEFAULT_KEYS)
+    if unknown:
+        raise DataError(f"data set {name!r}: unknown default(s) {', '.join(sorted(unknown))}")
 
     def deco(loader):
         if name in _DATA_SETS:
             raise DataError(f"data set {name!r} is already registered")
         _DATA_SETS[name] = (loader, needs_path)
+        _DEFAULTS[name] = {**GENERIC_DEFAULTS, **(defaults or {})}
         return loader
 
     return deco
+
+
+def data_defaults(kind: str) -> dict:
+    """The run defaults of data set ``kind`` (a copy; :data:`GENERIC_DEFAULTS` for unknown names)."""
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in _DEFAULTS.get(kind, GENERIC_DEFAULTS).items()}
 
 
 def data_kinds() -> tuple[str, ...]:

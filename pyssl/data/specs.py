@@ -15,7 +15,25 @@ from pyssl.data.files import load_cifar, load_image_folder, load_stl10
 from pyssl.data.registry import data_kinds, register_data
 
 
-@register_data("digits")
+# The embedded digits are sized for a CPU; real data sets get the standard CIFAR protocol
+# (ResNet-18 with the CIFAR stem, batch 512, 200 epochs, kNN k=200 every 5 epochs).
+@register_data(
+    "digits",
+    defaults={
+        "backbone": "convnet-small",
+        "image_size": 16,
+        "batch_size": 128,
+        "epochs": 40,
+        "knn_every": 5,
+        "hidden_dim": 512,
+        "lr": {"simclr": 0.5, "*": 0.1},
+        "warmup_epochs": 2,
+        "knn_k": 20,
+        # digits are not mirror-symmetric, and 8x8 originals leave little to crop
+        "augment_kwargs": {"scale": [0.3, 1.0], "p_flip": 0.0},
+        "temperature": {"simclr": 0.2},
+    },
+)
 def _digits(path: str, image_size: int | None):
     size = image_size or 16
     return load_digits("train", size=size), load_digits("test", size=size)
@@ -23,17 +41,50 @@ def _digits(path: str, image_size: int | None):
 
 # colour_digits and videos: the embedded colour data of the pretext tasks (pyssl.data.colour);
 # captioned_digits: its image-text pairs (CLIP).
-@register_data("colour_digits")
+@register_data(
+    "colour_digits",
+    defaults={
+        "backbone": "convnet-small",
+        "image_size": 32,
+        "batch_size": 128,
+        "epochs": 20,
+        "knn_every": 5,
+        "hidden_dim": 512,
+        "knn_k": 20,
+    },
+)
 def _colour_digits(path: str, image_size: int | None):
     return load_colour_data("colour_digits", image_size)
 
 
-@register_data("captioned_digits")
+# The "small" pretext encoder is too weak to learn the digits from captions.
+@register_data(
+    "captioned_digits",
+    defaults={
+        "backbone": "resnet10-small",
+        "image_size": 32,
+        "batch_size": 128,
+        "epochs": 20,
+        "knn_every": 5,
+        "hidden_dim": 512,
+        "knn_k": 20,
+    },
+)
 def _captioned_digits(path: str, image_size: int | None):
     return load_colour_data("captioned_digits", image_size)
 
 
-@register_data("videos")
+@register_data(
+    "videos",
+    defaults={
+        "backbone": "convnet-small",
+        "image_size": 32,
+        "batch_size": 32,
+        "epochs": 20,
+        "knn_every": 0,
+        "hidden_dim": 512,
+    },
+)
 def _videos(path: str, image_size: int | None):
     return load_colour_data("videos", image_size)
 
@@ -46,17 +97,50 @@ def _cifar(path: str, image_size: int | None, kind: str):
     return train, test
 
 
-@register_data("cifar10", needs_path=True)
+@register_data(
+    "cifar10",
+    needs_path=True,
+    defaults={
+        "backbone": "resnet18",
+        "image_size": 32,
+        "batch_size": 512,
+        "epochs": 200,
+        "knn_every": 5,
+        "hidden_dim": 2048,
+    },
+)
 def _cifar10(path: str, image_size: int | None):
     return _cifar(path, image_size, "cifar10")
 
 
-@register_data("cifar100", needs_path=True)
+@register_data(
+    "cifar100",
+    needs_path=True,
+    defaults={
+        "backbone": "resnet18",
+        "image_size": 32,
+        "batch_size": 512,
+        "epochs": 200,
+        "knn_every": 5,
+        "hidden_dim": 2048,
+    },
+)
 def _cifar100(path: str, image_size: int | None):
     return _cifar(path, image_size, "cifar100")
 
 
-@register_data("stl10", needs_path=True)
+@register_data(
+    "stl10",
+    needs_path=True,
+    defaults={
+        "backbone": "resnet18",
+        "image_size": 96,
+        "batch_size": 256,
+        "epochs": 200,
+        "knn_every": 5,
+        "hidden_dim": 2048,
+    },
+)
 def _stl10(path: str, image_size: int | None):
     return load_stl10(path, "train", image_size), load_stl10(path, "test", image_size)
 
@@ -73,7 +157,19 @@ def _folder(path: str, image_size: int | None):
     return full.subset(perm[cut:]), full.subset(perm[:cut])
 
 
-@register_data("captions", needs_path=True)
+# Your own image-text pairs (load_caption_file); labels are optional, so no kNN.
+@register_data(
+    "captions",
+    needs_path=True,
+    defaults={
+        "backbone": "resnet18",
+        "image_size": 64,
+        "batch_size": 256,
+        "epochs": 100,
+        "knn_every": 0,
+        "hidden_dim": 2048,
+    },
+)
 def _captions(path: str, image_size: int | None):
     return load_caption_file(path, image_size or 32)
 

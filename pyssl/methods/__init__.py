@@ -7,6 +7,7 @@ itself with ``@register("name")`` and is then built by ``build_method("name", **
 
 from pyssl.methods.base import Method, MethodError
 from pyssl.methods.registry import available_methods, build_method, method_class, method_preset, register
+from pyssl.methods.spec import MethodSpec
 
 # isort: split
 # Each method module registers itself when imported.
@@ -28,6 +29,7 @@ from pyssl.methods.video_colorization import VideoColorization
 __all__ = [
     "Method",
     "MethodError",
+    "MethodSpec",
     "register",
     "build_method",
     "available_methods",

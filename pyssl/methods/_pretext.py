@@ -3,17 +3,36 @@
 The methods follow the interface of :mod:`pyssl.methods`: an ``nn.Module`` with a
 ``backbone`` (evaluated downstream on ``method.normalize(images)``), ``training_step(batch)
 -> loss`` on a batch of uint8 (or float [0, 1]) images, ``set_progress(step, max_steps)``
-and ``train_defaults`` (the optimiser settings the CLI uses by default).
+and ``spec`` (:class:`~pyssl.methods.spec.MethodSpec`: default data, optimiser, run defaults).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from pyssl.methods.base import MethodError
+from pyssl.methods.spec import MethodSpec
+
+
+def pretext_spec(default_data: str, inputs: str = "images") -> MethodSpec:
+    """The spec the pretext methods share, with their own default data."""
+    return MethodSpec(
+        default_data=default_data,
+        inputs=inputs,
+        train_defaults={"optimizer": "adamw", "lr": 2e-3, "weight_decay": 1e-4, "momentum": 0.9},
+        run_defaults={
+            "backbone": "small",
+            "batch_size": 128,
+            "lr": {"*": 2e-3},
+            "warmup_epochs": 0.0,
+            "epochs": 20,
+            "hidden_dim": None,
+            "augment_kwargs": None,
+        },
+    )
 
 
 def batch_images(batch: Any) -> Tensor:
@@ -77,25 +96,21 @@ class PretextMethod(nn.Module):
     ``training_step(batch)`` returns the scalar loss and leaves that batch's pretext metrics
     (accuracy, reconstruction error, ...) in ``last_metrics``.
 
-    Class attributes:
-        default_data: the embedded data set the method trains on by default.
-        train_defaults: optimiser settings (Adam-style: these tasks are classification or
-            regression heads on small nets).
+    ``spec``: AdamW (these tasks are classification or regression heads on small nets) and run
+    defaults over the data set's, which are tuned for the contrastive methods (SGD learning rates,
+    projection widths, augmentation). A subclass changes ``default_data`` with
+    :func:`pretext_spec`.
     """
 
-    default_data: str = "digits"
-    train_defaults: dict = {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 1e-4, "momentum": 0.9}
-    #: What ``pyssl train`` uses for these methods over the data set's defaults (which are
-    #: tuned for the contrastive methods: SGD learning rates, projection widths, augmentation).
-    cli_defaults: dict = {
-        "backbone": "small",
-        "batch_size": 128,
-        "lr": {"*": 2e-3},
-        "warmup_epochs": 0.0,
-        "epochs": 20,
-        "hidden_dim": None,
-        "augment_kwargs": None,
-    }
+    spec: ClassVar[MethodSpec] = pretext_spec("digits")
+
+    @property
+    def sync_bn_by_default(self) -> bool:
+        return type(self).spec.sync_bn
+
+    @classmethod
+    def run_defaults_for(cls, train_set, batch_size: int) -> dict:
+        return {}
 
     def __init__(self, image_size: int | None = None, in_channels: int = 3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
         super().__init__()

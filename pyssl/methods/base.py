@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
 from pyssl.augment import SimCLRAugment
+from pyssl.methods.spec import MethodSpec
 from pyssl.models import build_backbone
 
 
@@ -38,13 +41,24 @@ class Method(nn.Module):
     """Base class: ``backbone``, ``augment``, ``training_step``; ``set_progress`` is called by the
     trainer before each step (for schedules such as the momentum of the key encoder).
 
-    ``train_defaults``: the optimiser settings the method was published with (the CLI's defaults).
+    ``spec`` (:class:`~pyssl.methods.spec.MethodSpec`) declares what the trainer and the run
+    configuration need to know: default data, inputs, optimiser, run defaults, SyncBN policy.
     """
 
-    train_defaults: dict = {"optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4, "momentum": 0.9}
-    #: Whether the trainer converts BatchNorm to SyncBatchNorm when distributed on CUDA and the
-    #: user left ``sync_bn`` unset (:func:`pyssl.train.use_sync_bn`); MoCo with Shuffle-BN says no.
-    sync_bn_by_default: bool = True
+    spec: ClassVar[MethodSpec] = MethodSpec()
+
+    @property
+    def sync_bn_by_default(self) -> bool:
+        """Whether the trainer converts BatchNorm to SyncBatchNorm when distributed on CUDA and the
+        user left ``sync_bn`` unset (:func:`pyssl.train.use_sync_bn`); MoCo with Shuffle-BN says no."""
+        return type(self).spec.sync_bn
+
+    @classmethod
+    def run_defaults_for(cls, train_set, batch_size: int) -> dict:
+        """Constructor settings derived from the training data (:mod:`pyssl.config` applies them
+        under the user's): e.g. MoCo sizes its queue to the data set, CLIP its text tower to the
+        captions' tokens."""
+        return {}
 
     def __init__(
         self,

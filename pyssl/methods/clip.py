@@ -13,6 +13,7 @@ from pyssl.data import captions as caption_text
 from pyssl.losses import ClipLoss
 from pyssl.methods.base import Method, MethodError
 from pyssl.methods.registry import register
+from pyssl.methods.spec import MethodSpec
 from pyssl.models import TextTransformer
 
 
@@ -59,18 +60,30 @@ class CLIP(Method):
         vocab_size, eot_token: for token ids from another tokenizer (default: ``len(vocab)``).
     """
 
-    default_data = "captioned_digits"
-    needs_texts = True
-    # AdamW with CLIP's decoupled weight decay; biases, norms and the logit scale get none.
-    train_defaults = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.1, "momentum": 0.9}
-    cli_defaults = {
-        "batch_size": 128,
-        "lr": {"*": 1e-3},
-        "warmup_epochs": 1.0,
-        "epochs": 20,
-        "hidden_dim": None,
-        "augment_kwargs": None,
-    }
+    spec = MethodSpec(
+        default_data="captioned_digits",
+        inputs="image-text",
+        # AdamW with CLIP's decoupled weight decay; biases, norms and the logit scale get none.
+        train_defaults={"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.1, "momentum": 0.9},
+        run_defaults={
+            "batch_size": 128,
+            "lr": {"*": 1e-3},
+            "warmup_epochs": 1.0,
+            "epochs": 20,
+            "hidden_dim": None,
+            "augment_kwargs": None,
+        },
+    )
+
+    @classmethod
+    def run_defaults_for(cls, train_set, batch_size: int) -> dict:
+        """The text tower fits the data's tokens (and its vocabulary, where the data has one)."""
+        if train_set.texts is None:
+            return {}
+        found = {"context_length": train_set.texts.shape[1]}
+        if train_set.vocab is not None:
+            found["vocab"] = list(train_set.vocab)
+        return found
 
     def __init__(
         self,

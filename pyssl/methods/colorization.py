@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pyssl.methods._pretext import MethodError, PretextMethod, own_encoder_only
+from pyssl.methods._pretext import MethodError, PretextMethod, own_encoder_only, pretext_spec
 from pyssl.methods.registry import register
 from pyssl.pretext.lab import AB_RANGE, ABQuantizer, rgb_to_lab
 from pyssl.pretext.nets import Backbone, ConvEncoder, DenseHead, LabChannels, normalized_lab
@@ -44,7 +44,7 @@ class Colorization(PretextMethod):
         hidden_dim: width of the dense prediction head (default 64).
     """
 
-    default_data = "colour_digits"
+    spec = pretext_spec("colour_digits")
 
     def __init__(
         self,

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pyssl.losses import InfoNCELoss
-from pyssl.methods._pretext import MethodError, PretextMethod, as_method_error, make_backbone
+from pyssl.methods._pretext import MethodError, PretextMethod, as_method_error, make_backbone, pretext_spec
 from pyssl.methods.registry import register
 from pyssl.pretext.transforms import extract_patches, sliding_grid, sliding_origins
 
@@ -68,7 +68,7 @@ class CPC(PretextMethod):
         backbone, image_size, in_channels, mean, std: as :class:`~pyssl.methods.rotnet.RotNet`.
     """
 
-    default_data = "colour_digits"
+    spec = pretext_spec("colour_digits")
 
     def __init__(
         self,

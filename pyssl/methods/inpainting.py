@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from pyssl.methods._pretext import MethodError, PretextMethod, as_method_error, own_encoder_only
+from pyssl.methods._pretext import MethodError, PretextMethod, as_method_error, own_encoder_only, pretext_spec
 from pyssl.methods.registry import register
 from pyssl.pretext.nets import ConvDecoder, ConvEncoder
 from pyssl.pretext.transforms import region_masks
@@ -40,7 +40,7 @@ class Inpainting(PretextMethod):
         hidden_dim: accepted for the CLI; unused.
     """
 
-    default_data = "colour_digits"
+    spec = pretext_spec("colour_digits")
 
     def __init__(
         self,

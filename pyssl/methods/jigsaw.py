@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyssl.methods._pretext import PretextMethod, accuracy, as_method_error, make_backbone
+from pyssl.methods._pretext import PretextMethod, accuracy, as_method_error, make_backbone, pretext_spec
 from pyssl.methods.registry import register
 from pyssl.pretext.nets import mlp
 from pyssl.pretext.transforms import extract_patches, grid_geometry, grid_origins, maximal_hamming_permutations
@@ -37,7 +37,7 @@ class Jigsaw(PretextMethod):
         seed: seed of the permutation set.
     """
 
-    default_data = "colour_digits"
+    spec = pretext_spec("colour_digits")
 
     def __init__(
         self,

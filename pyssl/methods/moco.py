@@ -11,6 +11,7 @@ from pyssl import distributed
 from pyssl.losses import MoCoLoss
 from pyssl.methods.base import Method, MethodError, images_of, two_views
 from pyssl.methods.registry import register
+from pyssl.methods.spec import MethodSpec
 from pyssl.models import ProjectionHead, SplitBatchNorm
 from pyssl.momentum import cosine_schedule, update_momentum
 
@@ -58,7 +59,7 @@ class MoCo(Method):
             rank splits its shard and the keys are shuffled over all ranks' chunks.
     """
 
-    train_defaults = {"optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4, "momentum": 0.9}
+    spec = MethodSpec(teachers=(("backbone_momentum", "backbone"), ("projection_head_momentum", "projection_head")))
 
     def __init__(
         self,
@@ -127,6 +128,14 @@ class MoCo(Method):
         leaves ``sync_bn`` unset. Not with Shuffle-BN: SyncBatchNorm normalises with the whole
         global batch's statistics, which would undo the shuffle."""
         return not self.shuffle_bn
+
+    @classmethod
+    def run_defaults_for(cls, train_set, batch_size: int) -> dict:
+        # a queue much larger than the data set would hold stale copies of each image
+        queue = batch_size
+        while queue * 2 <= min(4096, len(train_set) // 2):
+            queue *= 2
+        return {"queue_size": queue}
 
     def shuffles_keys(self) -> bool:
         """Whether this step's keys are computed on shuffled views: Shuffle-BN on and more than

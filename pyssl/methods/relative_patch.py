@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyssl.methods._pretext import MethodError, PretextMethod, accuracy, as_method_error, make_backbone
+from pyssl.methods._pretext import MethodError, PretextMethod, accuracy, as_method_error, make_backbone, pretext_spec
 from pyssl.methods.registry import register
 from pyssl.pretext.nets import mlp
 from pyssl.pretext.transforms import (
@@ -49,7 +49,7 @@ class RelativePatch(PretextMethod):
         backbone, image_size, in_channels, mean, std: as :class:`~pyssl.methods.rotnet.RotNet`.
     """
 
-    default_data = "colour_digits"
+    spec = pretext_spec("colour_digits")
 
     def __init__(
         self,

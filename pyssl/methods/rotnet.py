@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyssl.methods._pretext import PretextMethod, accuracy, make_backbone
+from pyssl.methods._pretext import PretextMethod, accuracy, make_backbone, pretext_spec
 from pyssl.methods.registry import register
 from pyssl.pretext.nets import mlp
 from pyssl.pretext.transforms import rotate_all4
@@ -26,7 +26,7 @@ class RotNet(PretextMethod):
         hidden_dim: ``None`` for a linear rotation head, else the width of an MLP head.
     """
 
-    default_data = "digits"
+    spec = pretext_spec("digits")
 
     def __init__(
         self,

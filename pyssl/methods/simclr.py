@@ -28,8 +28,6 @@ class SimCLR(Method):
             64 px, as in the paper's CIFAR setting).
     """
 
-    train_defaults = {"optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4, "momentum": 0.9}
-
     def __init__(
         self,
         backbone: str | nn.Module = "resnet18",

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyssl.methods._pretext import MethodError, PretextMethod, own_encoder_only
+from pyssl.methods._pretext import MethodError, PretextMethod, own_encoder_only, pretext_spec
 from pyssl.methods.registry import register
 from pyssl.pretext.lab import ABQuantizer, rgb_to_lab
 from pyssl.pretext.nets import Backbone, ConvEncoder, FirstFrame, LabChannels, normalized_lab
@@ -60,7 +60,7 @@ class VideoColorization(PretextMethod):
         backbone, mean, std, hidden_dim: accepted for the CLI (``backbone`` must be "small"); unused.
     """
 
-    default_data = "videos"
+    spec = pretext_spec("videos", inputs="videos")
 
     def __init__(
         self,
