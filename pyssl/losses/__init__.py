@@ -1,6 +1,7 @@
 """Drop-in loss modules: the InfoNCE family and MoCo on pyssl's fused kernels; the metric-learning
-losses (contrastive, triplet, N-pair, lifted structure, NCE, soft nearest neighbours) in plain,
-memory-bounded PyTorch."""
+losses (contrastive, triplet, N-pair, lifted structure, NCE, soft nearest neighbours) and the
+non-contrastive ones (negative cosine similarity, Barlow Twins, VICReg) in plain, memory-bounded
+PyTorch."""
 
 from pyssl.losses.infonce import ClipLoss, InfoNCELoss, NTXentLoss
 from pyssl.losses.metric import (
@@ -12,6 +13,7 @@ from pyssl.losses.metric import (
     TripletLoss,
 )
 from pyssl.losses.moco import MoCoLoss
+from pyssl.losses.noncontrastive import BarlowTwinsLoss, NegativeCosineSimilarity, VICRegLoss
 
 __all__ = [
     "NTXentLoss",
@@ -24,4 +26,7 @@ __all__ = [
     "LiftedStructureLoss",
     "NCELoss",
     "SoftNearestNeighborsLoss",
+    "NegativeCosineSimilarity",
+    "BarlowTwinsLoss",
+    "VICRegLoss",
 ]
