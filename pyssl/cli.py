@@ -22,6 +22,8 @@ METHODS = {
     "simclr": "SimCLR",
     "moco": "MoCo v1",
     "mocov2": "MoCo v2",
+    "byol": "BYOL, a momentum teacher without negatives",
+    "simsiam": "SimSiam, BYOL without the teacher",
     "clip": "CLIP, image-text pairs",
     "rotnet": "rotation prediction",
     "jigsaw": "jigsaw puzzles",

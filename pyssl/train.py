@@ -459,6 +459,8 @@ class StopTraining(Exception):
 class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)  # this session's losses, one per step
+    # the metrics of the method's StepOutput (loss among them) at the last step read back
+    metrics: dict[str, float] = field(default_factory=dict)
     knn: list[tuple[int, float]] = field(default_factory=list)
     stopped: bool = False
 
@@ -695,6 +697,7 @@ class Trainer:
             t_start, start_step = t_last, self.step
             timed = not self.is_main or self.device.type != "cpu"
             pending: list[tuple[int, int, Tensor, float]] = []
+            pending_metrics: dict[str, Tensor] = {}
             while self.step < self.total_steps:
                 epoch, first = divmod(self.step, self.steps_per_epoch)
                 order = batches(len(images), cfg.batch_size, epoch, cfg.seed)
@@ -705,10 +708,11 @@ class Trainer:
                     batch = images[rows].to(self.device)
                     if texts is not None:  # image-text data (CLIP) trains on (images, captions) pairs
                         batch = (batch, texts[rows].to(self.device))
-                    loss = self._train_step(batch)
+                    loss, step_metrics = self._train_step(batch)
                     self.step += 1
                     lr = self.optimizer.param_groups[0]["lr"]
                     pending.append((self.step, epoch, loss.detach(), lr))
+                    pending_metrics = step_metrics
                     n_last += cfg.batch_size
                     checkpoint_due = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
                     if (
@@ -720,7 +724,15 @@ class Trainer:
                         now = time.perf_counter()
                         ips = n_last / max(now - t_last, 1e-9)
                         t_last, n_last = now, 0
-                        values = torch.stack([p[2] for p in pending]).float().cpu().tolist()
+                        # One copy to the host for the losses of every pending step and the last
+                        # step's metrics: the only point where the loop waits for the device.
+                        names = [n for n in pending_metrics if n != "loss"]
+                        host = torch.stack(
+                            [p[2].float() for p in pending]
+                            + [pending_metrics[n].to(pending[-1][2].device).float().reshape(()) for n in names]
+                        ).cpu()
+                        values = host[: len(pending)].tolist()
+                        result.metrics = {"loss": values[-1], **dict(zip(names, host[len(pending) :].tolist()))}
                         for (s, e, _, r), v in zip(pending, values):
                             if not math.isfinite(v):
                                 raise FloatingPointError(
@@ -734,6 +746,8 @@ class Trainer:
                                 writer.add_scalar("train/lr", r, s)
                         if writer is not None:
                             writer.add_scalar("train/images_per_s", ips, self.step)
+                            for name in names:
+                                writer.add_scalar(f"train/{name}", result.metrics[name], self.step)
                         if bar is not None:
                             bar.update(len(pending))
                             bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{ips:.0f}", epoch=epoch + 1)
@@ -796,10 +810,12 @@ class Trainer:
             bar.write(message) if bar is not None else print(message, file=sys.stderr, flush=True)
         return True
 
-    def _train_step(self, batch: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+    def _train_step(self, batch: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         self.method.set_progress(self.step, self.total_steps)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.cfg.amp):
-            loss = self.method.training_step(batch)
+            out = self.method.training_step(batch)
+        # A pyssl Method returns a StepOutput; any module whose training_step returns the loss works too.
+        loss, metrics = (out, {}) if isinstance(out, Tensor) else (out.loss, out.metrics)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         # Before clipping: the norm to clip is the averaged gradient's, the same on every rank.
@@ -810,8 +826,9 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        # every rank logs (and checks for NaN) the same value, so all stop together
-        return distributed.mean_over_ranks(loss)
+        # every rank logs (and checks for NaN) the same loss, so all stop together; the other
+        # metrics are the rank's own
+        return distributed.mean_over_ranks(loss), metrics
 
     @torch.no_grad()
     def knn_accuracy(self) -> float:

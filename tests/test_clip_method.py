@@ -171,7 +171,7 @@ def test_clip_loss_is_the_clip_loss_of_its_embeddings():
             torch.Generator().manual_seed(1),
         )
     )
-    loss = m.training_step((images, texts))
+    loss = m.training_step((images, texts)).loss
     (grad,) = torch.autograd.grad(loss, m.logit_scale)
 
     with torch.no_grad():
@@ -206,7 +206,7 @@ def test_locked_image_tower_keeps_its_weights_and_statistics(digits16):
     projection = m.image_projection.weight.detach().clone()
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):
-        loss = m.training_step((images[:32], texts))
+        loss = m.training_step((images[:32], texts)).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -235,7 +235,7 @@ def test_clip_learns_digits_and_colours_from_captions(digits16):
     g = torch.Generator().manual_seed(seed)
     for _ in range(120):
         idx = train_rows[torch.randperm(len(train_rows), generator=g)[:128]]
-        loss = m.training_step((images[idx], texts[idx]))
+        loss = m.training_step((images[idx], texts[idx])).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -524,8 +524,8 @@ def test_clip_step_on_cuda_matches_cpu_and_runs_under_fp16_autocast():
             torch.Generator().manual_seed(2),
         )
     )
-    loss_cpu = cpu.training_step((images, texts))
-    loss_gpu = gpu.training_step((images.cuda(), texts.cuda()))
+    loss_cpu = cpu.training_step((images, texts)).loss
+    loss_gpu = gpu.training_step((images.cuda(), texts.cuda())).loss
     torch.testing.assert_close(loss_gpu.cpu(), loss_cpu, rtol=1e-4, atol=1e-4)
     loss_cpu.backward()
     loss_gpu.backward()
@@ -534,7 +534,7 @@ def test_clip_step_on_cuda_matches_cpu_and_runs_under_fp16_autocast():
         gpu.text_projection.weight.grad.cpu(), cpu.text_projection.weight.grad, rtol=1e-3, atol=1e-4
     )
     with torch.autocast("cuda", dtype=torch.float16):
-        loss_half = gpu.training_step((images.cuda(), texts.cuda()))
+        loss_half = gpu.training_step((images.cuda(), texts.cuda())).loss
     assert torch.isfinite(loss_half) and abs(float(loss_half) - float(loss_cpu)) < 0.05
     with pytest.raises(MethodError, match=r"token ids must be in \[0, "):
         gpu.training_step((images.cuda(), texts.cuda() + 1000))

@@ -63,6 +63,6 @@ def test_a_cpc_run_defaults_to_its_own_data(tmp_path):
     trainer = build_trainer(resolve("cpc", epochs=1, out=str(tmp_path / "cpc"), progress=False, tensorboard=False))
     assert trainer.train_data.name == "colour_digits"
     assert trainer.cfg.optimizer == "adamw" and trainer.cfg.epochs == 1
-    loss = trainer.method.training_step(trainer.train_data.images[:16])
+    loss = trainer.method.training_step(trainer.train_data.images[:16]).loss
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert set(trainer.method.last_metrics) >= {"cpc_acc", "chance", "loss"}

@@ -24,7 +24,10 @@ def images(n=8, size=8):
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
 
 
-def test_registry():
+def test_registry(monkeypatch):
+    import pyssl.methods.registry as registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # test-constant stays here
     assert {"simclr", "moco", "mocov2"} <= set(available_methods())
     assert method_preset("moco") == {"version": 1} and method_preset("mocov2") == {"version": 2}
     with pytest.raises(MethodError, match="unknown method 'byol2'"):
@@ -35,11 +38,11 @@ def test_registry():
     @register("test-constant")
     class Constant(Method):
         def training_step(self, batch):
-            return self.backbone(self.normalize(batch)).mean()
+            return self.output(self.backbone(self.normalize(batch)).mean())
 
     m = build_method("test-constant", backbone="convnet-small", image_size=8)
     assert m.build_spec == {"name": "test-constant", "cfg": {"backbone": "convnet-small", "image_size": 8}}
-    assert torch.isfinite(m.training_step(images()))
+    assert torch.isfinite(m.training_step(images()).loss)
     with pytest.raises(MethodError, match="already registered"):
         register("test-constant")(Constant)
 
@@ -59,7 +62,7 @@ class Identity2Views:
 def test_simclr_loss_matches_eager_ntxent():
     m = tiny("simclr", augment=Identity2Views(), temperature=0.3).train()
     x = images(6)
-    loss = m.training_step((x, torch.zeros(6)))
+    loss = m.training_step((x, torch.zeros(6))).loss
     v0 = x.float() / 255
     z = m(torch.cat([v0, v0.flip(3)])).double()
     z = F.normalize(z, dim=1)
@@ -87,7 +90,7 @@ def test_moco_step_updates_ema_and_queue_and_grads_only_query():
             p.add_(torch.randn_like(p))
     before_ema = copy.deepcopy(m.backbone_momentum)
     queue_before = m.criterion.queue.clone()
-    loss = m.training_step(images(8))
+    loss = m.training_step(images(8)).loss
     loss.backward()
     for pe, p0, p in zip(m.backbone_momentum.parameters(), before_ema.parameters(), m.backbone.parameters()):
         assert torch.allclose(pe, 0.9 * p0 + 0.1 * p, atol=1e-6)
@@ -151,7 +154,7 @@ def test_custom_backbone_module():
     enc = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     m = SimCLR(backbone=enc, image_size=8, hidden_dim=8, out_dim=4)
     assert m.backbone.out_dim == 4 and not hasattr(m, "build_spec")
-    assert torch.isfinite(m.training_step(images(4)))
+    assert torch.isfinite(m.training_step(images(4)).loss)
 
 
 def test_an_option_rejected_deeper_down_is_a_method_error():

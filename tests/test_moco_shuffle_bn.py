@@ -257,7 +257,7 @@ def test_batch_not_divisible_by_bn_splits():
     )
     with pytest.raises(MethodError, match=r"batch of 10 images .* not divisible by bn_splits=4"):
         m.training_step(torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8))
-    assert torch.isfinite(m.training_step(torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8)))
+    assert torch.isfinite(m.training_step(torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8)).loss)
     for bad in (0, -2, 2.0, True, "4"):
         with pytest.raises(MethodError, match="bn_splits"):
             MoCo(backbone="convnet-small", image_size=8, hidden_dim=16, out_dim=8, queue_size=32, bn_splits=bad)
@@ -294,7 +294,7 @@ def test_one_group_computes_what_moco_computed_without_shuffle(name, monkeypatch
     losses = []
     for method in (on, off):
         torch.manual_seed(seed)
-        loss = method.training_step(x)
+        loss = method.training_step(x).loss
         loss.backward()
         losses.append(loss.detach())
     assert torch.equal(losses[0], losses[1])

@@ -177,19 +177,19 @@ def test_video_colorization_learns_to_copy_colours_and_beats_the_copy_baseline()
 def test_inpainting_players_only_get_their_own_gradients():
     x, _ = _colour()
     m = build_method("inpainting", rec_weight=0.0, adv_weight=1.0, disc_weight=0.0)
-    m.training_step(x[:8]).backward()  # the generator's adversarial term alone
+    m.training_step(x[:8]).loss.backward()  # the generator's adversarial term alone
     assert all(p.grad is None or p.grad.abs().max() == 0 for p in m.discriminator.parameters())
     assert any(p.grad is not None and p.grad.abs().max() > 0 for p in m.backbone.parameters())
     m.zero_grad(set_to_none=True)
     m = build_method("inpainting", rec_weight=0.0, adv_weight=1e-9, disc_weight=1.0)
-    m.training_step(x[:8]).backward()  # (almost only) the discriminator's term
+    m.training_step(x[:8]).loss.backward()  # (almost only) the discriminator's term
     assert any(p.grad is not None and p.grad.abs().max() > 0 for p in m.discriminator.parameters())
     assert max(float(p.grad.abs().max()) for p in m.decoder.parameters() if p.grad is not None) < 1e-6
 
 
 def test_rotnet_rotates_on_the_batch_device_in_one_gather():
     m = build_method("rotnet", image_size=8)
-    loss = m.training_step(torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8))
+    loss = m.training_step(torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)).loss
     assert loss.ndim == 0 and torch.isfinite(loss)
 
 
@@ -234,7 +234,7 @@ def test_a_run_of_each_method_defaults_to_its_own_data(name, tmp_path):
     trainer = build_trainer(resolve(name, epochs=1, out=str(tmp_path / name), progress=False, tensorboard=False))
     assert trainer.train_data.name == {"rotnet": "digits", "video_colorization": "videos"}.get(name, "colour_digits")
     assert trainer.cfg.optimizer == "adamw" and trainer.cfg.epochs == 1
-    loss = trainer.method.training_step(trainer.train_data.images[:16])
+    loss = trainer.method.training_step(trainer.train_data.images[:16]).loss
     assert torch.isfinite(loss)
 
 

@@ -118,7 +118,9 @@ def _stop_at(n):
     return cb
 
 
-@pytest.mark.parametrize("method,opt", [("simclr", "sgd"), ("mocov2", "lars"), ("moco", "adamw")])
+@pytest.mark.parametrize(
+    "method,opt", [("simclr", "sgd"), ("mocov2", "lars"), ("moco", "adamw"), ("byol", "sgd"), ("simsiam", "sgd")]
+)
 def test_resume_mid_epoch_reproduces_losses_exactly(tmp_path, method, opt):
     # 3 steps per epoch, 2 epochs; checkpoint every 2 steps; stopped at step 5 (mid-epoch 2)
     c = dict(optimizer=opt, checkpoint_every=2, clip_grad=5.0)

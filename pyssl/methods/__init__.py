@@ -1,19 +1,24 @@
 """Self-supervised methods behind one registry.
 
-Each method is a small ``nn.Module`` with ``backbone`` (the encoder evaluated downstream) and
-``training_step(batch) -> loss``; the trainer and the CLI only use that.  A new method registers
-itself with ``@register("name")`` and is then built by ``build_method("name", **cfg)``.
+Each method is a :class:`Method`: a ``backbone`` (the encoder evaluated downstream),
+``training_step(batch) -> StepOutput(loss, metrics)`` and a ``spec`` (:class:`MethodSpec`) that
+tells the trainer and the run configuration what it needs; methods with momentum teachers derive
+from :class:`MomentumMethod`. A new method registers itself with ``@register("name")`` and is
+then built by ``build_method("name", **cfg)`` or trained through :mod:`pyssl.config`.
 """
 
-from pyssl.methods.base import Method, MethodError
+from pyssl.methods.base import Method, MethodError, StepOutput
+from pyssl.methods.momentum_method import MomentumMethod
 from pyssl.methods.registry import available_methods, build_method, method_class, method_preset, register
 from pyssl.methods.spec import MethodSpec
 
 # isort: split
 # Each method module registers itself when imported.
+from pyssl.methods.byol import BYOL
 from pyssl.methods.clip import CLIP  # image-text pairs
 from pyssl.methods.moco import MoCo
 from pyssl.methods.simclr import SimCLR
+from pyssl.methods.simsiam import SimSiam
 
 # isort: split
 # Self-prediction pretext tasks (pyssl.pretext holds their transforms, colour space and nets).
@@ -30,6 +35,8 @@ __all__ = [
     "Method",
     "MethodError",
     "MethodSpec",
+    "StepOutput",
+    "MomentumMethod",
     "register",
     "build_method",
     "available_methods",
@@ -37,6 +44,8 @@ __all__ = [
     "method_preset",
     "SimCLR",
     "MoCo",
+    "BYOL",
+    "SimSiam",
     "RotNet",
     "RelativePatch",
     "Jigsaw",

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from pyssl.data import captions as caption_text
 from pyssl.losses import ClipLoss
-from pyssl.methods.base import Method, MethodError
+from pyssl.methods.base import Method, MethodError, StepOutput
 from pyssl.methods.registry import register
 from pyssl.methods.spec import MethodSpec
 from pyssl.models import TextTransformer
@@ -149,7 +149,6 @@ class CLIP(Method):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)), requires_grad=learn_temperature)
         self.max_log_scale = math.log(max_logit_scale)
         self.criterion = ClipLoss(gather_distributed=True)
-        self._last_metrics: dict[str, Tensor] = {}
 
     def train(self, mode: bool = True) -> CLIP:
         super().train(mode)
@@ -203,7 +202,7 @@ class CLIP(Method):
             raise MethodError(f"clip: {e}") from None
         return images, texts
 
-    def training_step(self, batch) -> Tensor:
+    def training_step(self, batch) -> StepOutput:
         images, texts = self._pairs(batch)
         image_z = self.embed_images(self.augment(images))
         text_z = self.text_projection(self.text_encoder(texts, check=False))  # _pairs checked them
@@ -212,14 +211,7 @@ class CLIP(Method):
         with torch.no_grad():
             sim = F.normalize(image_z.detach().float(), dim=-1) @ F.normalize(text_z.detach().float(), dim=-1).T
             hits = (sim.argmax(dim=1) == torch.arange(len(sim), device=sim.device)).float().mean()
-        # Kept as tensors: turning them into floats here would wait for the GPU at every step.
-        self._last_metrics = {"loss": loss.detach(), "logit_scale": scale.detach(), "i2t_acc": hits}
-        return loss
-
-    @property
-    def last_metrics(self) -> dict[str, float]:
-        """The last training step's metrics (``loss``, ``logit_scale``, ``i2t_acc``) as floats."""
-        return {name: float(value) for name, value in self._last_metrics.items()}
+        return self.output(loss, logit_scale=scale, i2t_acc=hits)
 
     @torch.no_grad()
     def zero_shot_classifier(self, prompts: Sequence[Sequence[str]]) -> Tensor:

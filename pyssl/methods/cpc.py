@@ -116,7 +116,7 @@ class CPC(PretextMethod):
         patches = extract_patches(self.normalize(images), origins, self.patch_size).flatten(0, 1)
         return self.backbone(patches).view(n, grid, grid, -1).permute(0, 3, 1, 2)
 
-    def pretext_loss(self, images: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def pretext_loss(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         z = self.encode_patches(images)
         c = self.context(z)
         losses, metrics = [], {}
@@ -130,14 +130,14 @@ class CPC(PretextMethod):
             metrics[f"cpc_acc_k{k}"] = hits / len(pred)
             # A random guess among len(pred) targets is right 1/len(pred) of the time: 1 hit per offset.
             correct, queries, chance = correct + hits, queries + len(pred), chance + 1.0
-        metrics.update(cpc_acc=correct / queries, chance=chance / queries)
+        metrics.update(cpc_acc=correct / queries, chance=torch.tensor(chance / queries))
         return torch.stack(losses).mean(), metrics
 
 
-def _top1_hits(pred: Tensor, target: Tensor, max_queries: int = 1024) -> float:
+def _top1_hits(pred: Tensor, target: Tensor, max_queries: int = 1024) -> Tensor:
     """How many of (up to ``max_queries``) predictions have their own target as the most similar
     of all targets, scaled to all rows (the subset keeps the cost linear in large batches)."""
     rows = min(len(pred), max_queries)
     sim = F.normalize(pred[:rows].float(), dim=1) @ F.normalize(target.float(), dim=1).T
     hits = (sim.argmax(dim=1) == torch.arange(rows, device=pred.device)).sum()
-    return float(hits) * len(pred) / rows
+    return hits.float() * (len(pred) / rows)

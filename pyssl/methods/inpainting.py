@@ -88,7 +88,7 @@ class Inpainting(PretextMethod):
         x = self.normalize(images)
         return self.decoder(self.backbone.forward_features(x * (~mask)))
 
-    def pretext_loss(self, images: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def pretext_loss(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         x = self.normalize(images)
         n, c, s, _ = x.shape
         mask = region_masks(n, s, self.mask_mode, self.mask_fraction, device=x.device)
@@ -97,7 +97,7 @@ class Inpainting(PretextMethod):
         masked_pixels = m.sum() * c
         rec_loss = ((rec - x) ** 2 * m).sum() / masked_pixels
         loss = self.rec_weight * rec_loss
-        metrics = {"rec_mse": float(rec_loss.detach())}
+        metrics = {"rec_mse": rec_loss.detach()}
         if self.adv_weight > 0:
             composite = x * (1 - m) + rec * m
             frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
@@ -109,11 +109,11 @@ class Inpainting(PretextMethod):
                 real_logit, torch.ones_like(real_logit)
             ) + F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit))
             loss = loss + self.adv_weight * g_adv + self.disc_weight * d_loss
-            metrics["g_adv"] = float(g_adv.detach())
-            metrics["d_loss"] = float(d_loss.detach())
+            metrics["g_adv"] = g_adv.detach()
+            metrics["d_loss"] = d_loss.detach()
             metrics["d_acc"] = float(((real_logit > 0).float().mean() + (fake_logit < 0).float().mean()) / 2)
         with torch.no_grad():
             # Baseline: fill the hole with the mean colour of each image's context.
             ctx_mean = (x * (1 - m)).sum(dim=(2, 3), keepdim=True) / (1 - m).sum(dim=(2, 3), keepdim=True)
-            metrics["rec_mse_context_mean"] = float(((ctx_mean - x) ** 2 * m).sum() / masked_pixels)
+            metrics["rec_mse_context_mean"] = ((ctx_mean - x) ** 2 * m).sum() / masked_pixels
         return loss, metrics

@@ -72,7 +72,7 @@ class Jigsaw(PretextMethod):
             raise ValueError(f"jigsaw: expected square images, got {images.shape[-2]}x{images.shape[-1]}")
         grid_geometry(images.shape[-1], self.patch_size, self.gap, self.jitter, task="jigsaw")
 
-    def pretext_loss(self, images: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def pretext_loss(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         n, size = images.shape[0], images.shape[-1]
         patch = grid_geometry(size, self.patch_size, self.gap, self.jitter, task="jigsaw")
         labels = torch.randint(0, self.permutations.shape[0], (n,), device=images.device)

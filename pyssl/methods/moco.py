@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 
 from pyssl import distributed
 from pyssl.losses import MoCoLoss
-from pyssl.methods.base import Method, MethodError, images_of, two_views
+from pyssl.methods.base import MethodError, StepOutput, images_of, two_views
+from pyssl.methods.momentum_method import MomentumMethod
 from pyssl.methods.registry import register
 from pyssl.methods.spec import MethodSpec
 from pyssl.models import ProjectionHead, SplitBatchNorm
-from pyssl.momentum import cosine_schedule, update_momentum
 
 
 @register("mocov2", version=2)
 @register("moco", version=1)
-class MoCo(Method):
+class MoCo(MomentumMethod):
     """MoCo.
 
     The query encoder (``backbone`` + ``projection_head``) is trained; the key encoder is its
@@ -88,9 +86,17 @@ class MoCo(Method):
             raise MethodError(f"MoCo: bn_splits must be a positive int, got {bn_splits!r}")
         self.shuffle_bn, self.bn_splits = shuffle_bn, bn_splits
         self.version = version
-        super().__init__(backbone, image_size, in_channels, mean, std, augment, augment_kwargs)
-        if not 0.0 <= momentum <= 1.0 or (momentum_end is not None and not 0.0 <= momentum_end <= 1.0):
-            raise MethodError(f"MoCo: momentum must lie in [0, 1], got {momentum}, {momentum_end}")
+        super().__init__(
+            backbone,
+            image_size,
+            in_channels,
+            mean,
+            std,
+            augment,
+            augment_kwargs,
+            momentum=momentum,
+            momentum_end=momentum_end,
+        )
         if not isinstance(queue_size, int) or queue_size < 1:
             raise MethodError(f"MoCo: queue_size must be a positive int, got {queue_size!r}")
         d = self.backbone.out_dim
@@ -101,15 +107,11 @@ class MoCo(Method):
         if bn_splits > 1:  # before the copy: the key encoder gets the same split layers
             self.backbone = SplitBatchNorm.convert(self.backbone, bn_splits)
             self.projection_head = SplitBatchNorm.convert(self.projection_head, bn_splits)
-        self.backbone_momentum = copy.deepcopy(self.backbone)
-        self.projection_head_momentum = copy.deepcopy(self.projection_head)
-        for p in (*self.backbone_momentum.parameters(), *self.projection_head_momentum.parameters()):
-            p.requires_grad_(False)
+        self.build_teachers()
         if temperature is None:
             temperature = 0.07 if version == 1 else 0.2
         # Inert in a single process; under torch.distributed every rank enqueues all ranks' keys.
         self.criterion = MoCoLoss(temperature=temperature, queue_size=queue_size, dim=out_dim, gather_distributed=True)
-        self.momentum, self.momentum_end = momentum, momentum_end
 
     def augment_defaults(self, image_size: int) -> dict:
         if self.version == 1:
@@ -142,25 +144,18 @@ class MoCo(Method):
         one BatchNorm group (with one group the shuffle changes nothing but the summation order)."""
         return self.shuffle_bn and (self.bn_splits > 1 or distributed.is_distributed())
 
-    def current_momentum(self) -> float:
-        if self.momentum_end is None:
-            return self.momentum
-        return cosine_schedule(self.step, self.max_steps, self.momentum, self.momentum_end)
-
     def forward(self, x: Tensor) -> Tensor:
         return self.projection_head(self.backbone(x))
 
     @torch.no_grad()
     def _keys(self, x: Tensor) -> Tensor:
-        m = self.current_momentum()
-        update_momentum(self.backbone_momentum, self.backbone, m)
-        update_momentum(self.projection_head_momentum, self.projection_head, m)
+        self.update_teachers()
         if not self.shuffles_keys():
             return self.projection_head_momentum(self.backbone_momentum(x))
         shuffled, permutation = distributed.shuffle_batch(x)
         return distributed.unshuffle_batch(self.projection_head_momentum(self.backbone_momentum(shuffled)), permutation)
 
-    def training_step(self, batch) -> Tensor:
+    def training_step(self, batch) -> StepOutput:
         x = images_of(batch)
         if x.shape[0] % self.bn_splits:
             raise MethodError(
@@ -170,4 +165,4 @@ class MoCo(Method):
         vq, vk = two_views(self.augment, x)
         q = self(vq)
         k = self._keys(vk)
-        return self.criterion(q, k)
+        return self.output(self.criterion(q, k))

@@ -79,7 +79,7 @@ class RelativePatch(PretextMethod):
             raise ValueError(f"relative_patch: expected square images, got {images.shape[-2]}x{images.shape[-1]}")
         grid_geometry(images.shape[-1], self.patch_size, self.gap, self.jitter, task="relative_patch")
 
-    def pretext_loss(self, images: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def pretext_loss(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         n, size = images.shape[0], images.shape[-1]
         patch = grid_geometry(size, self.patch_size, self.gap, self.jitter, task="relative_patch")
         origins = grid_origins(n, size, patch, self.gap, self.jitter, device=images.device)

@@ -49,7 +49,7 @@ class RotNet(PretextMethod):
                 f"rotnet: rotation by 90 degrees needs square images, got {images.shape[-2]}x{images.shape[-1]}"
             )
 
-    def pretext_loss(self, images: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def pretext_loss(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         rotated, labels = rotate_all4(self.normalize(images))
         logits = self.head(self.backbone(rotated))
         return F.cross_entropy(logits, labels), {"rotation_acc": accuracy(logits, labels)}

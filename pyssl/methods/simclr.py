@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from pyssl.losses import NTXentLoss
-from pyssl.methods.base import Method, images_of, two_views
+from pyssl.methods.base import Method, StepOutput, images_of, two_views
 from pyssl.methods.registry import register
 from pyssl.models import ProjectionHead
 
@@ -58,7 +58,7 @@ class SimCLR(Method):
     def forward(self, x: Tensor) -> Tensor:
         return self.projection_head(self.backbone(x))
 
-    def training_step(self, batch) -> Tensor:
+    def training_step(self, batch) -> StepOutput:
         v0, v1 = two_views(self.augment, images_of(batch))
         z0, z1 = self(torch.cat([v0, v1])).chunk(2)
-        return self.criterion(z0, z1)
+        return self.output(self.criterion(z0, z1))

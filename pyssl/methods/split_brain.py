@@ -78,7 +78,7 @@ class SplitBrain(PretextMethod):
                 f"{need} (the encoders' downsampling); the minimum is {need}x{need}"
             )
 
-    def pretext_loss(self, images: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def pretext_loss(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         x = self.to_float(images)
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
         nlab = normalized_lab(x)
@@ -94,8 +94,8 @@ class SplitBrain(PretextMethod):
             loss_l = F.cross_entropy(out_l, l_bins)
             with torch.no_grad():
                 m = {
-                    "ab_bin_acc": float((out_ab.argmax(1) == ab_bins).float().mean()),
-                    "l_bin_acc": float((out_l.argmax(1) == l_bins).float().mean()),
+                    "ab_bin_acc": (out_ab.argmax(1) == ab_bins).float().mean(),
+                    "l_bin_acc": (out_l.argmax(1) == l_bins).float().mean(),
                 }
         else:
             loss_ab = F.mse_loss(out_ab, lab[:, 1:] / AB_RANGE)
@@ -103,7 +103,7 @@ class SplitBrain(PretextMethod):
             m = {}
         with torch.no_grad():
             # What a model that learned nothing reaches: always the most frequent bin of the batch.
-            m["ab_bin_acc_constant"] = float(torch.bincount(ab_bins.flatten()).max() / ab_bins.numel())
-            m["l_bin_acc_constant"] = float(torch.bincount(l_bins.flatten()).max() / l_bins.numel())
-            m["loss_ab"], m["loss_l"] = float(loss_ab), float(loss_l)
+            m["ab_bin_acc_constant"] = torch.bincount(ab_bins.flatten()).max() / ab_bins.numel()
+            m["l_bin_acc_constant"] = torch.bincount(l_bins.flatten()).max() / l_bins.numel()
+            m["loss_ab"], m["loss_l"] = loss_ab.detach(), loss_l.detach()
         return loss_ab + loss_l, m

@@ -116,7 +116,7 @@ class VideoColorization(PretextMethod):
         ab = F.avg_pool2d(rgb_to_lab(x)[:, 1:], self.downsample) if self.downsample > 1 else rgb_to_lab(x)[:, 1:]
         return self.quantizer.encode(ab, dim=1).flatten(1)  # (B, hw)
 
-    def pretext_loss(self, images: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def pretext_loss(self, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         frames = split_frames(images)
         n, t = frames.shape[:2]
         target_t = int(torch.randint(1, t, ()))
@@ -132,8 +132,8 @@ class VideoColorization(PretextMethod):
         loss = F.nll_loss(torch.log(pred.clamp_min(1e-8)), tgt_bins)
         with torch.no_grad():
             metrics = {
-                "colour_acc": float((pred.argmax(1) == tgt_bins).float().mean()),
+                "colour_acc": (pred.argmax(1) == tgt_bins).float().mean(),
                 # Copying the colour at the same location: the no-motion baseline.
-                "colour_acc_copy": float((ref_bins == tgt_bins).float().mean()),
+                "colour_acc_copy": (ref_bins == tgt_bins).float().mean(),
             }
         return loss, metrics

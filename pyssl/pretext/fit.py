@@ -20,7 +20,7 @@ def quick_fit(
     history = []
     for _ in range(steps):
         idx = torch.randint(0, data.shape[0], (batch_size,), generator=gen).to(data.device)
-        loss = method.training_step(data[idx])
+        loss = method.training_step(data[idx]).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
