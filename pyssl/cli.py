@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 
 #: ``pyssl train --method``: every registered method (a test checks this against the registry,
@@ -34,12 +33,6 @@ METHODS = {
     "cpc": "contrastive predictive coding",
     "video_colorization": "video colourisation, on videos",
 }
-
-#: What a run directory holds beside its checkpoint: a new run refuses to start where one of these,
-#: or a checkpoint, exists unless told.
-RUN_FILES = ("metrics.csv", "knn.csv", "config.json", "tb")
-#: Outputs of ``pyssl eval`` and ``pyssl plot`` about a run, removed when it is overwritten.
-RUN_REPORTS = ("eval.json", "loss.png", "knn.png", "embedding.png")
 
 
 class CLIError(Exception):
@@ -68,11 +61,13 @@ def _interrupted_message(e: Interrupted, argv: list[str]) -> str:
 
 def _expected_errors():
     from pyssl.data import DataError
+    from pyssl.launch import LaunchError
     from pyssl.methods import MethodError
     from pyssl.models import ModelError
+    from pyssl.plot import PlotError
     from pyssl.train import CheckpointError, ConfigError
 
-    return (CLIError, DataError, MethodError, ModelError, ConfigError, CheckpointError)
+    return (CLIError, DataError, MethodError, ModelError, ConfigError, CheckpointError, LaunchError, PlotError)
 
 
 def _fractions(text: str) -> list[float]:
@@ -360,8 +355,9 @@ def run_overrides(args) -> dict:
 def prepare_training(args):
     """Everything that can fail (method, data, sizes, checkpoint) is checked here, before training."""
     from pyssl import distributed
-    from pyssl.config import DEFAULT_RUN_DIR, build_trainer, resolve
+    from pyssl.config import DEFAULT_RUN_DIR, build_trainer, check_run_directory, resolve
     from pyssl.methods import available_methods, method_class
+    from pyssl.train import crash_probe_from_env
 
     if args.method not in available_methods():
         raise CLIError(f"unknown method {args.method!r} (choose from {', '.join(available_methods())})")
@@ -373,65 +369,10 @@ def prepare_training(args):
     if distributed.is_main_process():  # the other ranks would see the files rank 0 starts writing
         check_run_directory(overrides["out"], args.resume, args.overwrite)
     run = resolve(args.method, args.data, **overrides)
-    trainer = build_trainer(run, probe=crash_probe())
+    trainer = build_trainer(run, probe=crash_probe_from_env())
     if args.resume:
         trainer.load()  # checked now, so a bad checkpoint fails before any step
     return trainer
-
-
-def check_run_directory(out: str, resume: bool, overwrite: bool) -> None:
-    """A run starts only where no run is, unless told to continue it (``--resume``) or to
-    start it over (``--overwrite``)."""
-    from pyssl.train import CHECKPOINT_NAME, CheckpointError
-
-    has_checkpoint = os.path.exists(os.path.join(out, CHECKPOINT_NAME))
-    if resume and not has_checkpoint:
-        before = any(os.path.exists(os.path.join(out, name)) for name in RUN_FILES)
-        raise CheckpointError(
-            f"--resume: no checkpoint in {out}"
-            + (
-                " (its run was stopped before the first checkpoint; pass --overwrite to start it over)"
-                if before
-                else ""
-            )
-        )
-    if resume or overwrite:
-        return
-    if has_checkpoint:
-        raise CLIError(
-            f"{out} already holds a run with a checkpoint; pass --resume to continue it or --overwrite "
-            f"to start it over (or choose another --out)"
-        )
-    if any(os.path.exists(os.path.join(out, name)) for name in RUN_FILES):
-        raise CLIError(
-            f"{out} already holds the logs of a run stopped before its first checkpoint; pass "
-            f"--overwrite to start it over (or choose another --out)"
-        )
-
-
-def crash_probe():
-    """Crash tests: ``PYSSL_CRASH_AT=INSTANT:STEP`` makes the process SIGKILL itself at that
-    instant of training (``step``, after the step, or one of ``pyssl.train.CHECKPOINT_INSTANTS``
-    of the checkpoint at that step); ``PYSSL_CRASH_AT_STEP=N`` is ``step:N``."""
-    from pyssl.train import CHECKPOINT_INSTANTS
-
-    spec = os.environ.get("PYSSL_CRASH_AT") or (
-        f"step:{os.environ['PYSSL_CRASH_AT_STEP']}" if os.environ.get("PYSSL_CRASH_AT_STEP") else ""
-    )
-    if not spec:
-        return None
-    instant, _, at = spec.rpartition(":")
-    if instant not in ("step", *CHECKPOINT_INSTANTS) or not at.isdigit():
-        raise CLIError(
-            f"PYSSL_CRASH_AT must be INSTANT:STEP with INSTANT one of step, "
-            f"{', '.join(CHECKPOINT_INSTANTS)}; got {spec!r}"
-        )
-
-    def probe(now: str, step: int) -> None:
-        if now == instant and step >= int(at):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return probe
 
 
 def cmd_train(args) -> int:
@@ -440,7 +381,11 @@ def cmd_train(args) -> int:
     if args.nproc is not None:
         if distributed.launched_by_torchrun():
             raise CLIError("--nproc starts its own workers; under torchrun, leave it out")
-        return spawn_workers(args)
+        from pyssl.launch import spawn_workers
+
+        device_type = (args.device or _default_device()).partition(":")[0]
+        nproc, args.nproc, args.device = args.nproc, None, device_type  # the workers train, not spawn
+        return spawn_workers(cmd_train, args, nproc, device_type, _expected_errors())
     if distributed.launched_by_torchrun():
         device_type = (args.device or _default_device()).partition(":")[0]
         try:
@@ -459,7 +404,7 @@ def _count(n: int, noun: str) -> str:
 
 def _train(args, is_main: bool) -> int:
     from pyssl import distributed
-    from pyssl.config import write_run_config
+    from pyssl.config import remove_run_reports, write_run_config
 
     trainer = prepare_training(args)
     cfg = trainer.cfg
@@ -475,9 +420,7 @@ def _train(args, is_main: bool) -> int:
         if args.resume:
             print(f"resuming from step {trainer.step} of {trainer.total_steps}", file=sys.stderr)
         if args.overwrite:  # the trainer removes the old run's checkpoint and logs; these describe it too
-            for name in RUN_REPORTS:
-                if os.path.exists(os.path.join(cfg.out_dir, name)):
-                    os.remove(os.path.join(cfg.out_dir, name))
+            remove_run_reports(cfg.out_dir)
         write_run_config(trainer.run, trainer, {"args": vars(args)})
     distributed.barrier()  # the run directory exists before any rank writes into it
     try:
@@ -489,78 +432,6 @@ def _train(args, is_main: bool) -> int:
         knn = f", kNN accuracy {result.knn[-1][1] * 100:.2f}%" if result.knn else ""
         print(f"done: {result.steps} steps, last loss {last:.4f}{knn}; checkpoint {trainer.ckpt_path}", file=sys.stderr)
     return 0
-
-
-# ---- pyssl train --nproc N: local worker processes --------------------------------------------
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn_workers(args) -> int:
-    """Runs ``pyssl train`` in ``args.nproc`` local processes with torchrun's environment. The
-    first worker to fail is reported as one line (the others are stopped); exit code 2 for a
-    configuration error, 1 for anything else."""
-    import logging
-
-    import torch
-    import torch.multiprocessing as mp
-
-    nproc = args.nproc
-    if nproc < 1:
-        raise CLIError(f"--nproc must be >= 1, got {nproc}")
-    device_type = (args.device or _default_device()).partition(":")[0]
-    if device_type == "cuda":
-        if not torch.cuda.is_available():
-            raise CLIError(f"--nproc {nproc} on CUDA requested but CUDA is not available")
-        if nproc > torch.cuda.device_count():
-            raise CLIError(f"--nproc {nproc} needs {nproc} GPUs, {torch.cuda.device_count()} visible")
-    args.nproc, args.device = None, device_type
-    # torch logs a line per worker it stops after a failure; the failure itself is our one line
-    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nproc)}
-    errors = mp.get_context("spawn").SimpleQueue()
-    context = mp.start_processes(_worker, args=(args, env, errors), nprocs=nproc, join=False, start_method="spawn")
-    try:
-        while not context.join():
-            pass
-    except mp.ProcessExitedException as e:
-        if not errors.empty():
-            message = errors.get()
-        elif e.signal_name:
-            message = f"worker {e.error_index} was killed by {e.signal_name}"
-        else:
-            message = f"worker {e.error_index} exited with code {e.exit_code}"
-        print(f"pyssl: error: {message}", file=sys.stderr)
-        return 2 if e.exit_code == 2 else 1
-    except mp.ProcessRaisedException as e:  # not expected: _worker reports everything itself
-        print(f"pyssl: error: worker {e.error_index}: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _worker(local_rank: int, args, env: dict, errors) -> None:
-    import torch
-
-    os.environ.update(env, RANK=str(local_rank), LOCAL_RANK=str(local_rank))
-    if args.device == "cpu":  # the workers share the cores, as torchrun's OMP_NUM_THREADS does
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(env["WORLD_SIZE"])))
-    try:
-        rc = cmd_train(args)
-    except _expected_errors() as e:
-        errors.put(str(e))
-        rc = 2
-    except Exception as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        errors.put(f"worker {local_rank}: {type(e).__name__}: {first}")
-        rc = 1
-    if rc:
-        sys.exit(rc)
 
 
 # ---- eval ----------------------------------------------------------------------------------------
@@ -624,8 +495,20 @@ def cmd_eval(args) -> int:
         grid=args.grid,
     )
     print(format_table(results, k=k, t=args.t))
-    if hasattr(method, "zero_shot_classifier"):
-        _zero_shot(method, random_init, test, spec, trained_name, results)
+    if hasattr(method, "zero_shot_classifier"):  # image-text methods: classes from prompts, no label used
+        from pyssl.eval.zero_shot import zero_shot_comparison
+
+        try:
+            prompts, trained, untrained = zero_shot_comparison(method, random_init, test, spec)
+        except ValueError as e:
+            print(f"zero-shot classification skipped: {e}", file=sys.stderr)
+        else:
+            print(
+                f"zero-shot accuracy (prompts such as {prompts[0][0]!r}, no labels): {trained * 100:.1f}% "
+                f"(random init {untrained * 100:.1f}%, chance {100 / len(prompts):.1f}%)"
+            )
+            for name, acc in ((trained_name, trained), ("random-init encoder", untrained)):
+                results.setdefault(name, {})["zero_shot"] = {0.0: acc}  # no label fraction: no label used
     run_dir = args.run if os.path.isdir(args.run) else os.path.dirname(args.run)
     with open(os.path.join(run_dir, "eval.json"), "w") as f:
         json.dump(
@@ -634,133 +517,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _zero_shot(method, random_init, test, spec: str, trained_name: str, results: dict) -> None:
-    """Image-text methods: classify the test images from prompts naming the classes, no label used."""
-    from pyssl.eval import zero_shot_accuracy
-
-    try:  # the captioned digits' prompts spell the digits out, as their captions do
-        prompts = (
-            method.digit_prompts()
-            if spec.partition(":")[0].lower() == "captioned_digits"
-            else method.class_prompts(test.classes)
-        )
-    except ValueError as e:
-        print(f"zero-shot classification skipped: {e}", file=sys.stderr)
-        return
-    zero_shot = {
-        trained_name: zero_shot_accuracy(method, test.images, test.labels, prompts),
-        "random-init encoder": zero_shot_accuracy(random_init, test.images, test.labels, prompts),
-    }
-    print(
-        f"zero-shot accuracy (prompts such as {prompts[0][0]!r}, no labels): {zero_shot[trained_name] * 100:.1f}% "
-        f"(random init {zero_shot['random-init encoder'] * 100:.1f}%, chance {100 / len(prompts):.1f}%)"
-    )
-    for name, acc in zero_shot.items():
-        results.setdefault(name, {})["zero_shot"] = {0.0: acc}  # no label is used, so no label fraction
-
-
 # ---- plot ----------------------------------------------------------------------------------------
 
 
-def _read_log(run: str, name: str) -> list[dict]:
-    """A log's rows that parse; a damaged log is drawn as far as it goes, with a warning."""
-    from pyssl.train import LOGS, read_log
-
-    path = os.path.join(run, name)
-    if not os.path.exists(path):
-        return []
-    rows, problems = read_log(path, LOGS[name])
-    if problems:
-        print(
-            f"warning: {path}: skipped {len(problems)} damaged line(s) ({problems[0]}); "
-            f"pyssl train --resume repairs it",
-            file=sys.stderr,
-        )
-    return rows
-
-
 def cmd_plot(args) -> int:
-    try:
-        import matplotlib
+    from pyssl.plot import plot_run
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise CLIError("pyssl plot needs matplotlib (pip install matplotlib)") from None
-    if not os.path.isdir(args.run):
-        raise CLIError(f"run directory {args.run} does not exist")
-    from matplotlib.ticker import MaxNLocator
-
-    out = args.out or args.run
-    os.makedirs(out, exist_ok=True)
-    run_name = os.path.basename(os.path.abspath(args.run))
-    written = []
-    rows = _read_log(args.run, "metrics.csv")
-    if rows:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=1)
-        ax.set(xlabel="step", ylabel="training loss", title=f"training loss ({run_name})")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "loss.png"), dpi=120)
-        plt.close(fig)
-        written.append("loss.png")
-    rows = _read_log(args.run, "knn.csv")
-    if rows:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([int(r["epoch"]) for r in rows], [100 * float(r["knn_accuracy"]) for r in rows], marker="o")
-        ax.set(xlabel="epoch", ylabel="kNN accuracy (%)", title=f"kNN accuracy on the test split ({run_name})")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "knn.png"), dpi=120)
-        plt.close(fig)
-        written.append("knn.png")
-    from pyssl.train import CHECKPOINT_NAME
-
-    if os.path.exists(os.path.join(args.run, CHECKPOINT_NAME)):
-        import torch
-
-        from pyssl.config import load_run
-        from pyssl.data import load_data
-        from pyssl.eval import extract_features
-
-        device = args.device or _default_device()
-        method, _, ckpt = load_run(args.run, device)
-        extra = ckpt.get("extra", {})
-        _, test = load_data(extra.get("data", "digits"), extra.get("image_size"))
-        test = test.to(device)
-        feats = extract_features(method.backbone, test.images[:5000], method.normalize)
-        feats = torch.nn.functional.normalize(feats, dim=1).cpu().numpy()  # the cosine geometry kNN uses
-        labels = test.labels[:5000].cpu().numpy()
-        if args.embedding == "tsne":
-            from sklearn.manifold import TSNE
-
-            xy = TSNE(2, init="pca", random_state=0, perplexity=min(30, len(feats) - 1)).fit_transform(feats)
-        else:
-            from sklearn.decomposition import PCA
-
-            xy = PCA(2, random_state=0).fit_transform(feats)
-        fig, ax = plt.subplots(figsize=(6, 5.5))
-        labelled = bool((labels >= 0).any())
-        sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels if labelled else None, cmap="tab10" if labelled else None, s=6)
-        names = test.classes or [str(i) for i in range(int(labels.max()) + 1)]
-        if labelled and len(names) <= 20:
-            ax.legend(sc.legend_elements()[0], names, fontsize=7, markerscale=0.8, loc="best")
-        method_name = (ckpt.get("method") or {}).get("name", "")
-        ax.set(
-            title=f"test features of {run_name} ({method_name}), {'t-SNE' if args.embedding == 'tsne' else 'PCA'}",
-            xticks=[],
-            yticks=[],
-        )
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "embedding.png"), dpi=120)
-        plt.close(fig)
-        written.append("embedding.png")
-    if not written:
-        raise CLIError(f"nothing to plot in {args.run} (no metrics.csv, knn.csv or checkpoint)")
-    print(f"wrote {', '.join(os.path.join(out, w) for w in written)}", file=sys.stderr)
+    written = plot_run(args.run, args.out, args.embedding, args.device)
+    print(f"wrote {', '.join(written)}", file=sys.stderr)
     return 0
 
 

@@ -326,6 +326,47 @@ def build_trainer(run: RunConfig, *, callbacks=None, probe=None) -> Trainer:
 
 # ---- runs on disk ----------------------------------------------------------------------------------
 
+#: What a run directory holds beside its checkpoint: a new run refuses to start where one of these,
+#: or a checkpoint, exists unless told.
+RUN_FILES = ("metrics.csv", "knn.csv", "config.json", "tb")
+#: Outputs of ``pyssl eval`` and ``pyssl plot`` about a run, removed when it is overwritten.
+RUN_REPORTS = ("eval.json", "loss.png", "knn.png", "embedding.png")
+
+
+def check_run_directory(out: str, resume: bool, overwrite: bool) -> None:
+    """A run starts only where no run is, unless told to continue it (``--resume``) or to
+    start it over (``--overwrite``)."""
+    has_checkpoint = os.path.exists(os.path.join(out, CHECKPOINT_NAME))
+    if resume and not has_checkpoint:
+        before = any(os.path.exists(os.path.join(out, name)) for name in RUN_FILES)
+        raise CheckpointError(
+            f"--resume: no checkpoint in {out}"
+            + (
+                " (its run was stopped before the first checkpoint; pass --overwrite to start it over)"
+                if before
+                else ""
+            )
+        )
+    if resume or overwrite:
+        return
+    if has_checkpoint:
+        raise ConfigError(
+            f"{out} already holds a run with a checkpoint; pass --resume to continue it or --overwrite "
+            f"to start it over (or choose another --out)"
+        )
+    if any(os.path.exists(os.path.join(out, name)) for name in RUN_FILES):
+        raise ConfigError(
+            f"{out} already holds the logs of a run stopped before its first checkpoint; pass "
+            f"--overwrite to start it over (or choose another --out)"
+        )
+
+
+def remove_run_reports(out: str) -> None:
+    """An overwritten run's reports (eval.json, plots) go with it: they describe the old run."""
+    for name in RUN_REPORTS:
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+
 
 def write_run_config(run: RunConfig, trainer: Trainer, extra: dict | None = None) -> str:
     """Writes ``config.json`` into the run directory: the resolved run, the trainer's
@@ -398,6 +439,10 @@ __all__ = [
     "write_run_config",
     "load_run",
     "checkpoint_file",
+    "check_run_directory",
+    "remove_run_reports",
+    "RUN_FILES",
+    "RUN_REPORTS",
     "default_device",
     "DEFAULT_RUN_DIR",
     "RUN_KEYS",

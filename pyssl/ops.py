@@ -102,11 +102,31 @@ def ntxent(z0: Tensor, z1: Tensor, temperature: float = 0.5, *, check_inputs_fin
     return loss
 
 
+# The fake kernels check what the C++ kernels check (csrc/*/..._check.h), so that a traced or
+# compiled program with a wrong shape fails when it is traced, with the kernels' message.
+
+
+def _check_rows(op: str, name: str, t: Tensor) -> None:
+    torch._check(t.dim() == 2, lambda: f"{op}: {name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
+    torch._check(t.is_floating_point(), lambda: f"{op}: {name} must be a floating tensor, got {t.dtype}")
+
+
+def _check_stats(op: str, name: str, t: Tensor, rows) -> None:
+    torch._check(t.dim() == 1 and t.shape[0] == rows, lambda: f"{op}: {name} must have shape ({rows},)")
+
+
 def _ntxent_forward_fake(z, temperature, tensor_cores=None):
+    _check_rows("pyssl.ntxent", "z", z)
+    torch._check(
+        z.shape[0] % 2 == 0 and z.shape[0] >= 2,
+        lambda: f"pyssl.ntxent: z must hold the two views' rows (an even number >= 2), got {z.shape[0]}",
+    )
     return z.new_empty(()), z.new_empty((z.shape[0],), dtype=accumulate_dtype(z.dtype))
 
 
 def _ntxent_backward_fake(grad_loss, z, lse, temperature, tensor_cores=None):
+    _check_rows("pyssl.ntxent_backward", "z", z)
+    _check_stats("pyssl.ntxent_backward", "lse", lse, z.shape[0])
     return torch.empty_like(z)
 
 
@@ -187,13 +207,29 @@ def infonce(
     return loss
 
 
+def _check_query_key(op: str, query: Tensor, key: Tensor, symmetric: bool) -> None:
+    _check_rows(op, "query", query)
+    _check_rows(op, "key", key)
+    torch._check(query.shape[1] == key.shape[1], lambda: f"{op}: query and key must have the same dim")
+    if symmetric:
+        torch._check(query.shape[0] == key.shape[0], lambda: f"{op}: query and key must have the same batch size")
+    else:
+        torch._check(key.shape[0] >= query.shape[0], lambda: f"{op}: need at least one key per query")
+
+
 def _infonce_forward_fake(query, key, logit_scale, symmetric, tensor_cores=None):
+    _check_query_key("pyssl.infonce", query, key, symmetric)
+    torch._check(logit_scale.numel() == 1, lambda: "pyssl.infonce: logit_scale must hold one value")
     acc = accumulate_dtype(query.dtype)
     lse_col = query.new_empty((key.shape[0] if symmetric else 0,), dtype=acc)
     return query.new_empty(()), query.new_empty((query.shape[0],), dtype=acc), lse_col
 
 
 def _infonce_backward_fake(grad_loss, query, key, logit_scale, lse_row, lse_col, symmetric, tensor_cores=None):
+    _check_query_key("pyssl.infonce_backward", query, key, symmetric)
+    _check_stats("pyssl.infonce_backward", "lse_row", lse_row, query.shape[0])
+    if symmetric:
+        _check_stats("pyssl.infonce_backward", "lse_col", lse_col, key.shape[0])
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(logit_scale)
 
 
@@ -254,11 +290,22 @@ def moco(
 
 
 def _moco_forward_fake(query, key, queue, temperature):
+    _check_rows("pyssl.moco", "query", query)
+    torch._check(query.shape == key.shape, lambda: "pyssl.moco: query and key must have the same shape")
+    torch._check(
+        queue.dim() == 2 and queue.shape[1] == query.shape[1], lambda: "pyssl.moco: queue must have shape (K, dim)"
+    )
     acc = accumulate_dtype(query.dtype)
     return query.new_empty(()), query.new_empty((query.shape[0],), dtype=acc), query.new_empty(query.shape, dtype=acc)
 
 
 def _moco_backward_fake(grad_loss, query, key, lse, expected_queue, temperature):
+    _check_rows("pyssl.moco_backward", "query", query)
+    torch._check(query.shape == key.shape, lambda: "pyssl.moco_backward: query and key must have the same shape")
+    _check_stats("pyssl.moco_backward", "lse", lse, query.shape[0])
+    torch._check(
+        expected_queue.shape == query.shape, lambda: "pyssl.moco_backward: expected_queue must have query's shape"
+    )
     return torch.empty_like(query), torch.empty_like(key)
 
 
@@ -316,6 +363,9 @@ def ema_update_(ema: list[Tensor], online: list[Tensor], momentum: float) -> Non
 
 
 def _ema_update_fake(ema, online, momentum):
+    torch._check(len(ema) == len(online), lambda: "pyssl.ema_update_: ema and online must have the same length")
+    for i, (e, o) in enumerate(zip(ema, online)):
+        torch._check(e.shape == o.shape, lambda i=i: f"pyssl.ema_update_: ema[{i}] and online[{i}] differ in shape")
     return None
 
 
@@ -399,6 +449,10 @@ def augment_draw_crops(uniforms: Tensor, height: int, width: int, scale, ratio) 
 
 
 def _augment_draw_crops_fake(uniforms, height, width, scale_min, scale_max, ratio_min, ratio_max):
+    torch._check(
+        uniforms.dim() == 2 and uniforms.shape[1] % 4 == 0,
+        lambda: "pyssl.augment_draw_crops: uniforms must be (N, 4 * attempts)",
+    )
     return uniforms.new_empty((uniforms.shape[0], 4), dtype=torch.long)
 
 

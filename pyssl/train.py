@@ -24,6 +24,7 @@ import csv
 import math
 import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -449,6 +450,29 @@ def data_device(data_on: str, device: torch.device, nbytes: int, free_bytes: int
     if free_bytes is None:
         free_bytes, _ = torch.cuda.mem_get_info(device)
     return device if nbytes <= DATA_ON_DEVICE_SHARE * free_bytes else torch.device("cpu")
+
+
+def crash_probe_from_env():
+    """Crash tests: ``PYSSL_CRASH_AT=INSTANT:STEP`` makes the process SIGKILL itself at that
+    instant of training (``step``, after the step, or one of ``pyssl.train.CHECKPOINT_INSTANTS``
+    of the checkpoint at that step); ``PYSSL_CRASH_AT_STEP=N`` is ``step:N``."""
+    spec = os.environ.get("PYSSL_CRASH_AT") or (
+        f"step:{os.environ['PYSSL_CRASH_AT_STEP']}" if os.environ.get("PYSSL_CRASH_AT_STEP") else ""
+    )
+    if not spec:
+        return None
+    instant, _, at = spec.rpartition(":")
+    if instant not in ("step", *CHECKPOINT_INSTANTS) or not at.isdigit():
+        raise ConfigError(
+            f"PYSSL_CRASH_AT must be INSTANT:STEP with INSTANT one of step, "
+            f"{', '.join(CHECKPOINT_INSTANTS)}; got {spec!r}"
+        )
+
+    def probe(now: str, step: int) -> None:
+        if now == instant and step >= int(at):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return probe
 
 
 class StopTraining(Exception):
@@ -891,4 +915,5 @@ __all__ = [
     "CHECKPOINT_NAME",
     "LOGS",
     "CHECKPOINT_INSTANTS",
+    "crash_probe_from_env",
 ]

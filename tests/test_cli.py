@@ -367,7 +367,7 @@ def test_a_run_is_never_overwritten_without_being_asked(tmp_path, capsys):
 def test_ctrl_c_says_how_to_resume_and_resume_says_where_it_starts(tmp_path, capsys, monkeypatch):
     import shlex
 
-    import pyssl.cli
+    import pyssl.train
 
     def interrupt_at(step):
         def probe(instant, now):
@@ -391,17 +391,17 @@ def test_ctrl_c_says_how_to_resume_and_resume_says_where_it_starts(tmp_path, cap
         str(run),
         *TINY,
     ]
-    monkeypatch.setattr(pyssl.cli, "crash_probe", interrupt_at(1))
+    monkeypatch.setattr(pyssl.train, "crash_probe_from_env", interrupt_at(1))
     assert main(argv) == 130
     err = capsys.readouterr().err
     assert "pyssl: interrupted at step 1 of 4, before the first checkpoint: nothing to resume" in err
-    monkeypatch.setattr(pyssl.cli, "crash_probe", interrupt_at(3))
+    monkeypatch.setattr(pyssl.train, "crash_probe_from_env", interrupt_at(3))
     assert main(argv + ["--overwrite"]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-2] == f"pyssl: interrupted at step 3 of 4; {run} holds the checkpoint of step 2. Resume with:"
     resume = shlex.split(err[-1])
     assert resume[0] == "pyssl" and resume[1:] == argv + ["--resume"]  # --overwrite would start over
-    monkeypatch.setattr(pyssl.cli, "crash_probe", lambda: None)
+    monkeypatch.setattr(pyssl.train, "crash_probe_from_env", lambda: None)
     assert main(resume[1:]) == 0
     assert "resuming from step 2 of 4" in capsys.readouterr().err
     assert [r["step"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["1", "2", "3", "4"]

@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pyssl import distributed
-from pyssl.cli import _free_port, main
+from pyssl.cli import main
+from pyssl.launch import free_port as _free_port
 from pyssl.losses import ClipLoss, InfoNCELoss, MoCoLoss, NTXentLoss
 from test_infonce import ref_infonce, ref_ntxent  # noqa: E402
 from test_moco import RefQueue, ref_moco  # noqa: E402

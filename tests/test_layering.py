@@ -38,7 +38,8 @@ LAYERS = {
     # pretext.fit: a minimal training loop for quick checks of the pretext methods.
     "train": (6, ["pyssl.train", "pyssl.pretext.fit"]),
     "config": (7, ["pyssl.config"]),
-    "cli": (8, ["pyssl.cli", "pyssl.__main__", "pyssl.demo"]),
+    # launch: the local worker processes of --nproc; plot: the pictures of a run directory.
+    "cli": (8, ["pyssl.cli", "pyssl.__main__", "pyssl.demo", "pyssl.launch", "pyssl.plot"]),
 }
 # Data sets are decoded and resized with the kernels and augmentations only: no model, loss or
 # schedule has a say in what the data is.

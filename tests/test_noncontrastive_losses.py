@@ -396,7 +396,7 @@ def _gathered_worker(rank, inputs_path, out_dir):
 @pytest.mark.distributed
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs Gloo")
 def test_gather_distributed_matches_lightly_on_two_ranks(tmp_path):
-    from pyssl.cli import _free_port
+    from pyssl.launch import free_port as _free_port
 
     # d = 4 < 2 x 5 rows: the d x d route; d = 32: the Gram route over the gathered rows
     inputs = [views(WORLD * ROWS, d, seed=d, scale=0.6) for d in (4, 32)]

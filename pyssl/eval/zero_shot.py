@@ -27,3 +27,21 @@ def zero_shot_accuracy(model: nn.Module, images: Tensor, labels: Tensor, prompts
     finally:
         model.train(was)
     return hits / len(images)
+
+
+def zero_shot_prompts(model: nn.Module, data_spec: str, classes) -> list[list[str]]:
+    """The prompts a run is classified with: the captioned digits' spell the digits out, as their
+    captions do; other data names its classes (``ValueError`` when the vocabulary lacks them)."""
+    if data_spec.partition(":")[0].lower() == "captioned_digits":
+        return model.digit_prompts()
+    return model.class_prompts(classes)
+
+
+def zero_shot_comparison(trained: nn.Module, random_init: nn.Module, test, data_spec: str):
+    """``(prompts, trained accuracy, random-init accuracy)`` on the test images, no label used."""
+    prompts = zero_shot_prompts(trained, data_spec, test.classes)
+    return (
+        prompts,
+        zero_shot_accuracy(trained, test.images, test.labels, prompts),
+        zero_shot_accuracy(random_init, test.images, test.labels, prompts),
+    )

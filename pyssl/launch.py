@@ -1,0 +1,83 @@
+"""Local data-parallel workers: ``pyssl train --nproc N`` runs N processes with torchrun's
+environment (Gloo on the CPU, NCCL on CUDA, one GPU each)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable
+
+
+class LaunchError(Exception):
+    """The workers cannot be started as asked (reported as one line)."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_workers(target: Callable[[object], int], args, nproc: int, device_type: str, expected_errors: tuple) -> int:
+    """Runs ``target(args)`` in ``nproc`` local processes with torchrun's environment. The first
+    worker to fail is reported as one line, ``pyssl: error: ...`` (the others are stopped); exit
+    code 2 for one of ``expected_errors`` (a configuration error), 1 for anything else.
+    ``target`` and ``args`` must be picklable (the workers are spawned)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    if nproc < 1:
+        raise LaunchError(f"--nproc must be >= 1, got {nproc}")
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise LaunchError(f"--nproc {nproc} on CUDA requested but CUDA is not available")
+        if nproc > torch.cuda.device_count():
+            raise LaunchError(f"--nproc {nproc} needs {nproc} GPUs, {torch.cuda.device_count()} visible")
+    # torch logs a line per worker it stops after a failure; the failure itself is our one line
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc)}
+    errors = mp.get_context("spawn").SimpleQueue()
+    context = mp.start_processes(
+        _worker,
+        args=(target, args, env, errors, device_type, expected_errors),
+        nprocs=nproc,
+        join=False,
+        start_method="spawn",
+    )
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as e:
+        if not errors.empty():
+            message = errors.get()
+        elif e.signal_name:
+            message = f"worker {e.error_index} was killed by {e.signal_name}"
+        else:
+            message = f"worker {e.error_index} exited with code {e.exit_code}"
+        print(f"pyssl: error: {message}", file=sys.stderr)
+        return 2 if e.exit_code == 2 else 1
+    except mp.ProcessRaisedException as e:  # not expected: _worker reports everything itself
+        print(f"pyssl: error: worker {e.error_index}: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _worker(local_rank: int, target, args, env: dict, errors, device_type: str, expected_errors: tuple) -> None:
+    import torch
+
+    os.environ.update(env, RANK=str(local_rank), LOCAL_RANK=str(local_rank))
+    if device_type == "cpu":  # the workers share the cores, as torchrun's OMP_NUM_THREADS does
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(env["WORLD_SIZE"])))
+    try:
+        rc = target(args)
+    except expected_errors as e:
+        errors.put(str(e))
+        rc = 2
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        errors.put(f"worker {local_rank}: {type(e).__name__}: {first}")
+        rc = 1
+    if rc:
+        sys.exit(rc)
