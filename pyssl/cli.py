@@ -23,6 +23,8 @@ METHODS = {
     "mocov2": "MoCo v2",
     "byol": "BYOL, a momentum teacher without negatives",
     "simsiam": "SimSiam, BYOL without the teacher",
+    "barlow_twins": "Barlow Twins, cross-correlation to the identity",
+    "vicreg": "VICReg, variance-invariance-covariance",
     "clip": "CLIP, image-text pairs",
     "rotnet": "rotation prediction",
     "jigsaw": "jigsaw puzzles",

@@ -14,6 +14,7 @@ from pyssl.methods.spec import MethodSpec
 
 # isort: split
 # Each method module registers itself when imported.
+from pyssl.methods.barlow_twins import BarlowTwins, VICReg
 from pyssl.methods.byol import BYOL
 from pyssl.methods.clip import CLIP  # image-text pairs
 from pyssl.methods.moco import MoCo
@@ -46,6 +47,8 @@ __all__ = [
     "MoCo",
     "BYOL",
     "SimSiam",
+    "BarlowTwins",
+    "VICReg",
     "RotNet",
     "RelativePatch",
     "Jigsaw",
