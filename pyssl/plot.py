@@ -50,28 +50,26 @@ def plot_run(
     os.makedirs(out, exist_ok=True)
     run_name = os.path.basename(os.path.abspath(run))
     written = []
+
+    def curve(path: str, x: list, y: list, xlabel: str, ylabel: str, title: str, **style) -> None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(x, y, **style)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{title} ({run_name})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, path), dpi=120)
+        plt.close(fig)
+        written.append(path)
+
     rows = _read_log(run, "metrics.csv", warn)
     if rows:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=1)
-        ax.set(xlabel="step", ylabel="training loss", title=f"training loss ({run_name})")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "loss.png"), dpi=120)
-        plt.close(fig)
-        written.append("loss.png")
+        steps, losses = [int(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
+        curve("loss.png", steps, losses, "step", "training loss", "training loss", lw=1)
     rows = _read_log(run, "knn.csv", warn)
     if rows:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([int(r["epoch"]) for r in rows], [100 * float(r["knn_accuracy"]) for r in rows], marker="o")
-        ax.set(xlabel="epoch", ylabel="kNN accuracy (%)", title=f"kNN accuracy on the test split ({run_name})")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "knn.png"), dpi=120)
-        plt.close(fig)
-        written.append("knn.png")
+        epochs, accuracy = [int(r["epoch"]) for r in rows], [100 * float(r["knn_accuracy"]) for r in rows]
+        curve("knn.png", epochs, accuracy, "epoch", "kNN accuracy (%)", "kNN accuracy on the test split", marker="o")
     from pyssl.train import CHECKPOINT_NAME
 
     if os.path.exists(os.path.join(run, CHECKPOINT_NAME)):

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from pyssl.losses import BarlowTwinsLoss, VICRegLoss
-from pyssl.methods.base import Method, StepOutput, images_of, two_views
+from pyssl.methods.base import Method, StepOutput, images_of, simclr_augment_defaults, two_views
 from pyssl.methods.registry import register
 from pyssl.methods.spec import MethodSpec
 from pyssl.models import ProjectionHead
@@ -23,13 +23,7 @@ class _RedundancyReduction(Method):
         self.projection_head = ProjectionHead(self.backbone.out_dim, hidden_dim, out_dim, 3, batch_norm=True)
 
     def augment_defaults(self, image_size: int) -> dict:
-        return {
-            "scale": (0.08, 1.0),
-            "jitter": (0.4, 0.4, 0.2, 0.1),
-            "p_jitter": 0.8,
-            "p_gray": 0.2,
-            "p_blur": 0.5 if image_size > 64 else 0.0,
-        }
+        return simclr_augment_defaults(image_size, jitter=(0.4, 0.4, 0.2, 0.1))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.projection_head(self.backbone(x))

@@ -32,6 +32,19 @@ def make_augment(image_size: int, mean, std, **kwargs):
     return SimCLRAugment(image_size, mean=tuple(mean), std=tuple(std), **kwargs)
 
 
+def simclr_augment_defaults(image_size: int, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.4, 0.1)) -> dict:
+    """SimCLR's augmentation, which the two-view methods vary: crop ``scale``, colour ``jitter``
+    (brightness, contrast, saturation, hue) with p = 0.8, grey with p = 0.2, and blur with p = 0.5
+    only above 64 px (the papers' CIFAR setting leaves it out)."""
+    return {
+        "scale": scale,
+        "jitter": jitter,
+        "p_jitter": 0.8,
+        "p_gray": 0.2,
+        "p_blur": 0.5 if image_size > 64 else 0.0,
+    }
+
+
 def images_of(batch) -> Tensor:
     """The images of a batch: a (B, C, H, W) tensor, or the first item of an ``(images, labels, ...)``
     tuple."""

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from pyssl.losses import NegativeCosineSimilarity
-from pyssl.methods.base import StepOutput, images_of, two_views
+from pyssl.methods.base import StepOutput, images_of, simclr_augment_defaults, two_views
 from pyssl.methods.momentum_method import MomentumMethod
 from pyssl.methods.registry import register
 from pyssl.methods.spec import MethodSpec
@@ -67,13 +67,7 @@ class BYOL(MomentumMethod):
         self.criterion = NegativeCosineSimilarity()
 
     def augment_defaults(self, image_size: int) -> dict:
-        return {
-            "scale": (0.08, 1.0),
-            "jitter": (0.4, 0.4, 0.2, 0.1),
-            "p_jitter": 0.8,
-            "p_gray": 0.2,
-            "p_blur": 0.5 if image_size > 64 else 0.0,
-        }
+        return simclr_augment_defaults(image_size, jitter=(0.4, 0.4, 0.2, 0.1))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.prediction_head(self.projection_head(self.backbone(x)))

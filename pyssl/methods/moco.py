@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from pyssl import distributed
 from pyssl.losses import MoCoLoss
-from pyssl.methods.base import MethodError, StepOutput, images_of, two_views
+from pyssl.methods.base import MethodError, StepOutput, images_of, simclr_augment_defaults, two_views
 from pyssl.methods.momentum_method import MomentumMethod
 from pyssl.methods.registry import register
 from pyssl.methods.spec import MethodSpec
@@ -116,13 +116,7 @@ class MoCo(MomentumMethod):
     def augment_defaults(self, image_size: int) -> dict:
         if self.version == 1:
             return {"scale": (0.2, 1.0), "jitter": (0.4, 0.4, 0.4, 0.4), "p_jitter": 1.0, "p_gray": 0.2, "p_blur": 0.0}
-        return {
-            "scale": (0.2, 1.0),
-            "jitter": (0.4, 0.4, 0.4, 0.1),
-            "p_jitter": 0.8,
-            "p_gray": 0.2,
-            "p_blur": 0.5 if image_size > 64 else 0.0,
-        }
+        return simclr_augment_defaults(image_size, scale=(0.2, 1.0))
 
     @property
     def sync_bn_by_default(self) -> bool:
