@@ -48,17 +48,17 @@ def pyssl_candidate(config, device):
 
 
 def eager_candidate(config, device):
+    from pyssl import reference
+
     temperature, k = config["temperature"], config["k"]
     queue = F.normalize(torch.randn(k, config["d"], device=device), dim=1)
     ptr = [0]
 
     def moco(query, key):
-        q, kn = F.normalize(query, dim=1), F.normalize(key, dim=1)
         # the queue is read as it was before this step's enqueue (MoCo's reference clones it)
-        negatives = queue.clone().to(q.dtype)
-        logits = torch.cat([(q * kn).sum(1, keepdim=True), q @ negatives.T], dim=1) / temperature
-        loss = F.cross_entropy(logits.float(), torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+        loss = reference.moco(query, key, queue.clone(), temperature).float()
         with torch.no_grad():
+            kn = F.normalize(key, dim=1)
             count = min(kn.shape[0], k - ptr[0])
             queue[ptr[0] : ptr[0] + count] = kn[:count]
             ptr[0] = (ptr[0] + count) % k

@@ -21,6 +21,7 @@ METHODS = {
     "simclr": "SimCLR",
     "moco": "MoCo v1",
     "mocov2": "MoCo v2",
+    "mocov3": "MoCo v3, a momentum teacher and in-batch keys",
     "byol": "BYOL, a momentum teacher without negatives",
     "simsiam": "SimSiam, BYOL without the teacher",
     "barlow_twins": "Barlow Twins, cross-correlation to the identity",

@@ -311,7 +311,7 @@ def build_method_of(run: RunConfig):
     return method
 
 
-def build_trainer(run: RunConfig, *, callbacks=None, probe=None) -> Trainer:
+def build_trainer(run: RunConfig, *, callbacks=None, probe=None, logs=None) -> Trainer:
     """The trainer of a resolved run (its method built with the run's seed)."""
     if run.train_set is None:  # a RunConfig made by hand, or read back from JSON
         run.train_set, run.test_set = load_data(run.data, run.image_size)
@@ -319,7 +319,9 @@ def build_trainer(run: RunConfig, *, callbacks=None, probe=None) -> Trainer:
     extra = {"data": run.data, "method": run.method, "image_size": run.image_size}
     if run.init_backbone:
         extra["init_backbone"] = os.path.abspath(run.init_backbone)
-    trainer = Trainer(method, run.train_set, run.train, run.test_set, callbacks=callbacks, extra=extra, probe=probe)
+    trainer = Trainer(
+        method, run.train_set, run.train, run.test_set, callbacks=callbacks, extra=extra, probe=probe, logs=logs
+    )
     trainer.run = run
     return trainer
 

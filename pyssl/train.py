@@ -36,13 +36,10 @@ from torch import Tensor, nn
 
 from pyssl import distributed
 from pyssl.data import ImageDataset, batches
+from pyssl.run_log import LOGS, CsvLog, CsvRunLog, ProgressRunLog, RunLog, RunLogs, StepRecord, TensorBoardRunLog
 
 CHECKPOINT_NAME = "checkpoint.pt"
 TEMPORARY_SUFFIX = ".tmp-"
-
-#: The CSV logs of a run and their columns. Every step has one row in metrics.csv; knn.csv has
-#: one row per kNN evaluation.
-LOGS = {"metrics.csv": ["step", "epoch", "loss", "lr", "images_per_s"], "knn.csv": ["step", "epoch", "knn_accuracy"]}
 
 #: Crash tests: the instants of a checkpoint at which a probe is called (see ``Trainer``), in order.
 CHECKPOINT_INSTANTS = (
@@ -287,30 +284,6 @@ def _set_rng_state(s: dict) -> None:
 # ---- logs ----------------------------------------------------------------------------------------
 
 
-class CsvLog:
-    """An append-only CSV log. Rows are buffered; :meth:`sync` makes every row written so far
-    durable and returns the file's length, which the checkpoint records: on resume the log is cut
-    back to that length, so that it holds each step up to the checkpoint exactly once."""
-
-    def __init__(self, path: str, header: list[str]):
-        fresh = not os.path.exists(path) or os.path.getsize(path) == 0
-        self.file = open(path, "a", newline="")
-        self.writer = csv.writer(self.file)
-        if fresh:
-            self.writer.writerow(header)
-
-    def write(self, row: list) -> None:
-        self.writer.writerow(row)
-
-    def sync(self) -> int:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        return os.fstat(self.file.fileno()).st_size
-
-    def close(self) -> None:
-        self.file.close()
-
-
 def _parse_row(line: str, width: int) -> list[str] | None:
     """A log row's fields, or None unless the line is ``width`` numbers, the first two integers."""
     fields = next(csv.reader([line.rstrip("\r\n")]), [])
@@ -489,6 +462,20 @@ class TrainResult:
     stopped: bool = False
 
 
+@dataclass
+class _Pace:
+    """The steps of a fit not yet read back from the device, and its throughput."""
+
+    start_step: int
+    pending: list = field(default_factory=list)  # (step, epoch, loss tensor, lr)
+    metrics: dict = field(default_factory=dict)  # the last step's, as tensors
+    images: int = 0  # trained since the last read-back
+    images_per_s: float = 0.0
+    since: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=time.perf_counter)
+    timed: bool = False
+
+
 class Trainer:
     """Trains ``method`` on ``train`` (an :class:`ImageDataset`; labels unused) per ``config``.
 
@@ -496,6 +483,8 @@ class Trainer:
     (``step`` counts completed steps); raising :class:`StopTraining` ends the run abruptly.
     ``method_spec``: ``{"name": ..., "cfg": {...}}`` stored in checkpoints so that ``pyssl eval``
     can rebuild the method; ``extra``: any more JSON-like info to store (data spec ...).
+    ``logs``: more :class:`pyssl.run_log.RunLog` s beside the CSV logs, TensorBoard and the
+    progress display (rank 0 only), e.g. an adapter to an experiment tracker.
     ``probe`` (crash tests): a function ``f(instant, step)`` called after every step
     (``"step"``) and at each of the ``CHECKPOINT_INSTANTS`` of every checkpoint, so that a test
     can kill the process at an exact instant; unlike a callback it changes nothing else.
@@ -511,6 +500,7 @@ class Trainer:
         method_spec: dict | None = None,
         extra: dict | None = None,
         probe: Callable[[str, int], None] | None = None,
+        logs: list[RunLog] | None = None,
     ):
         config.validate()
         if config.batch_size > len(train):
@@ -548,7 +538,9 @@ class Trainer:
         self._loaded_from: str | None = None
         self.probe = probe
         self.checkpoint_step: int | None = None  # of the last checkpoint written or loaded
-        self._logs: dict[str, CsvLog] = {}  # open while fit runs (rank 0)
+        self.logs = RunLogs()  # open while fit runs (rank 0: CSV, TensorBoard, progress, and `logs`)
+        self.extra_logs = list(logs or [])
+        self._pace: _Pace | None = None
         self.run = None  # the pyssl.config.RunConfig it was built from, if any
 
     # -- state --
@@ -590,10 +582,10 @@ class Trainer:
         run is killed, the logs hold at least the rows of the checkpoint's steps, and resume cuts
         them back to exactly those."""
         self._probe("checkpoint-start")
-        log_lengths = {name: log.sync() for name, log in self._logs.items()}
+        log_lengths = self.logs.sync()
         self._probe("logs-synced")
         state = self.state_dict()
-        if self._logs:
+        if log_lengths:
             state["log_lengths"] = log_lengths
         if self.is_main:
             save_atomic(state, self.ckpt_path, probe=self._probe)
@@ -696,142 +688,141 @@ class Trainer:
         np.random.seed(seed % 2**32)
 
     def fit(self, resume: bool = False) -> TrainResult:
-        cfg = self.cfg
-        if self.is_main:
-            os.makedirs(cfg.out_dir, exist_ok=True)
-        if resume and self._loaded_from is None and os.path.exists(self.ckpt_path):
-            self.load()
-        elif self._loaded_from is None:  # a fresh run (resume without a checkpoint starts one too)
-            self._seed_rngs(cfg.seed)
-            if self.is_main:
-                self._remove_previous_run()
-        distributed.broadcast_module(self.method)
+        self._begin(resume)
         result = TrainResult(steps=self.step)
-        writer = self._tensorboard() if self.is_main else None
-        if self.is_main:
-            self._logs = {name: CsvLog(os.path.join(cfg.out_dir, name), header) for name, header in LOGS.items()}
-        metrics, knn_log = self._logs.get("metrics.csv"), self._logs.get("knn.csv")
-        bar = self._progress() if self.is_main else None
+        self.logs = self._open_logs()
         self.method.train()
-        images, texts = self.train_data.images, self.train_data.texts
-        shard = cfg.batch_size // self.world_size
-        own_rows = slice(self.rank * shard, (self.rank + 1) * shard)
+        self._pace = _Pace(self.step)
         try:
-            t_last, n_last, ips = time.perf_counter(), 0, 0.0
-            t_start, start_step = t_last, self.step
-            timed = not self.is_main or self.device.type != "cpu"
-            pending: list[tuple[int, int, Tensor, float]] = []
-            pending_metrics: dict[str, Tensor] = {}
             while self.step < self.total_steps:
-                epoch, first = divmod(self.step, self.steps_per_epoch)
-                order = batches(len(images), cfg.batch_size, epoch, cfg.seed)
-                for index in order[first:]:
-                    # On the host, a batch is gathered there and copied over: uint8 images make that
-                    # copy a few milliseconds, small beside a training step.
-                    rows = index[own_rows].to(self.data_device)
-                    batch = images[rows].to(self.device)
-                    if texts is not None:  # image-text data (CLIP) trains on (images, captions) pairs
-                        batch = (batch, texts[rows].to(self.device))
-                    loss, step_metrics = self._train_step(batch)
-                    self.step += 1
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    pending.append((self.step, epoch, loss.detach(), lr))
-                    pending_metrics = step_metrics
-                    n_last += cfg.batch_size
-                    checkpoint_due = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
-                    if (
-                        len(pending) >= cfg.log_every
-                        or self.step % self.steps_per_epoch == 0
-                        or self.callbacks
-                        or checkpoint_due
-                    ):
-                        now = time.perf_counter()
-                        ips = n_last / max(now - t_last, 1e-9)
-                        t_last, n_last = now, 0
-                        # One copy to the host for the losses of every pending step and the last
-                        # step's metrics: the only point where the loop waits for the device.
-                        names = [n for n in pending_metrics if n != "loss"]
-                        host = torch.stack(
-                            [p[2].float() for p in pending]
-                            + [pending_metrics[n].to(pending[-1][2].device).float().reshape(()) for n in names]
-                        ).cpu()
-                        values = host[: len(pending)].tolist()
-                        result.metrics = {"loss": values[-1], **dict(zip(names, host[len(pending) :].tolist()))}
-                        for (s, e, _, r), v in zip(pending, values):
-                            if not math.isfinite(v):
-                                raise FloatingPointError(
-                                    f"loss is {v} at step {s}; lower the learning rate or disable AMP"
-                                )
-                            if metrics is not None:
-                                metrics.write([s, e, repr(v), f"{r:.6g}", f"{ips:.1f}"])
-                            result.losses.append(v)
-                            if writer is not None:
-                                writer.add_scalar("train/loss", v, s)
-                                writer.add_scalar("train/lr", r, s)
-                        if writer is not None:
-                            writer.add_scalar("train/images_per_s", ips, self.step)
-                            for name in names:
-                                writer.add_scalar(f"train/{name}", result.metrics[name], self.step)
-                        if bar is not None:
-                            bar.update(len(pending))
-                            bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{ips:.0f}", epoch=epoch + 1)
-                        pending = []
-                    if checkpoint_due:
-                        self.save()
-                    for cb in self.callbacks:
-                        cb(self, self.step, result.losses[-1])
-                    self._probe("step")
-                    if not timed:
-                        timed = self._warn_if_slow(time.perf_counter() - t_start, self.step - start_step, bar)
-                epoch_done = self.step // self.steps_per_epoch
-                if bar is None and cfg.progress and result.losses and self.is_main:
-                    print(
-                        f"epoch {epoch_done}/{cfg.epochs}: step {self.step}, loss {result.losses[-1]:.4f}, "
-                        f"lr {self.optimizer.param_groups[0]['lr']:.4g}, {ips:.0f} images/s",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                if (
-                    self.is_main
-                    and cfg.knn_every
-                    and self.test_data is not None
-                    and (epoch_done % cfg.knn_every == 0 or self.step == self.total_steps)
-                ):
-                    acc = self.knn_accuracy()
-                    result.knn.append((epoch_done, acc))
-                    knn_log.write([self.step, epoch_done, f"{acc:.6f}"])
-                    if writer is not None:
-                        writer.add_scalar("eval/knn_accuracy", acc, self.step)
-                    msg = f"epoch {epoch_done}: kNN accuracy {acc * 100:.2f}%"
-                    bar.write(msg) if bar is not None else print(msg, file=sys.stderr)
-                self.save()
+                self._train_epoch(result)
+                self._end_epoch(result)
         except StopTraining:
             result.stopped = True
         finally:
-            for log in self._logs.values():
-                log.close()
-            self._logs = {}
-            if bar is not None:
-                bar.close()
-            if writer is not None:
-                writer.close()
+            self.logs.close()
+            self.logs = RunLogs()
         result.steps = self.step
         return result
 
-    def _warn_if_slow(self, elapsed: float, steps: int, bar) -> bool:
+    def _begin(self, resume: bool) -> None:
+        """Continues from the checkpoint (``resume``, or one already loaded) or starts afresh, and
+        gives every rank rank 0's parameters."""
+        if self.is_main:
+            os.makedirs(self.cfg.out_dir, exist_ok=True)
+        if resume and self._loaded_from is None and os.path.exists(self.ckpt_path):
+            self.load()
+        elif self._loaded_from is None:  # a fresh run (resume without a checkpoint starts one too)
+            self._seed_rngs(self.cfg.seed)
+            if self.is_main:
+                self._remove_previous_run()
+        distributed.broadcast_module(self.method)
+
+    def _open_logs(self) -> RunLogs:
+        if not self.is_main:
+            return RunLogs()
+        cfg = self.cfg
+        return RunLogs(
+            [
+                CsvRunLog(cfg.out_dir),
+                TensorBoardRunLog.open(cfg.out_dir, self.step) if cfg.tensorboard else None,
+                ProgressRunLog(self.total_steps, self.step, cfg.progress),
+                *self.extra_logs,
+            ]
+        )
+
+    def _batch(self, index: Tensor):
+        """This rank's shard of the batch of data-set rows ``index``, on the training device."""
+        shard = self.cfg.batch_size // self.world_size
+        # On the host, a batch is gathered there and copied over: uint8 images make that copy a
+        # few milliseconds, small beside a training step.
+        rows = index[self.rank * shard : (self.rank + 1) * shard].to(self.data_device)
+        batch = self.train_data.images[rows].to(self.device)
+        if self.train_data.texts is not None:  # image-text data (CLIP) trains on (images, captions) pairs
+            batch = (batch, self.train_data.texts[rows].to(self.device))
+        return batch
+
+    def _train_epoch(self, result: TrainResult) -> None:
+        """The rest of the current epoch, step by step."""
+        cfg, pace = self.cfg, self._pace
+        epoch, first = divmod(self.step, self.steps_per_epoch)
+        for index in batches(len(self.train_data.images), cfg.batch_size, epoch, cfg.seed)[first:]:
+            loss, metrics = self._train_step(self._batch(index))
+            self.step += 1
+            pace.pending.append((self.step, epoch, loss.detach(), self.optimizer.param_groups[0]["lr"]))
+            pace.metrics = metrics
+            pace.images += cfg.batch_size
+            checkpoint_due = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+            if (
+                len(pace.pending) >= cfg.log_every
+                or self.step % self.steps_per_epoch == 0
+                or self.callbacks
+                or checkpoint_due
+            ):
+                self._read_back(result)
+            if checkpoint_due:
+                self.save()
+            for cb in self.callbacks:
+                cb(self, self.step, result.losses[-1])
+            self._probe("step")
+            if not pace.timed:
+                pace.timed = not self.is_main or self.device.type != "cpu" or self._warn_if_slow(pace)
+
+    def _read_back(self, result: TrainResult) -> None:
+        """The pending steps' losses and the last step's metrics, in one copy to the host: the
+        only point where the loop waits for the device. A non-finite loss stops the run."""
+        pace = self._pace
+        now = time.perf_counter()
+        pace.images_per_s = pace.images / max(now - pace.since, 1e-9)
+        pace.since, pace.images = now, 0
+        losses = [p[2].float() for p in pace.pending]
+        names = [n for n in pace.metrics if n != "loss"]
+        device = losses[-1].device
+        host = torch.stack(losses + [pace.metrics[n].to(device).float().reshape(()) for n in names]).cpu()
+        values = host[: len(losses)].tolist()
+        records = []
+        for (step, epoch, _, lr), value in zip(pace.pending, values):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at step {step}; lower the learning rate or disable AMP")
+            records.append(StepRecord(step, epoch, value, lr))
+        result.losses += values
+        result.metrics = {"loss": values[-1], **dict(zip(names, host[len(losses) :].tolist()))}
+        self.logs.steps(records, pace.images_per_s, result.metrics)
+        pace.pending = []
+
+    def _end_epoch(self, result: TrainResult) -> None:
+        """The epoch line, the kNN monitor when it is due, and the end-of-epoch checkpoint."""
+        cfg = self.cfg
+        epoch_done = self.step // self.steps_per_epoch
+        if result.losses:
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.logs.epoch_end(epoch_done, cfg.epochs, self.step, result.losses[-1], lr, self._pace.images_per_s)
+        if (
+            self.is_main
+            and cfg.knn_every
+            and self.test_data is not None
+            and (epoch_done % cfg.knn_every == 0 or self.step == self.total_steps)
+        ):
+            acc = self.knn_accuracy()
+            result.knn.append((epoch_done, acc))
+            self.logs.knn(self.step, epoch_done, acc)
+            self.logs.message(f"epoch {epoch_done}: kNN accuracy {acc * 100:.2f}%")
+        self.save()
+
+    def _warn_if_slow(self, pace: _Pace) -> bool:
         """Once the first steps are timed, warns if the rest of the run would take hours on the
         CPU (a large model, as the defaults of real data sets are, runs at a few images/s there).
         Returns whether the first steps are timed."""
+        elapsed, steps = time.perf_counter() - pace.started, self.step - pace.start_step
         if elapsed < 5 and steps < 5:
             return False
         remaining = elapsed / steps * (self.total_steps - self.step)
         if remaining >= SLOW_RUN_WARNING_S:
-            message = (
+            self.logs.message(
                 f"warning: at {steps * self.cfg.batch_size / elapsed:.1f} images/s the rest of this run takes "
                 f"about {remaining / 3600:.1f} hours on the CPU; a GPU, a smaller backbone or image size, or "
                 f"fewer epochs would shorten it"
             )
-            bar.write(message) if bar is not None else print(message, file=sys.stderr, flush=True)
         return True
 
     def _train_step(self, batch: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -874,24 +865,6 @@ class Trainer:
             return (pred == self.test_data.labels.to(pred.device)).float().mean().item()
         finally:
             self.method.train(was)
-
-    def _tensorboard(self):
-        if not self.cfg.tensorboard:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception:
-            return None
-        return SummaryWriter(os.path.join(self.cfg.out_dir, "tb"), purge_step=self.step or None)
-
-    def _progress(self):
-        if not self.cfg.progress or not sys.stderr.isatty():  # logs get one line per epoch instead
-            return None
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            return None
-        return tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
 __all__ = [

@@ -10,11 +10,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 import pyssl
+from pyssl import reference
 from pyssl.momentum import cosine_schedule, update_momentum
 
 
 def ref_ema(ema, online, m):
-    return [(m * e.double() + (1 - m) * o.double()) for e, o in zip(ema, online)]
+    return reference.ema([e.double() for e in ema], [o.double() for o in online], m)
 
 
 TOL = {

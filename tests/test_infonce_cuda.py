@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pyssl
+from pyssl import reference
 
 cpu_ops = torch.ops.pyssl
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -38,25 +39,14 @@ def _randn(backend, *shape, dtype=torch.float32):
 
 
 def ref_ntxent(z, temperature, dtype=torch.float64):
-    """(loss, lse) of NT-Xent over z = cat(view0, view1), in float64 unless told."""
-    u = F.normalize(z.to(dtype), dim=1)
-    logits = (u @ u.T / temperature).fill_diagonal_(float("-inf"))
-    n = z.shape[0] // 2
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(logits, target), torch.logsumexp(logits, dim=1)
+    """(loss, lse) of NT-Xent over z = cat(view0, view1) (pyssl.reference), in float64 unless told."""
+    return reference.ntxent_stats(z.to(dtype), temperature)
 
 
 def ref_infonce(query, key, scale, symmetric):
-    """(loss, lse_row, lse_col) of InfoNCE / CLIP in float64; scale may be a tensor."""
-    u, v = F.normalize(query.double(), dim=1), F.normalize(key.double(), dim=1)
-    logits = scale * (u @ v.T) if isinstance(scale, torch.Tensor) else (u @ v.T) * scale
-    target = torch.arange(query.shape[0], device=query.device)
-    loss = F.cross_entropy(logits, target)
-    lse_row = torch.logsumexp(logits, dim=1)
-    lse_col = torch.logsumexp(logits, dim=0) if symmetric else logits.new_empty(0)
-    if symmetric:
-        loss = 0.5 * (loss + F.cross_entropy(logits.T, target))
-    return loss, lse_row, lse_col
+    """(loss, lse_row, lse_col) of InfoNCE / CLIP (pyssl.reference) in float64; scale may be a tensor."""
+    scale = scale.double() if isinstance(scale, torch.Tensor) else scale
+    return reference.infonce_stats(query.double(), key.double(), scale, symmetric)
 
 
 def _grads_ref(fn, *inputs):

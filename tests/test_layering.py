@@ -22,7 +22,11 @@ PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 LAYERS = {
     # The compiled extension and what everything above builds on. distributed: the process-group
     # helpers (all-gather with gradients, Shuffle-BN's permutations) that losses and methods share.
-    "base": (0, ["pyssl._loader", "pyssl._extension", "pyssl.ops", "pyssl.emulation", "pyssl.distributed"]),
+    # reference: each op's eager formula, beside the op.
+    "base": (
+        0,
+        ["pyssl._loader", "pyssl._extension", "pyssl.ops", "pyssl.reference", "pyssl.emulation", "pyssl.distributed"],
+    ),
     "losses": (1, ["pyssl.losses"]),
     # The pretext tasks' transforms and colour space are augmentations: tensor to tensor.
     "augment": (1, ["pyssl.augment", "pyssl.pretext", "pyssl.pretext.lab", "pyssl.pretext.transforms"]),
@@ -36,7 +40,8 @@ LAYERS = {
     # pretext.video: the name the mask propagation (an evaluation of video colorization) had.
     "eval": (5, ["pyssl.eval", "pyssl.pretext.video"]),
     # pretext.fit: a minimal training loop for quick checks of the pretext methods.
-    "train": (6, ["pyssl.train", "pyssl.pretext.fit"]),
+    # run_log: the trainer's logs (CSV, TensorBoard, progress) behind one interface.
+    "train": (6, ["pyssl.train", "pyssl.run_log", "pyssl.pretext.fit"]),
     "config": (7, ["pyssl.config"]),
     # launch: the local worker processes of --nproc; plot: the pictures of a run directory.
     "cli": (8, ["pyssl.cli", "pyssl.__main__", "pyssl.demo", "pyssl.launch", "pyssl.plot"]),

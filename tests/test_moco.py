@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pyssl
+from pyssl import reference
 from pyssl.losses import MoCoLoss
 from tolerances import assert_close, leaf  # noqa: E402
 
@@ -20,10 +21,8 @@ from tolerances import assert_close, leaf  # noqa: E402
 
 
 def ref_moco(query, key, queue, temperature):
-    """Materialised (N, K+1) logits in float64, positive in column 0."""
-    u, v = F.normalize(query.double(), dim=1), F.normalize(key.double(), dim=1)
-    logits = torch.cat([(u * v).sum(1, keepdim=True), u @ queue.double().T], dim=1) / temperature
-    return F.cross_entropy(logits, torch.zeros(query.shape[0], dtype=torch.long, device=query.device))
+    """Materialised (N, K+1) logits (pyssl.reference) in float64, positive in column 0."""
+    return reference.moco(query.double(), key.double(), queue.double(), temperature)
 
 
 def unit_queue(k, d, dtype=torch.float32):

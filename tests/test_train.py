@@ -120,7 +120,15 @@ def _stop_at(n):
 
 @pytest.mark.parametrize(
     "method,opt",
-    [("simclr", "sgd"), ("mocov2", "lars"), ("moco", "adamw"), ("byol", "sgd"), ("simsiam", "sgd"), ("vicreg", "sgd")],
+    [
+        ("simclr", "sgd"),
+        ("mocov2", "lars"),
+        ("moco", "adamw"),
+        ("byol", "sgd"),
+        ("simsiam", "sgd"),
+        ("vicreg", "sgd"),
+        ("mocov3", "adamw"),
+    ],
 )
 def test_resume_mid_epoch_reproduces_losses_exactly(tmp_path, method, opt):
     # 3 steps per epoch, 2 epochs; checkpoint every 2 steps; stopped at step 5 (mid-epoch 2)

@@ -18,6 +18,7 @@ from pyssl.methods.barlow_twins import BarlowTwins, VICReg
 from pyssl.methods.byol import BYOL
 from pyssl.methods.clip import CLIP  # image-text pairs
 from pyssl.methods.moco import MoCo
+from pyssl.methods.mocov3 import MoCoV3
 from pyssl.methods.simclr import SimCLR
 from pyssl.methods.simsiam import SimSiam
 
@@ -45,6 +46,7 @@ __all__ = [
     "method_preset",
     "SimCLR",
     "MoCo",
+    "MoCoV3",
     "BYOL",
     "SimSiam",
     "BarlowTwins",
