@@ -17,6 +17,7 @@ from pyssl.methods.spec import MethodSpec
 from pyssl.methods.barlow_twins import BarlowTwins, VICReg
 from pyssl.methods.byol import BYOL
 from pyssl.methods.clip import CLIP  # image-text pairs
+from pyssl.methods.mae import MAE  # masked generation, on a ViT
 from pyssl.methods.moco import MoCo
 from pyssl.methods.simclr import SimCLR
 from pyssl.methods.simsiam import SimSiam
@@ -49,6 +50,7 @@ __all__ = [
     "SimSiam",
     "BarlowTwins",
     "VICReg",
+    "MAE",
     "RotNet",
     "RelativePatch",
     "Jigsaw",
