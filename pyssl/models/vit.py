@@ -12,8 +12,9 @@ name           width  depth  heads  what for
 =============  =====  =====  =====  ===================================================
 
 The patch is 4 up to 64 px (CIFAR practice; a 16-px digit is a 4 x 4 grid of patches) and 16 above
-(the ImageNet ViT-*/16); the MLP is 4 x wide. On the digits (batch 128, 2-core CPU) a ViT-Ti step of
-MAE takes about 20 x as long as a vit-mini one, and learns no better features in 40 epochs.
+(the ImageNet ViT-*/16); the MLP is 4 x wide. On the digits (MAE, batch 128, one CPU thread, a
+64 x 1 decoder) a 192-wide 6-block ViT's step took 4 x as long as vit-mini's (155 against 38 ms)
+and its features did not beat its random init after 40 epochs; vit-mini's did.
 """
 
 from __future__ import annotations
