@@ -26,6 +26,7 @@ METHODS = {
     "simsiam": "SimSiam, BYOL without the teacher",
     "barlow_twins": "Barlow Twins, cross-correlation to the identity",
     "vicreg": "VICReg, variance-invariance-covariance",
+    "mae": "MAE, masked autoencoder on a ViT",
     "clip": "CLIP, image-text pairs",
     "rotnet": "rotation prediction",
     "jigsaw": "jigsaw puzzles",

@@ -26,7 +26,7 @@ from pyssl.data.registry import data_kinds, register_data
         "epochs": 40,
         "knn_every": 5,
         "hidden_dim": 512,
-        "lr": {"simclr": 0.5, "barlow_twins": 0.003, "*": 0.1},
+        "lr": {"simclr": 0.5, "barlow_twins": 0.003, "mae": 0.002, "*": 0.1},
         "warmup_epochs": 2,
         "knn_k": 20,
         # digits are not mirror-symmetric, and 8x8 originals leave little to crop

@@ -17,6 +17,7 @@ from pyssl.methods.spec import MethodSpec
 from pyssl.methods.barlow_twins import BarlowTwins, VICReg
 from pyssl.methods.byol import BYOL
 from pyssl.methods.clip import CLIP  # image-text pairs
+from pyssl.methods.mae import MAE  # masked generation, on a ViT
 from pyssl.methods.moco import MoCo
 from pyssl.methods.mocov3 import MoCoV3
 from pyssl.methods.simclr import SimCLR
@@ -51,6 +52,7 @@ __all__ = [
     "SimSiam",
     "BarlowTwins",
     "VICReg",
+    "MAE",
     "RotNet",
     "RelativePatch",
     "Jigsaw",

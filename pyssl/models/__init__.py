@@ -13,6 +13,7 @@ from pyssl.models.heads import PredictionHead, ProjectionHead, linear_head, mlp_
 from pyssl.models.registry import BACKBONES, build_backbone, register_backbone
 from pyssl.models.staged import StagedEncoder
 from pyssl.models.text import TextTransformer
+from pyssl.models.vit import TransformerBlock, ViT
 
 __all__ = [
     "ResNet",
@@ -29,4 +30,6 @@ __all__ = [
     "SplitBatchNorm",
     "ModelError",
     "TextTransformer",
+    "ViT",
+    "TransformerBlock",
 ]
