@@ -1,34 +1,60 @@
 # One command sets up and runs each job on a fresh machine:
 #   make demo   - virtual environment + torch + build, then the main job
 #   make test   - the same set-up, then ruff, the whole test suite and the CPU-only build check
+#   make demo CPU_ONLY=1 - the demo without CUDA: CPU-only torch, runtime dependencies, CPU kernels
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
-VENV ?= .venv
-PY := $(VENV)/bin/python
-TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-# CPU-only torch for the build check (a local wheel here; elsewhere point pip at PyTorch's CPU index).
+# CPU-only torch for the build check and CPU_ONLY (a local wheel here; elsewhere PyTorch's CPU index).
 TORCH_CPU_SPEC ?= torch==2.13.0+cpu
 CPU_VENV ?= .venv-cpu
-# CUDA architectures the kernels are compiled for (CMake syntax: 90, "80;90", native).
-export PYSSL_CUDA_ARCH ?= 90
+ifdef CPU_ONLY
+# No CUDA wheels (about 3 GB less to download, 5 GB less on disk) and no CUDA build: a venv of its own.
+VENV ?= .venv-cpuonly
+TORCH_SPEC ?= $(TORCH_CPU_SPEC)
+# Where PyPI's indexes have no CPU-only torch (PyPI itself has none for Linux), PyTorch's CPU index.
+TORCH_FALLBACK = || $(PY) -m pip install -q --disable-pip-version-check \
+    --index-url https://download.pytorch.org/whl/cpu torch==2.14.1
+REQUIREMENTS ?= requirements-run.txt
+# its own build folder: CMake's cache there knows the other torch
+BUILD_ARGS ?= -Cbuild-dir=build/cpu-only-demo
+export PYSSL_CUDA ?= OFF
+export PYSSL_CUDA_EMULATE ?= OFF
+else
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+REQUIREMENTS ?= requirements-dev.txt
+BUILD_ARGS ?=
 # Also build pyssl._C_emu: the CUDA kernels' sources on the CPU emulator, so the CUDA tests run
 # here without a GPU (tests/test_*: backend "emu").
 export PYSSL_CUDA_EMULATE ?= ON
+endif
+PY := $(VENV)/bin/python
+# CUDA architectures the kernels are compiled for (CMake syntax: 90, "80;90", native).
+export PYSSL_CUDA_ARCH ?= 90
 PYTEST_ARGS ?=
 # Arguments of `make demo` (python -m pyssl.demo), e.g. DEMO_ARGS=--finetune.
 DEMO_ARGS ?=
 
 .PHONY: setup build lint test pytest sass-check check-cpu-build demo bench clean
 
-$(VENV)/.deps-stamp: requirements-dev.txt
+$(VENV)/.deps-stamp: $(REQUIREMENTS) requirements-run.txt
+	@echo "== set-up: $(VENV) with $(TORCH_SPEC) and $(REQUIREMENTS) (once; the CUDA torch is a ~3 GB download, ~6 GB installed)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC) $(TORCH_FALLBACK)
+	$(PY) -m pip install -q --disable-pip-version-check -r $(REQUIREMENTS)
 	touch $@
 
 setup: $(VENV)/.deps-stamp
 
+# The compiler's progress ([k/n] lines) is shown; pip's full output goes to build/pip-install.log.
 build: setup
-	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+	@echo "== building the extension ($(if $(filter OFF,$(PYSSL_CUDA)),CPU kernels,CPU and CUDA kernels: about 3 minutes on 2 cores the first time)); log in build/pip-install.log"
+	@mkdir -p build
+	@SECONDS=0; $(PY) -m pip install -v --disable-pip-version-check --no-build-isolation --no-deps -e . $(BUILD_ARGS) 2>&1 \
+	    | tee build/pip-install.log | { grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\] ' || true; } \
+	    || { echo "== the build failed: the end of build/pip-install.log:"; tail -30 build/pip-install.log; exit 1; }; \
+	    echo "== built in $${SECONDS} s"
 
 # The CUDA tests run twice: on a GPU when there is one, and always on the CPU emulator (a build
 # without it fails here instead of skipping them). --durations names the slowest tests.
@@ -78,6 +104,7 @@ check-cpu-build:
 	cd /tmp && PYSSL_SMOKE_TORCH=$$torch_kind $(abspath $(CPU_VENV))/bin/python $(abspath tests/cpu_build_smoke.py)
 
 demo: build
+	@echo "== the demo: SimCLR on the embedded digits, 40 epochs on the CPU (about a minute), then the evaluation"
 	$(PY) -m pyssl.demo $(DEMO_ARGS)
 
 bench: build

@@ -2,6 +2,7 @@
 float64 references (gathered losses, MoCo queue) and through ``pyssl train --nproc 2``."""
 
 import csv
+import math
 import os
 
 import pytest
@@ -377,3 +378,17 @@ def test_single_process_helpers_are_no_ops():
     before = p.grad.clone()
     distributed.all_reduce_gradients([p])
     assert torch.equal(p.grad, before)
+
+
+@pytest.mark.parametrize("name", ["mocov3", "byol", "barlow_twins"])
+def test_the_new_methods_train_in_lockstep_on_two_processes(name, tmp_path):
+    # MoCo v3 gathers its keys and Barlow Twins its cross-correlation over the ranks; BYOL needs
+    # nothing gathered. Each rank updates its own teacher: they stay one only if every step is.
+    argv = ["train", "--nproc", str(WORLD), "--method", name, "--image-size", "8", "--backbone", "small"]
+    argv += ["--hidden-dim", "16", "--epochs", "1", "--batch-size", "512", "--device", "cpu", "--knn-every", "0"]
+    assert main([*argv, "--no-progress", "--no-tensorboard", "--out", str(tmp_path)]) == 0
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    digests = ckpt["parameter_digest_per_rank"]
+    assert len(digests) == WORLD and len(set(digests)) == 1, "the ranks' parameters differ"
+    losses = _losses(tmp_path)
+    assert len(losses) == 1258 // 512 and all(math.isfinite(v) for v in losses)

@@ -31,7 +31,7 @@ SMALL = DATA.subset(torch.arange(96))
 def make_method(name="simclr", seed=0):
     torch.manual_seed(seed)
     kw = dict(backbone="convnet-small", image_size=8, hidden_dim=16, out_dim=8)
-    if name.startswith("moco"):
+    if name in ("moco", "mocov2"):
         kw["queue_size"] = 64
     return build_method(name, **kw)
 

@@ -44,7 +44,8 @@ class BarlowTwins(_RedundancyReduction):
         hidden_dim, out_dim: projector widths (the paper: 8,192 both; ``out_dim`` defaults to
             ``hidden_dim``).
         lambda_param: weight of the off-diagonal (redundancy) terms (the paper's 5e-3).
-        gather_distributed: correlate over the batches of all processes.
+        gather_distributed: correlate over the batches of all processes (the paper's global
+            batch; inert in one process).
 
     The loss sums ``out_dim`` squared diagonal terms, so its gradients are large: SGD wants a
     rate about 20x below the contrastive methods' (0.003 per 128 images).
@@ -60,7 +61,7 @@ class BarlowTwins(_RedundancyReduction):
         hidden_dim: int = 8192,
         out_dim: int | None = None,
         lambda_param: float = 5e-3,
-        gather_distributed: bool = False,
+        gather_distributed: bool = True,
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
         augment=None,
@@ -81,7 +82,8 @@ class VICReg(_RedundancyReduction):
             ``hidden_dim``).
         lambda_param, mu_param, nu_param: weights of the invariance, variance and covariance terms
             (the paper's 25, 25, 1).
-        gather_distributed: variance and covariance over the batches of all processes.
+        gather_distributed: variance and covariance over the batches of all processes (inert in
+            one process).
     """
 
     def __init__(
@@ -94,7 +96,7 @@ class VICReg(_RedundancyReduction):
         lambda_param: float = 25.0,
         mu_param: float = 25.0,
         nu_param: float = 1.0,
-        gather_distributed: bool = False,
+        gather_distributed: bool = True,
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
         augment=None,
