@@ -1,8 +1,9 @@
 """Drop-in loss modules: the InfoNCE family and MoCo on pyssl's fused kernels; the metric-learning
 losses (contrastive, triplet, N-pair, lifted structure, NCE, soft nearest neighbours) and the
-non-contrastive ones (negative cosine similarity, Barlow Twins, VICReg) in plain, memory-bounded
-PyTorch."""
+non-contrastive ones (negative cosine similarity, Barlow Twins, VICReg, DINO) in plain,
+memory-bounded PyTorch."""
 
+from pyssl.losses.dino import DINOLoss
 from pyssl.losses.infonce import ClipLoss, InfoNCELoss, NTXentLoss
 from pyssl.losses.metric import (
     ContrastiveLoss,
@@ -29,4 +30,5 @@ __all__ = [
     "NegativeCosineSimilarity",
     "BarlowTwinsLoss",
     "VICRegLoss",
+    "DINOLoss",
 ]
