@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
+from probing import trained_and_random  # noqa: E402
 from pyssl.config import build_trainer, resolve
-from pyssl.eval import balanced_subset, extract_features, knn_predict, linear_probe
 from pyssl.losses import NegativeCosineSimilarity
 from pyssl.methods import BYOL, SimSiam, build_method
 
@@ -76,11 +76,6 @@ def test_simsiam_stops_the_gradient_at_the_target_projection():
         build_method("simsiam", backbone="convnet-small", image_size=16, pred_dim=0)
 
 
-def _features(method, data):
-    method.eval()
-    return extract_features(method.backbone, data.images, method.normalize)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name,epochs", [("simsiam", 40), ("byol", 100)])
 def test_features_beat_the_random_init_encoder_on_the_digits(name, epochs, tmp_path):
@@ -91,13 +86,7 @@ def test_features_beat_the_random_init_encoder_on_the_digits(name, epochs, tmp_p
     random_init = copy.deepcopy(trainer.method)
     result = trainer.fit()
     assert result.losses[-1] < result.losses[0] - 0.5
-    train, test = trainer.train_data, trainer.test_data
-    keep = balanced_subset(train.labels, 0.1, 0)
-    scores = {}
-    for who, method in (("trained", trainer.method), ("random", random_init)):
-        tr, te = _features(method, train), _features(method, test)
-        knn = (knn_predict(tr, train.labels, te, k=20, t=0.1, num_classes=10) == test.labels).float().mean().item()
-        scores[who] = (knn, linear_probe(tr[keep], train.labels[keep], te, test.labels, num_classes=10))
+    scores = trained_and_random(trainer, random_init)
     # the probe with 10 % of the labels is where pre-training shows; kNN over all labels (a strong
     # baseline on the digits: 92 % from random weights) must not be worse
     assert scores["trained"][1] > scores["random"][1] + 0.02, scores

@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 
+from probing import trained_and_random  # noqa: E402
 from pyssl import reference
 from pyssl.config import build_trainer, resolve
-from pyssl.eval import balanced_subset, extract_features, knn_predict, linear_probe
 from pyssl.methods import MoCoV3, build_method
 
 
@@ -51,14 +51,6 @@ def test_features_beat_the_random_init_encoder_on_the_digits(tmp_path):
     random_init = copy.deepcopy(trainer.method)
     result = trainer.fit()
     assert result.losses[-1] < result.losses[0] - 1.0
-    train, test = trainer.train_data, trainer.test_data
-    keep = balanced_subset(train.labels, 0.1, 0)
-    scores = {}
-    for who, method in (("trained", trainer.method), ("random", random_init)):
-        method.eval()
-        tr = extract_features(method.backbone, train.images, method.normalize)
-        te = extract_features(method.backbone, test.images, method.normalize)
-        knn = (knn_predict(tr, train.labels, te, k=20, t=0.1, num_classes=10) == test.labels).float().mean().item()
-        scores[who] = (knn, linear_probe(tr[keep], train.labels[keep], te, test.labels, num_classes=10))
+    scores = trained_and_random(trainer, random_init)
     assert scores["trained"][1] > scores["random"][1] + 0.02, scores
     assert scores["trained"][0] > scores["random"][0] + 0.02, scores

@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
+from probing import trained_and_random  # noqa: E402
 from pyssl.config import build_trainer, resolve
-from pyssl.eval import balanced_subset, extract_features, knn_predict, linear_probe
 from pyssl.methods import MAE, MethodError, build_method
 from pyssl.methods.mae import masked_patch_loss, normalized_patches
 from pyssl.models import ModelError, ViT, build_backbone
@@ -175,11 +175,6 @@ def test_a_digits_run_resolves_to_a_vit_with_adamw_and_crops_only():
     assert MAE(backbone=small_vit(), image_size=16).augment.p_flip == 0.5  # the paper's flip elsewhere
 
 
-def _features(method, data):
-    method.eval()
-    return extract_features(method.backbone, data.images, method.normalize)
-
-
 @pytest.mark.slow
 def test_mae_features_beat_the_random_init_vit_on_the_digits(tmp_path):
     # measured (seed 0 / 1, 40 epochs): kNN 67.3 / 73.7 % against 62.7 / 69.4 % at random init,
@@ -191,12 +186,6 @@ def test_mae_features_beat_the_random_init_vit_on_the_digits(tmp_path):
     first, last = result.losses[0], sum(result.losses[-9:]) / 9  # the last epoch
     baseline = result.metrics["mean_baseline"]  # predicting 0, each masked patch's own mean
     assert last < 0.75 * baseline < first, (first, last, baseline)
-    train, test = trainer.train_data, trainer.test_data
-    keep = balanced_subset(train.labels, 0.1, 0)
-    scores = {}
-    for who, method in (("trained", trainer.method), ("random", random_init)):
-        tr, te = _features(method, train), _features(method, test)
-        knn = (knn_predict(tr, train.labels, te, k=20, t=0.1, num_classes=10) == test.labels).float().mean().item()
-        scores[who] = (knn, linear_probe(tr[keep], train.labels[keep], te, test.labels, num_classes=10))
+    scores = trained_and_random(trainer, random_init)
     assert scores["trained"][1] > scores["random"][1] + 0.02, scores
     assert scores["trained"][0] > scores["random"][0], scores
