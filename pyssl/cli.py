@@ -359,17 +359,15 @@ def run_overrides(args) -> dict:
 def prepare_training(args):
     """Everything that can fail (method, data, sizes, checkpoint) is checked here, before training."""
     from pyssl import distributed
-    from pyssl.config import DEFAULT_RUN_DIR, build_trainer, check_run_directory, resolve
-    from pyssl.methods import available_methods, method_class
+    from pyssl.config import build_trainer, check_run_directory, default_out, resolve
+    from pyssl.methods import method_class
     from pyssl.train import crash_probe_from_env
 
-    if args.method not in available_methods():
-        raise CLIError(f"unknown method {args.method!r} (choose from {', '.join(available_methods())})")
+    spec = method_class(args.method).spec  # an unknown method is one error line, before anything else
     if args.data is None:  # colour pretext tasks default to colour data, video colorization to videos
-        args.data = method_class(args.method).spec.default_data
+        args.data = spec.default_data
     overrides = run_overrides(args)
-    kind = args.data.partition(":")[0].lower()
-    overrides.setdefault("out", os.path.join(DEFAULT_RUN_DIR, f"{args.method}-{kind}"))
+    overrides.setdefault("out", default_out(args.method, args.data))
     if distributed.is_main_process():  # the other ranks would see the files rank 0 starts writing
         check_run_directory(overrides["out"], args.resume, args.overwrite)
     run = resolve(args.method, args.data, **overrides)
@@ -382,16 +380,15 @@ def prepare_training(args):
 def cmd_train(args) -> int:
     from pyssl import distributed
 
+    device_type = (args.device or _default_device()).partition(":")[0]
     if args.nproc is not None:
         if distributed.launched_by_torchrun():
             raise CLIError("--nproc starts its own workers; under torchrun, leave it out")
         from pyssl.launch import spawn_workers
 
-        device_type = (args.device or _default_device()).partition(":")[0]
         nproc, args.nproc, args.device = args.nproc, None, device_type  # the workers train, not spawn
         return spawn_workers(cmd_train, args, nproc, device_type, _expected_errors())
     if distributed.launched_by_torchrun():
-        device_type = (args.device or _default_device()).partition(":")[0]
         try:
             args.device = str(distributed.init_from_env(device_type))
         except (RuntimeError, ValueError) as e:

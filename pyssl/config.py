@@ -173,6 +173,11 @@ def _given(value, default):
     return default if value is None else value
 
 
+def default_out(method: str, data: str) -> str:
+    """Where a run writes when not told: ``runs/METHOD-KIND`` (KIND: the data set's name)."""
+    return os.path.join(DEFAULT_RUN_DIR, f"{method}-{data.partition(':')[0].lower()}")
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -285,7 +290,7 @@ def resolve(
         momentum=train_over.pop("momentum", tdef.get("momentum", 0.9)),
         warmup_epochs=warmup if warmup is not None else min(d.get("warmup_epochs", 0.0), epochs / 10),
         device=device,
-        out_dir=run_over.get("out") or os.path.join(DEFAULT_RUN_DIR, f"{method}-{kind}"),
+        out_dir=run_over.get("out") or default_out(method, data),
         knn_every=knn_every if knn_every is not None else d["knn_every"] if labelled else 0,
         knn_k=_given(train_over.pop("knn_k", None), d.get("knn_k", 200)),
         **{k: v for k, v in train_over.items() if k != "batch_size"},
@@ -446,6 +451,7 @@ __all__ = [
     "RUN_FILES",
     "RUN_REPORTS",
     "default_device",
+    "default_out",
     "DEFAULT_RUN_DIR",
     "RUN_KEYS",
 ]

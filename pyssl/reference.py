@@ -1,5 +1,5 @@
-"""One eager PyTorch reference per fused op: the formula written the obvious way, with the full
-similarity matrix materialised. The tests compare every kernel with these (on float64 inputs),
+"""One eager PyTorch reference per fused op and memory-bounded loss: the formula written the
+obvious way, with the full similarity (or d x d, or views x batch x K) matrix materialised. The tests compare every kernel with these (on float64 inputs),
 and the benchmarks time them as "eager PyTorch" (in the inputs' dtype). They compute in the
 dtype they are given and differentiate with autograd; they are what the fused ops replace, so
 they cost O(N^2) memory (NT-Xent, InfoNCE, CLIP) or O(N K) (MoCo).
@@ -73,4 +73,75 @@ def ema(ema_tensors: list[Tensor], online: list[Tensor], momentum: float) -> lis
     return [momentum * e + (1 - momentum) * o.to(e.dtype) for e, o in zip(ema_tensors, online)]
 
 
-__all__ = ["ntxent", "ntxent_stats", "infonce", "infonce_stats", "moco", "ema"]
+def negative_cosine_similarity(x0: Tensor, x1: Tensor, dim: int = 1, eps: float = 1e-8) -> Tensor:
+    """``pyssl.losses.NegativeCosineSimilarity``: the mean of -cos(x0, x1) along ``dim``."""
+    x0, x1 = torch.broadcast_tensors(x0, x1)
+    norms = x0.norm(dim=dim).clamp_min(eps) * x1.norm(dim=dim).clamp_min(eps)
+    return -((x0 * x1).sum(dim) / norms).mean()
+
+
+def barlow_twins(z_a: Tensor, z_b: Tensor, lambda_param: float = 5e-3, eps: float = 1e-5) -> Tensor:
+    """``pyssl.losses.BarlowTwinsLoss`` (one process) through the full d x d cross-correlation of
+    the batch-normalised views (biased variance, ``F.batch_norm``'s eps, as lightly)."""
+    n, d = z_a.shape
+    a = (z_a - z_a.mean(0)) / torch.sqrt(z_a.var(0, unbiased=False) + eps)
+    b = (z_b - z_b.mean(0)) / torch.sqrt(z_b.var(0, unbiased=False) + eps)
+    c = a.T @ b / n
+    off_diagonal = ~torch.eye(d, dtype=torch.bool, device=c.device)
+    return (1 - torch.diagonal(c)).square().sum() + lambda_param * c[off_diagonal].square().sum()
+
+
+def vicreg(
+    z_a: Tensor,
+    z_b: Tensor,
+    lambda_param: float = 25.0,
+    mu_param: float = 25.0,
+    nu_param: float = 1.0,
+    eps: float = 1e-4,
+) -> Tensor:
+    """``pyssl.losses.VICRegLoss`` (one process; views (N, ..., d)) through the full d x d
+    covariance of each view."""
+    n, d = z_a.shape[0], z_a.shape[-1]
+    off_diagonal = ~torch.eye(d, dtype=torch.bool, device=z_a.device)
+
+    def variance(z):
+        return torch.relu(1 - torch.sqrt(z.var(0) + eps)).mean()
+
+    def covariance(z):
+        z = z - z.mean(0)
+        cov = torch.einsum("n...i,n...j->...ij", z, z) / (n - 1)  # (..., d, d)
+        return (cov[..., off_diagonal].square().sum(-1) / d).mean()
+
+    invariance = (z_a - z_b).square().mean()
+    return (
+        lambda_param * invariance
+        + mu_param * 0.5 * (variance(z_a) + variance(z_b))
+        + nu_param * (covariance(z_a) + covariance(z_b))
+    )
+
+
+def dino(
+    teacher_out: list[Tensor], student_out: list[Tensor], center: Tensor, teacher_temp: float, student_temp: float
+) -> Tensor:
+    """``pyssl.losses.DINOLoss`` with every view stacked, as lightly computes it: the mean over
+    the (teacher, student) view pairs of different index of the teacher-student cross-entropy."""
+    t = F.softmax((torch.stack(teacher_out) - center) / teacher_temp, dim=-1)
+    s = F.log_softmax(torch.stack(student_out) / student_temp, dim=-1)
+    loss = -torch.einsum("tbd,sbd->ts", t, s)
+    loss.fill_diagonal_(0)
+    n_terms = loss.numel() - loss.diagonal().numel()
+    return loss.sum() / (n_terms * t.shape[1])
+
+
+__all__ = [
+    "ntxent",
+    "ntxent_stats",
+    "infonce",
+    "infonce_stats",
+    "moco",
+    "ema",
+    "negative_cosine_similarity",
+    "barlow_twins",
+    "vicreg",
+    "dino",
+]

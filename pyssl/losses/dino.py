@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyssl import distributed
+from pyssl import distributed, reference
 
 
 class _StudentCrossEntropy(torch.autograd.Function):
@@ -128,7 +128,7 @@ class DINOLoss(nn.Module):
         center = self.center.reshape(1, -1).to(acc)
         with torch.no_grad():
             teacher_probs = [F.softmax((y.detach().to(acc) - center) / temperature, dim=-1) for y in teacher_out]
-            total = torch.stack(teacher_probs).sum(0) if t_views > 1 else teacher_probs[0]
+            total = sum(teacher_probs[1:], teacher_probs[0])  # summed view by view: no (T, B, K) stack
         loss = 0.0
         for s, x in enumerate(student_out):
             weights = total - teacher_probs[s] if s < t_views else total
@@ -140,16 +140,19 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_out: list[Tensor]) -> None:
         """EMA of the teacher outputs' mean over views and batch (and processes)."""
-        batch_center = torch.stack([y.detach().float() for y in teacher_out]).mean(dim=(0, 1), keepdim=True)
+        # the mean of the views' batch means (the views share one batch size): no (T, B, K) stack
+        batch_center = sum(y.detach().float().mean(0) for y in teacher_out) / len(teacher_out)
+        batch_center = batch_center.reshape(1, 1, -1)
         batch_center = distributed.mean_over_ranks(batch_center)  # the identity in one process
         self.center.mul_(self.center_momentum).add_(batch_center.to(self.center.dtype), alpha=1 - self.center_momentum)
 
 
 def dino_loss_reference(teacher_out, student_out, center, teacher_temp, student_temp) -> Tensor:
-    """The formula with every view stacked (as lightly computes it), for the tests; float64."""
-    t = F.softmax((torch.stack(teacher_out).double() - center.double()) / teacher_temp, dim=-1)
-    s = F.log_softmax(torch.stack(student_out).double() / student_temp, dim=-1)
-    loss = -torch.einsum("tbd,sbd->ts", t, s)
-    loss.fill_diagonal_(0)
-    n_terms = loss.numel() - loss.diagonal().numel()
-    return loss.sum() / (n_terms * t.shape[1])
+    """float64 reference, every view stacked as lightly does (:func:`pyssl.reference.dino`)."""
+    return reference.dino(
+        [t.double() for t in teacher_out],
+        [s.double() for s in student_out],
+        center.double(),
+        teacher_temp,
+        student_temp,
+    )

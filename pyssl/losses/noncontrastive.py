@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyssl import distributed, ops
+from pyssl import distributed, ops, reference
 
 # F.batch_norm's default epsilon, which lightly's Barlow Twins normalisation runs with.
 _BATCH_NORM_EPS = 1e-5
@@ -154,11 +154,8 @@ class NegativeCosineSimilarity(nn.Module):
 
 
 def negative_cosine_similarity_reference(x0: Tensor, x1: Tensor, dim: int = 1, eps: float = 1e-8) -> Tensor:
-    """float64 reference of :class:`NegativeCosineSimilarity`."""
-    x0, x1 = torch.broadcast_tensors(x0.double(), x1.double())
-    dots = (x0 * x1).sum(dim)
-    norms = x0.norm(dim=dim).clamp_min(eps) * x1.norm(dim=dim).clamp_min(eps)
-    return -(dots / norms).mean()
+    """float64 reference of :class:`NegativeCosineSimilarity` (:func:`pyssl.reference.negative_cosine_similarity`)."""
+    return reference.negative_cosine_similarity(x0.double(), x1.double(), dim, eps)
 
 
 # ---- Barlow Twins ------------------------------------------------------------------------------
@@ -245,14 +242,9 @@ class BarlowTwinsLoss(nn.Module):
 
 
 def barlow_twins_loss_reference(z_a: Tensor, z_b: Tensor, lambda_param: float = 5e-3) -> Tensor:
-    """float64 reference of :class:`BarlowTwinsLoss` (one process), through the full d x d matrix."""
-    a, b = z_a.double(), z_b.double()
-    n, d = a.shape
-    a = (a - a.mean(0)) / torch.sqrt(a.var(0, unbiased=False) + _BATCH_NORM_EPS)
-    b = (b - b.mean(0)) / torch.sqrt(b.var(0, unbiased=False) + _BATCH_NORM_EPS)
-    c = a.T @ b / n
-    off_diagonal = ~torch.eye(d, dtype=torch.bool, device=c.device)
-    return (1 - torch.diagonal(c)).square().sum() + lambda_param * c[off_diagonal].square().sum()
+    """float64 reference of :class:`BarlowTwinsLoss` (one process), through the full d x d matrix
+    (:func:`pyssl.reference.barlow_twins`)."""
+    return reference.barlow_twins(z_a.double(), z_b.double(), lambda_param, _BATCH_NORM_EPS)
 
 
 # ---- VICReg ------------------------------------------------------------------------------------
@@ -367,25 +359,9 @@ def vicreg_loss_reference(
     nu_param: float = 1.0,
     eps: float = 1e-4,
 ) -> Tensor:
-    """float64 reference of :class:`VICRegLoss` (one process), through the full d x d covariance."""
-    a, b = z_a.double(), z_b.double()
-    n, d = a.shape[0], a.shape[-1]
-    off_diagonal = ~torch.eye(d, dtype=torch.bool, device=a.device)
-
-    def variance(z):
-        return torch.relu(1 - torch.sqrt(z.var(0) + eps)).mean()
-
-    def covariance(z):
-        z = z - z.mean(0)
-        cov = torch.einsum("n...i,n...j->...ij", z, z) / (n - 1)  # (..., d, d)
-        return (cov[..., off_diagonal].square().sum(-1) / d).mean()
-
-    invariance = (a - b).square().mean()
-    return (
-        lambda_param * invariance
-        + mu_param * 0.5 * (variance(a) + variance(b))
-        + nu_param * (covariance(a) + covariance(b))
-    )
+    """float64 reference of :class:`VICRegLoss` (one process), through the full d x d covariance
+    (:func:`pyssl.reference.vicreg`)."""
+    return reference.vicreg(z_a.double(), z_b.double(), lambda_param, mu_param, nu_param, eps)
 
 
 __all__ = [
