@@ -19,12 +19,16 @@ inline void define_schemas(torch::Library& m) {
   // tensor_cores (this family): whether CUDA fp16/bf16 input takes the tensor-core kernels; None
   // reads PYSSL_INFONCE_TENSOR_CORES. The autograd wrappers decide once per forward and pass the
   // same choice to the backward. The CPU kernels ignore it.
+  // output_mask (backward): which of (grad_query, grad_key, grad_logit_scale) to compute, as
+  // ATen's backward ops take it; a gradient left out comes back undefined (None in Python) and
+  // its work is skipped (no key-side sweep for a detached key, as MoCo v3's momentum keys are).
   m.def(
       "infonce_forward(Tensor query, Tensor key, Tensor logit_scale, bool symmetric, bool? tensor_cores=None) "
       "-> (Tensor loss, Tensor lse_row, Tensor lse_col)");
   m.def(
       "infonce_backward(Tensor grad_loss, Tensor query, Tensor key, Tensor logit_scale, "
-      "Tensor lse_row, Tensor lse_col, bool symmetric, bool? tensor_cores=None) "
+      "Tensor lse_row, Tensor lse_col, bool symmetric, bool? tensor_cores=None, "
+      "bool[3] output_mask=[True, True, True]) "
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_logit_scale)");
 
   // ---- MoCo queue logits + cross-entropy (csrc/moco) --------------------------------------
@@ -32,13 +36,14 @@ inline void define_schemas(torch::Library& m) {
   // S_ij = u_i . queue_j / T (queue rows used as stored, MoCo keeps them normalised);
   // loss = mean_i cross-entropy with class 0. One sweep over the queue; expected_queue holds
   // A_i = sum_j P_ij queue_j (float32/64), so the backward needs no queue and the caller may
-  // enqueue into it right after the forward.
+  // enqueue into it right after the forward. output_mask as infonce_backward's: MoCo's key
+  // comes from the momentum encoder and needs no gradient.
   m.def(
       "moco_forward(Tensor query, Tensor key, Tensor queue, float temperature) "
       "-> (Tensor loss, Tensor lse, Tensor expected_queue)");
   m.def(
       "moco_backward(Tensor grad_loss, Tensor query, Tensor key, Tensor lse, Tensor expected_queue, "
-      "float temperature) -> (Tensor grad_query, Tensor grad_key)");
+      "float temperature, bool[2] output_mask=[True, True]) -> (Tensor grad_query, Tensor grad_key)");
 
   // ---- momentum EMA over a parameter list (csrc/ema) --------------------------------------
   // ema[i] <- momentum * ema[i] + (1 - momentum) * online[i] for every pair, in place, one

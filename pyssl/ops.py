@@ -225,12 +225,15 @@ def _infonce_forward_fake(query, key, logit_scale, symmetric, tensor_cores=None)
     return query.new_empty(()), query.new_empty((query.shape[0],), dtype=acc), lse_col
 
 
-def _infonce_backward_fake(grad_loss, query, key, logit_scale, lse_row, lse_col, symmetric, tensor_cores=None):
+def _infonce_backward_fake(
+    grad_loss, query, key, logit_scale, lse_row, lse_col, symmetric, tensor_cores=None, output_mask=(True,) * 3
+):
     _check_query_key("pyssl.infonce_backward", query, key, symmetric)
     _check_stats("pyssl.infonce_backward", "lse_row", lse_row, query.shape[0])
     if symmetric:
         _check_stats("pyssl.infonce_backward", "lse_col", lse_col, key.shape[0])
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(logit_scale)
+    grads = torch.empty_like(query), torch.empty_like(key), torch.empty_like(logit_scale)
+    return tuple(g if wanted else None for g, wanted in zip(grads, output_mask))
 
 
 def _infonce_setup_context(ctx, inputs, output):
@@ -244,8 +247,18 @@ def _infonce_setup_context(ctx, inputs, output):
 def _infonce_backward(ops):
     def backward(ctx, grad_loss, grad_lse_row, grad_lse_col):
         query, key, logit_scale, lse_row, lse_col = ctx.saved_tensors
+        # Only the gradients autograd asks for: a detached key (a momentum encoder's) costs no
+        # key-side sweep.
         grad_query, grad_key, grad_scale = ops.infonce_backward(
-            grad_loss, query, key, logit_scale, lse_row, lse_col, ctx.symmetric, ctx.tensor_cores
+            grad_loss,
+            query,
+            key,
+            logit_scale,
+            lse_row,
+            lse_col,
+            ctx.symmetric,
+            ctx.tensor_cores,
+            list(ctx.needs_input_grad[:3]),
         )
         return grad_query, grad_key, grad_scale, None, None
 
@@ -299,14 +312,15 @@ def _moco_forward_fake(query, key, queue, temperature):
     return query.new_empty(()), query.new_empty((query.shape[0],), dtype=acc), query.new_empty(query.shape, dtype=acc)
 
 
-def _moco_backward_fake(grad_loss, query, key, lse, expected_queue, temperature):
+def _moco_backward_fake(grad_loss, query, key, lse, expected_queue, temperature, output_mask=(True, True)):
     _check_rows("pyssl.moco_backward", "query", query)
     torch._check(query.shape == key.shape, lambda: "pyssl.moco_backward: query and key must have the same shape")
     _check_stats("pyssl.moco_backward", "lse", lse, query.shape[0])
     torch._check(
         expected_queue.shape == query.shape, lambda: "pyssl.moco_backward: expected_queue must have query's shape"
     )
-    return torch.empty_like(query), torch.empty_like(key)
+    grads = torch.empty_like(query), torch.empty_like(key)
+    return tuple(g if wanted else None for g, wanted in zip(grads, output_mask))
 
 
 def _moco_setup_context(ctx, inputs, output):
@@ -321,7 +335,9 @@ def _moco_setup_context(ctx, inputs, output):
 def _moco_backward(ops):
     def backward(ctx, grad_loss, grad_lse, grad_expected_queue):
         query, key, lse, expected_queue = ctx.saved_tensors
-        grad_query, grad_key = ops.moco_backward(grad_loss, query, key, lse, expected_queue, ctx.temperature)
+        grad_query, grad_key = ops.moco_backward(
+            grad_loss, query, key, lse, expected_queue, ctx.temperature, list(ctx.needs_input_grad[:2])
+        )
         return grad_query, grad_key, None, None
 
     return backward

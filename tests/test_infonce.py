@@ -247,10 +247,10 @@ def test_opcheck_infonce(symmetric):
     scale = torch.tensor(7.0, requires_grad=True)
     torch.library.opcheck(torch.ops.pyssl.infonce_forward.default, (query, key, scale, symmetric))
     _, lse_row, lse_col = torch.ops.pyssl.infonce_forward(query.detach(), key.detach(), scale.detach(), symmetric)
-    torch.library.opcheck(
-        torch.ops.pyssl.infonce_backward.default,
-        (torch.tensor(1.0), query.detach(), key.detach(), scale.detach(), lse_row, lse_col, symmetric),
-    )
+    args = (torch.tensor(1.0), query.detach(), key.detach(), scale.detach(), lse_row, lse_col, symmetric)
+    torch.library.opcheck(torch.ops.pyssl.infonce_backward.default, args)
+    torch.library.opcheck(torch.ops.pyssl.infonce_backward.default, (*args, None, [True, False, False]))
+    torch.library.opcheck(torch.ops.pyssl.infonce_backward.default, (*args, None, [False, True, True]))
 
 
 def test_torch_compile_fullgraph():
@@ -342,3 +342,30 @@ def test_ntxent_cuda_matches_cpu(backend, dtype):
     assert_close(loss.cpu(), expected, dtype, scale=10)
     for g, w in zip(device_grads, grads_of(expected, z0, z1)):
         assert_close(g.cpu(), w, dtype, scale=10)
+
+
+def test_backward_asks_only_for_the_gradients_autograd_needs():
+    # A detached key (MoCo v3's momentum keys) must not cost the key-side sweep: the autograd
+    # formula passes needs_input_grad on as the op's output_mask.
+    masks = []
+
+    class Spy:
+        def infonce_backward(self, *args):
+            masks.append(args[-1])
+            return torch.ops.pyssl.infonce_backward(*args)
+
+    class Context:
+        def save_for_backward(self, *tensors):
+            self.saved_tensors = tensors
+
+    backward = pyssl.ops._infonce_backward(Spy())
+    query, key, scale = torch.randn(8, 5), torch.randn(8, 5), torch.tensor(5.0)
+    for needs in ((True, False, False, False, False), (False, True, True, False, False)):
+        inputs = (query, key, scale, True, None)
+        ctx = Context()
+        ctx.needs_input_grad = needs
+        output = torch.ops.pyssl.infonce_forward(*inputs)
+        pyssl.ops._infonce_setup_context(ctx, inputs, output)
+        grads = backward(ctx, torch.ones(()), None, None)
+        assert [g is not None for g in grads[:3]] == list(needs[:3])
+    assert masks == [[True, False, False], [False, True, True]]

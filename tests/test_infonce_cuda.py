@@ -333,6 +333,32 @@ def test_infonce_matches_reference_and_cpu(backend, symmetric, shape, temperatur
     torch.testing.assert_close(gs.cpu().double(), cpu_grads[2].double(), rtol=0, atol=scale_tol)
 
 
+@pytest.mark.parametrize(
+    "mask", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]
+)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["infonce", "clip"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_infonce_backward_output_mask(backend, symmetric, mask, dtype):
+    # The gradients asked for are those of the full backward, to the bit (the same sweeps, the
+    # scale's sum taken from the key-side sweep when the query side is skipped: the same terms);
+    # the others are None. A partial tile on both axes (N = 70, keys = 83).
+    query = _randn(backend, 70, 24, dtype=dtype)
+    key = _randn(backend, 70 if symmetric else 83, 24, dtype=dtype)
+    scale = torch.tensor(9.0, device=backend.device)
+    _, lse_row, lse_col = backend.ops.infonce_forward(query, key, scale, symmetric)
+    args = (torch.ones((), device=backend.device), query, key, scale, lse_row, lse_col, symmetric, None)
+    full = backend.ops.infonce_backward(*args)
+    part = backend.ops.infonce_backward(*args, list(mask))
+    for wanted, whole, got in zip(mask, full, part):
+        if wanted:
+            if whole.dim() == 0 and not mask[0]:  # summed in the other sweep: another order
+                torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-6)
+            else:
+                assert torch.equal(got, whole)
+        else:
+            assert got is None
+
+
 def test_infonce_cpu_logit_scale_and_shapes(backend):
     if backend.emulated:
         pytest.skip("emulated: every tensor is a CPU tensor, so a CPU logit_scale is a device one")

@@ -121,9 +121,13 @@ def test_moco_opcheck():
     query, key, queue = torch.randn(7, 5), torch.randn(7, 5), unit_queue(11, 5)
     torch.library.opcheck(torch.ops.pyssl.moco_forward.default, (query, key, queue, 0.2))
     _, lse, expected_queue = torch.ops.pyssl.moco_forward(query, key, queue, 0.2)
-    torch.library.opcheck(
-        torch.ops.pyssl.moco_backward.default, (torch.tensor(1.0), query, key, lse, expected_queue, 0.2)
-    )
+    backward_args = (torch.tensor(1.0), query, key, lse, expected_queue, 0.2)
+    torch.library.opcheck(torch.ops.pyssl.moco_backward.default, backward_args)
+    torch.library.opcheck(torch.ops.pyssl.moco_backward.default, (*backward_args, [True, False]))
+    # The key's gradient left out (MoCo's momentum key): the query's is unchanged, the key's None.
+    full = torch.ops.pyssl.moco_backward(*backward_args)
+    query_only = torch.ops.pyssl.moco_backward(*backward_args, [True, False])
+    assert torch.equal(query_only[0], full[0]) and query_only[1] is None
     query64 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(
         torch.ops.pyssl.moco_forward.default, (query64, torch.randn(4, 3, dtype=torch.float64), unit_queue(5, 3), 0.5)

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -300,9 +301,11 @@ std::tuple<Tensor, Tensor, Tensor> infonce_forward_cpu(const Tensor& query, cons
 std::tuple<Tensor, Tensor, Tensor> infonce_backward_cpu(const Tensor& grad_loss, const Tensor& query,
                                                         const Tensor& key, const Tensor& logit_scale,
                                                         const Tensor& lse_row, const Tensor& lse_col,
-                                                        bool symmetric, std::optional<bool>) {
+                                                        bool symmetric, std::optional<bool>,
+                                                        std::array<bool, 3> output_mask) {
   check_infonce(query, key, logit_scale, symmetric);
   const double scale = checked_logit_scale(logit_scale);
+  const bool want_query = output_mask[0], want_key = output_mask[1], want_scale = output_mask[2];
   const at::ScalarType acc = accumulate_type(query);
   const int64_t rows = query.size(0), keys = key.size(0);
   TORCH_CHECK(lse_row.dim() == 1 && lse_row.size(0) == rows,
@@ -336,9 +339,9 @@ std::tuple<Tensor, Tensor, Tensor> infonce_backward_cpu(const Tensor& grad_loss,
         at::mul_out(col, cos, scale).sub_(lse_c.narrow(0, j0, bj).unsqueeze(0)).exp_();
         prob.add_(col);
       }
-      grad_u.narrow(0, i0, bi).addmm_(prob, v_j);
-      grad_v.narrow(0, j0, bj).addmm_(prob.t(), u_i);
-      prob_dot_cos.add_((prob * cos).sum());
+      if (want_query) grad_u.narrow(0, i0, bi).addmm_(prob, v_j);
+      if (want_key) grad_v.narrow(0, j0, bj).addmm_(prob.t(), u_i);
+      if (want_scale) prob_dot_cos.add_((prob * cos).sum());
     }
   }
   const double positives_per_row = symmetric ? 2.0 : 1.0;
@@ -351,11 +354,12 @@ std::tuple<Tensor, Tensor, Tensor> infonce_backward_cpu(const Tensor& grad_loss,
   const double grad = grad_loss.item<double>();
   grad_u.mul_(grad * scale * mean_factor);
   grad_v.mul_(grad * scale * mean_factor);
-  Tensor grad_scale = (prob_dot_cos * (grad * mean_factor))
-                          .to(logit_scale.scalar_type())
-                          .reshape(logit_scale.sizes());
-  return {normalize_rows_backward(grad_u, nq).to(query.scalar_type()),
-          normalize_rows_backward(grad_v, nk).to(key.scalar_type()), grad_scale};
+  Tensor grad_scale = want_scale ? (prob_dot_cos * (grad * mean_factor))
+                                       .to(logit_scale.scalar_type())
+                                       .reshape(logit_scale.sizes())
+                                 : Tensor();
+  return {want_query ? normalize_rows_backward(grad_u, nq).to(query.scalar_type()) : Tensor(),
+          want_key ? normalize_rows_backward(grad_v, nk).to(key.scalar_type()) : Tensor(), grad_scale};
 }
 
 }  // namespace

@@ -28,6 +28,7 @@
 #include "device.h"
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -462,7 +463,8 @@ std::tuple<Tensor, Tensor, Tensor> infonce_forward_cuda(const Tensor& query, con
 std::tuple<Tensor, Tensor, Tensor> infonce_backward_cuda(const Tensor& grad_loss, const Tensor& query,
                                                          const Tensor& key, const Tensor& logit_scale,
                                                          const Tensor& lse_row, const Tensor& lse_col,
-                                                         bool symmetric, std::optional<bool> tensor_cores_requested) {
+                                                         bool symmetric, std::optional<bool> tensor_cores_requested,
+                                                         std::array<bool, 3> output_mask) {
   check_infonce_cuda(query, key, logit_scale, symmetric);
   const int64_t rows = query.size(0), keys = key.size(0);
   TORCH_CHECK(lse_row.dim() == 1 && lse_row.size(0) == rows,
@@ -483,21 +485,32 @@ std::tuple<Tensor, Tensor, Tensor> infonce_backward_cuda(const Tensor& grad_loss
   const Tensor* lse_c_ptr = symmetric ? &lse_c : nullptr;
 
   // Row side: dU_i = sum_j G_ij v_j, G = P_row (+ P_col for CLIP) - n_pos [j = i]. Column
-  // side: the same sweep with query and key swapped, dV_j = sum_i G_ij u_i; no atomics.
+  // side: the same sweep with query and key swapped, dV_j = sum_i G_ij u_i; no atomics. A
+  // gradient left out of output_mask skips its sweep; sum_ij G_ij S_ij (for the scale) comes
+  // from whichever sweep runs, the row side when both do.
+  const bool want_query = output_mask[0], want_key = output_mask[1], want_scale = output_mask[2];
   const double positives_per_row = symmetric ? 2.0 : 1.0;
-  GradSums row_sums = grad_sweep(nq, nk, scale, &lse_r, lse_c_ptr, false, /*pairs=*/0,
-                                 positives_per_row, /*want_prob_cos=*/true, stream);
-  GradSums col_sums = grad_sweep(nk, nq, scale, lse_c_ptr, &lse_r, false, /*pairs=*/0,
-                                 positives_per_row, /*want_prob_cos=*/false, stream);
+  const bool row_sweep = want_query || (want_scale && !want_key);
+  std::optional<GradSums> row_sums, col_sums;
+  if (row_sweep) {
+    row_sums = grad_sweep(nq, nk, scale, &lse_r, lse_c_ptr, false, /*pairs=*/0, positives_per_row,
+                          /*want_prob_cos=*/want_scale, stream);
+  }
+  if (want_key) {
+    col_sums = grad_sweep(nk, nq, scale, lse_c_ptr, &lse_r, false, /*pairs=*/0, positives_per_row,
+                          /*want_prob_cos=*/want_scale && !row_sweep, stream);
+  }
 
   const double mean_factor = 1.0 / (positives_per_row * static_cast<double>(rows));
-  Tensor grad_query = grad_finalize(row_sums, nq, grad, scale, mean_factor, stream);
-  Tensor grad_key = grad_finalize(col_sums, nk, grad, scale, mean_factor, stream);
+  Tensor grad_query = want_query ? grad_finalize(*row_sums, nq, grad, scale, mean_factor, stream) : Tensor();
+  Tensor grad_key = want_key ? grad_finalize(*col_sums, nk, grad, scale, mean_factor, stream) : Tensor();
+  if (!want_scale) return {grad_query, grad_key, Tensor()};
 
+  const GradSums& scale_sums = row_sweep ? *row_sums : *col_sums;
   Tensor grad_scale = at::empty({}, nq.unit.options());
   AT_DISPATCH_FLOATING_TYPES(nq.unit.scalar_type(), "pyssl_scale_grad_cuda", [&] {
     device::launch<scale_grad_kernel<scalar_t>>(1, kThreads, 0, stream,
-        row_sums.prob_cos.const_data_ptr<scalar_t>(), row_sums.prob_cos.numel(), row_sums.prob_cos_holds_logits,
+        scale_sums.prob_cos.const_data_ptr<scalar_t>(), scale_sums.prob_cos.numel(), scale_sums.prob_cos_holds_logits,
         grad.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
         static_cast<scalar_t>(mean_factor), grad_scale.mutable_data_ptr<scalar_t>());
   });

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <limits>
 #include <tuple>
@@ -161,7 +162,7 @@ std::tuple<Tensor, Tensor, Tensor> moco_forward_cpu(const Tensor& query, const T
 // Only O(N d) work in at:: ops, so the same function serves CPU and CUDA tensors.
 std::tuple<Tensor, Tensor> moco_backward(const Tensor& grad_loss, const Tensor& query, const Tensor& key,
                                          const Tensor& lse, const Tensor& expected_queue,
-                                         double temperature) {
+                                         double temperature, std::array<bool, 2> output_mask) {
   TORCH_CHECK(temperature > 0, "pyssl.moco_backward: temperature must be > 0, got ", temperature);
   TORCH_CHECK(query.dim() == 2 && query.sizes() == key.sizes(),
               "pyssl.moco_backward: query and key must be 2-D of one shape, got ", query.sizes(), " and ",
@@ -177,10 +178,13 @@ std::tuple<Tensor, Tensor> moco_backward(const Tensor& grad_loss, const Tensor& 
   Tensor positive = (nq.unit * nk.unit).sum(1) * scale;
   Tensor coef = grad_loss.to(acc) * (scale / static_cast<double>(rows));
   Tensor p0_minus_1 = ((positive - lse.to(acc)).exp() - 1.0).unsqueeze(1);
-  Tensor grad_u = (p0_minus_1 * nk.unit + expected_queue.to(acc)) * coef;
-  Tensor grad_v = p0_minus_1 * nq.unit * coef;
-  return {normalize_rows_backward(grad_u, nq).to(query.scalar_type()),
-          normalize_rows_backward(grad_v, nk).to(key.scalar_type())};
+  Tensor grad_query, grad_key;
+  if (output_mask[0]) {
+    Tensor grad_u = (p0_minus_1 * nk.unit + expected_queue.to(acc)) * coef;
+    grad_query = normalize_rows_backward(grad_u, nq).to(query.scalar_type());
+  }
+  if (output_mask[1]) grad_key = normalize_rows_backward(p0_minus_1 * nq.unit * coef, nk).to(key.scalar_type());
+  return {grad_query, grad_key};
 }
 
 }  // namespace
