@@ -358,6 +358,21 @@ def infonce_sweeps(rows: int, cols: int, dim: int, kernels: str, label: str, bac
                 block_rows * tile,
             )
         ]
+    if kernels == "mma" and 128 < depth <= 512:
+        # bf16 rows of 129..512 features: wide_grad_kernel, one block for all features of 64 rows
+        # (each S tile formed once), 128 threads per 128 features, V staged once per tile.
+        groups = 2 if depth <= 256 else 4
+        threads = 128 * groups
+        smem = 2 * (3 * tile * (depth + 8) + tile * (tile + 8))
+        per_sm = max(1, min(232448 // (smem + 1024), 2048 // threads))
+        splits, per_split = column_splits(col_tiles, row_tiles, per_sm * SMS, False)
+        flops = 2 * tile * tile * depth * 2  # S and G V
+        copies = tile * depth * 2 / 16 / threads  # V's raw rows, bf16
+        sweep = Sweep(
+            f"{label} grad", "mma::wide_grad_kernel", row_tiles * splits, per_split, threads, flops / 4096, copies
+        )
+        sweep.instance = f"<{groups}>"
+        return [sweep]
     chunks = ceil_div(dim_pad, 128)
     splits, per_split = column_splits(col_tiles, row_tiles * chunks, 2 * SMS, False)
     chunk_features = min(128, depth)

@@ -55,6 +55,7 @@ DEFAULT_OBJECTS = "build/**/CMakeFiles/_C.dir/**/*.cu.o"
 HOT_PATTERNS = (
     "lse_partial",
     "grad_partial",
+    "wide_grad",
     "moco_sweep",
     "ema_update_kernel",
     "pass1_kernel",
@@ -64,6 +65,7 @@ TENSOR_CORE_PATTERNS = (
     "_mma_kernel",  # the WMMA kernels of infonce_kernels.cuh
     "mma::lse_partial_kernel",  # the mma.sync kernels of infonce_mma.cuh
     "mma::grad_partial_kernel",
+    "mma::wide_grad_kernel",
 )
 
 # Base opcodes (before the first '.') so LDSM is not counted as LDS nor HFMA2.MMA as HMMA.

@@ -738,3 +738,25 @@ def test_tensor_core_gradient_of_a_near_zero_loss_is_relatively_accurate(backend
     assert 1e-5 < peak < 1e-3  # the case is as described
     for actual, expected in ((x.grad, a.grad), (y.grad, b.grad)):
         torch.testing.assert_close(actual.cpu().double(), expected, rtol=0, atol=0.03 * peak)
+
+
+@pytest.mark.parametrize("dim", [129, 200, 300, 512], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("symmetric", [False, True], ids=["infonce", "clip"])
+def test_wide_backward_matches_reference_and_chunked_kernel(backend, symmetric, dim, monkeypatch):
+    # bf16 rows of 129..512 features take wide_grad_kernel (8 warps up to 256 features, 16 up to
+    # 512; d = 300 leaves the last feature group partly empty); N = 70 and 83 keys leave partial
+    # row and column tiles. Against float64 and against the 128-feature chunked kernel.
+    n, keys = 70, 70 if symmetric else 83
+    query, key = _randn(backend, n, dim, dtype=torch.bfloat16), _randn(backend, keys, dim, dtype=torch.bfloat16)
+    scale = torch.tensor(12.0, device=backend.device)
+    _, lse_row, lse_col = backend.ops.infonce_forward(query, key, scale, symmetric)
+    args = (torch.ones((), device=backend.device), query, key, scale, lse_row, lse_col, symmetric)
+    wide = backend.ops.infonce_backward(*args)
+    monkeypatch.setenv("PYSSL_INFONCE_KERNELS", "chunked")
+    chunked = backend.ops.infonce_backward(*args)
+    _, ref_grads = _grads_ref(lambda q, k, s: ref_infonce(q, k, s, symmetric), query, key, scale)
+    q_norm, k_norm = query.double().norm(dim=1).min(), key.double().norm(dim=1).min()
+    for got, old, ref, norm in zip(wide[:2], chunked[:2], ref_grads[:2], (q_norm, k_norm)):
+        assert_grad_close(got, ref, torch.bfloat16, 12.0, norm)
+        assert_grad_close(got, old.double(), torch.bfloat16, 12.0, norm)
+    torch.testing.assert_close(wide[2], chunked[2], rtol=1e-4, atol=1e-5)

@@ -295,6 +295,46 @@ struct GradSums {
   bool prob_cos_holds_logits = false;  // sums of G_ij S_ij instead (the mma kernels)
 };
 
+// The mma backward for bf16 rows of 129 .. mma::kWideGradMaxDepth features: one block owns all
+// the features of its rows (each S tile formed once), unless PYSSL_INFONCE_KERNELS=chunked asks
+// for the 128-feature chunks of grad_partial_kernel (kept to time old against new on a GPU).
+bool wide_backward(const Normalized& x) {
+  if (x.dtype != at::kBFloat16 || x.op_ld <= mma::kResidentSlices * mma::kStage ||
+      x.op_ld > mma::kWideGradMaxDepth) {
+    return false;
+  }
+  const char* env = std::getenv("PYSSL_INFONCE_KERNELS");
+  return env == nullptr || std::string(env) != "chunked";
+}
+
+template <int kFeatureGroups>
+void launch_wide_grad(const Normalized& x, const Normalized& y, const Tensor& scale, const GradTerms<float>& terms,
+                      int64_t row_tiles, int64_t col_tiles, bool want_prob_cos, GradSums& out,
+                      cudaStream_t stream) {
+  constexpr auto kernel = &mma::wide_grad_kernel<kFeatureGroups>;
+  constexpr int threads = mma::kThreads * kFeatureGroups;
+  const int64_t smem = mma::wide_grad_smem_bytes(x.op_ld);
+  device::set_max_dynamic_shared_memory<kernel>(static_cast<int>(smem));
+  // Blocks resident per SM, by shared memory (227 KiB usable, 1 KiB reserved per block) and threads.
+  const int64_t per_sm = std::max<int64_t>(1, std::min<int64_t>(232448 / (smem + 1024), 2048 / threads));
+  const std::pair<int64_t, int64_t> split =
+      column_splits(col_tiles, row_tiles, per_sm * int64_t{sm_count()}, /*round_up=*/false);
+  out.splits = split.first;
+  out.part = at::empty({out.splits, x.rows_pad, x.dim_pad}, x.unit.options());
+  float* prob_cos = nullptr;
+  if (want_prob_cos) {
+    out.prob_cos = at::empty({out.splits * row_tiles}, x.unit.options());
+    prob_cos = out.prob_cos.mutable_data_ptr<float>();
+  }
+  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(out.splits));
+  device::launch<kernel>(grid, threads, static_cast<int>(smem), stream,
+      bits_ptr(x.op_raw), bits_ptr(y.op_raw), x.root_inv.const_data_ptr<float>(), y.root_inv.const_data_ptr<float>(),
+      static_cast<int>(x.op_ld), static_cast<int>(x.rows_pad), static_cast<int>(x.dim_pad),
+      scale.const_data_ptr<float>(), terms, static_cast<int>(split.second), out.part.mutable_data_ptr<float>(),
+      prob_cos);
+  out.prob_cos_holds_logits = true;
+}
+
 // Sums G Y over the columns of y for every row of x (see grad_partial_kernel). lse_x / lse_y
 // are the row- and column-side lse (null: term absent); the positive of row i is column i, or
 // its NT-Xent partner when pairs > 0, and enters G with -n_pos.
@@ -302,17 +342,6 @@ GradSums grad_sweep(const Normalized& x, const Normalized& y, const Tensor& scal
                     const Tensor* lse_x, const Tensor* lse_y, bool mask_diagonal, int64_t pairs,
                     double n_pos, bool want_prob_cos, cudaStream_t stream) {
   const int64_t row_tiles = x.rows_pad / kTile, col_tiles = ceil_div(y.rows, kTile);
-  const int64_t chunks = ceil_div(x.dim_pad, kGradCols);
-  // Two backward blocks fit an SM (128 registers x 256 threads): fill one wave of them.
-  const std::pair<int64_t, int64_t> split =
-      column_splits(col_tiles, row_tiles * chunks, 2 * int64_t{sm_count()}, /*round_up=*/false);
-  const int64_t splits = split.first, per_split = split.second;
-  GradSums out;
-  out.splits = splits;
-  out.part = at::empty({splits, x.rows_pad, x.dim_pad}, x.unit.options());
-  if (want_prob_cos) out.prob_cos = at::empty({splits * row_tiles}, x.unit.options());
-  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(chunks),
-                  static_cast<unsigned>(splits));
   auto make_terms = [&](auto zero) {
     using acc_t = decltype(zero);
     GradTerms<acc_t> terms;
@@ -325,6 +354,26 @@ GradSums grad_sweep(const Normalized& x, const Normalized& y, const Tensor& scal
     terms.n_pos = static_cast<acc_t>(n_pos);
     return terms;
   };
+  if (x.op_raw.defined() && y.op_raw.defined() && wide_backward(x)) {
+    GradSums out;
+    if (x.op_ld <= 2 * kGradCols) {
+      launch_wide_grad<2>(x, y, scale, make_terms(0.0f), row_tiles, col_tiles, want_prob_cos, out, stream);
+    } else {
+      launch_wide_grad<4>(x, y, scale, make_terms(0.0f), row_tiles, col_tiles, want_prob_cos, out, stream);
+    }
+    return out;
+  }
+  const int64_t chunks = ceil_div(x.dim_pad, kGradCols);
+  // Two backward blocks fit an SM (128 registers x 256 threads): fill one wave of them.
+  const std::pair<int64_t, int64_t> split =
+      column_splits(col_tiles, row_tiles * chunks, 2 * int64_t{sm_count()}, /*round_up=*/false);
+  const int64_t splits = split.first, per_split = split.second;
+  GradSums out;
+  out.splits = splits;
+  out.part = at::empty({splits, x.rows_pad, x.dim_pad}, x.unit.options());
+  if (want_prob_cos) out.prob_cos = at::empty({splits * row_tiles}, x.unit.options());
+  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(chunks),
+                  static_cast<unsigned>(splits));
   if (x.op_raw.defined() && y.op_raw.defined()) {  // fp16/bf16 input: float32 statistics
     float* prob_cos = want_prob_cos ? out.prob_cos.mutable_data_ptr<float>() : nullptr;
     if (x.dtype == at::kHalf) {

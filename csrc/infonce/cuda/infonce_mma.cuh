@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "infonce/cuda/infonce_kernels.cuh"
+#include "device_smem.h"
 #include "ptx.h"
 
 namespace pyssl::infonce::cuda::mma {
@@ -560,6 +561,184 @@ __global__ void __launch_bounds__(kThreads)
   if (prob_cos_part != nullptr && blockIdx.y == 0) {  // uniform over the block
     const float total = block_sum(prob_cos, reduce_scratch);
     if (threadIdx.x == 0) prob_cos_part[static_cast<int64_t>(blockIdx.z) * gridDim.x + blockIdx.x] = total;
+  }
+}
+
+// ---- the backward for rows of up to kWideGradMaxDepth features (bf16) ---------------------------
+// grad_partial_kernel owns one 128-feature chunk of dX per block, so a row of d features costs
+// d / 128 recomputations of every S tile and its exponentials (5 GEMM-equivalents per sweep at
+// CLIP's d = 512 instead of 2). Here one block owns all the features of its 64 rows: 4 x
+// kFeatureGroups warps, the rows' operands resident in shared memory for the whole sweep, each
+// V tile staged once (double-buffered, the next tile's copy overlapping this one's MMAs). Per
+// tile, warp (row group w % 4, column group w / 4) forms its slice of S and of G once; G goes to
+// shared memory and every warp multiplies its 16 rows of G by its 128 features of V.
+// The second MMA reads V's raw bf16 rows, the tile S came from, instead of a separate array of
+// unit rows (half the L2 traffic): G'_ij = G_ij / ||v_j|| = G_ij * root_inv_j / sqrt(scale),
+// rounded to bf16 (bf16 has float32's range, so no scaling against underflow is needed; its 8
+// bits are those of the bf16 gradient the op returns). fp16 input keeps grad_partial_kernel:
+// fp16's range cannot hold G / ||v|| for every norm.
+constexpr int kWideGradMaxDepth = 512;
+constexpr int kWideGradRowPad = 8;  // row stride ld + 8 elements: an odd number of 16-byte units
+
+// Dynamic shared memory of wide_grad_kernel: the rows U (kTile x (ld + 8)), two V buffers of
+// the same shape, and G (kTile x (kTile + 8)), in 16-bit elements.
+inline int64_t wide_grad_smem_bytes(int64_t ld) {
+  return 2 * (3 * kTile * (ld + kWideGradRowPad) + kTile * (kTile + 8));
+}
+
+// Rows [row0, row0 + kTile) x [0, ld) of src into dst (row stride ld + kWideGradRowPad).
+template <int kBlockThreads>
+__device__ __forceinline__ void stage_rows_all(uint16_t* dst, const uint16_t* __restrict__ src, int64_t row0,
+                                               int ld) {
+  const int pieces_per_row = ld / 8, stride = ld + kWideGradRowPad;
+  for (int piece = threadIdx.x; piece < kTile * pieces_per_row; piece += kBlockThreads) {
+    const int r = piece / pieces_per_row, c = (piece % pieces_per_row) * 8;
+    ptx::cp_async_16(dst + r * stride + c, src + (row0 + r) * static_cast<int64_t>(ld) + c);
+  }
+}
+
+// As grad_partial_kernel (the same G, grad_part and prob_cos_part layouts, grad_part scaled by
+// 1, not kGScale), for bf16 rows of ld <= kFeatureGroups * kGradCols features: grid (row tiles,
+// column splits), 128 kFeatureGroups threads, wide_grad_smem_bytes(ld) of dynamic shared memory.
+template <int kFeatureGroups>
+__global__ void __launch_bounds__(kThreads * kFeatureGroups)
+    wide_grad_kernel(const uint16_t* __restrict__ x, const uint16_t* __restrict__ y,
+                     const float* __restrict__ root_inv_x, const float* __restrict__ root_inv_y, int ld,
+                     int n_x_pad, int dim_pad, const float* __restrict__ scale_ptr, GradTerms<float> terms,
+                     int tiles_per_split, float* __restrict__ grad_part, float* __restrict__ prob_cos_part) {
+  static_assert(8 % kFeatureGroups == 0, "each warp takes 8 / kFeatureGroups of S's 8-column tiles");
+  constexpr int kBlockThreads = kThreads * kFeatureGroups;
+  constexpr int kColTiles = 8 / kFeatureGroups;  // 8-column tiles of S per warp
+  constexpr int kGRow = kTile + 8;               // G's row stride: 144 bytes, conflict-free ldmatrix
+  uint16_t* const smem = dynamic_shared_memory<uint16_t>();
+  const int stride = ld + kWideGradRowPad;
+  uint16_t* const us = smem;
+  auto vs = [&](int buf) { return smem + (1 + buf) * kTile * stride; };  // arithmetic: no local array
+  uint16_t* const gs = smem + 3 * kTile * stride;
+  __shared__ float reduce_scratch[32];
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  const int quad = lane / 8, r = lane % 8;
+  const int group = warp % 4, part = warp / 4;  // 16-row group; column group (S) and feature group (G V)
+  const int row0 = static_cast<int>(blockIdx.x) * kTile;
+  const int rows[2] = {row0 + group * 16 + g, row0 + group * 16 + g + 8};
+  const int n_x = static_cast<int>(terms.n_x), n_y = static_cast<int>(terms.n_y);
+  const float inv_sqrt_scale = rsqrtf(*scale_ptr);  // NaN for a negative scale, as the loss is
+  float factor[2], lse_row[2];
+  int positive[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    factor[h] = root_inv_x[rows[h]];
+    lse_row[h] = terms.lse_x != nullptr && rows[h] < n_x ? terms.lse_x[rows[h]] : INFINITY;
+    positive[h] = static_cast<int>(terms.pairs > 0 ? ntxent_positive(rows[h], terms.pairs) : rows[h]);
+  }
+  const int feat0 = part * kGradCols;
+  const int feature_pairs = feat0 + kGradCols <= ld ? kGradCols / 16 : (ld > feat0 ? (ld - feat0) / 16 : 0);
+
+  float grad[16][4];
+#pragma unroll
+  for (int n = 0; n < 16; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) grad[n][e] = 0.0f;
+  float prob_cos = 0.0f;
+
+  const int col_tiles = (n_y + kTile - 1) / kTile;
+  const int t_begin = static_cast<int>(blockIdx.y) * tiles_per_split;
+  const int t_end = t_begin + tiles_per_split < col_tiles ? t_begin + tiles_per_split : col_tiles;
+  stage_rows_all<kBlockThreads>(us, x, row0, ld);
+  if (t_begin < t_end) stage_rows_all<kBlockThreads>(vs(0), y, int64_t{t_begin} * kTile, ld);
+  ptx::cp_async_commit();
+  for (int tile = t_begin; tile < t_end; ++tile) {
+    const int buf = (tile - t_begin) & 1, col0 = tile * kTile;
+    ptx::cp_async_wait(0);
+    __syncthreads();  // this tile's V has landed; the last tile's G V is done with G and V[buf ^ 1]
+    if (tile + 1 < t_end) stage_rows_all<kBlockThreads>(vs(buf ^ 1), y, int64_t{col0} + kTile, ld);
+    ptx::cp_async_commit();
+
+    // S for the warp's 16 rows and its kColTiles 8-column tiles: columns 8 (part + kFeatureGroups c).
+    float acc[kColTiles][4];
+#pragma unroll
+    for (int c = 0; c < kColTiles; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[c][e] = 0.0f;
+    const uint16_t* v = vs(buf);
+    for (int kk = 0; kk < ld; kk += 16) {
+      uint32_t a[4];
+      ptx::ldmatrix<4>(a, us + (group * 16 + (quad & 1) * 8 + r) * stride + kk + (quad >> 1) * 8);
+#pragma unroll
+      for (int c = 0; c < kColTiles; c += 2) {  // two 8-column tiles from one ldmatrix
+        const int n_lo = part + kFeatureGroups * c, n_hi = part + kFeatureGroups * (c + 1);
+        uint32_t b[4];
+        const int n_tile = (quad >> 1) ? n_hi : n_lo;
+        ptx::ldmatrix<4>(b, v + (n_tile * 8 + r) * stride + kk + (quad & 1) * 8);
+        const uint32_t b_lo[2] = {b[0], b[1]}, b_hi[2] = {b[2], b[3]};
+        ptx::mma_m16n8k16<__nv_bfloat16>(acc[c], a, b_lo, acc[c]);
+        ptx::mma_m16n8k16<__nv_bfloat16>(acc[c + 1], a, b_hi, acc[c + 1]);
+      }
+    }
+
+    // G' = G / ||v_j|| into shared memory, as bf16.
+    const bool edge = col0 + kTile > n_y || row0 + kTile > n_x || (terms.mask_diagonal && col0 == row0);
+#pragma unroll
+    for (int c = 0; c < kColTiles; ++c) {
+      const int local0 = (part + kFeatureGroups * c) * 8 + 2 * t;
+      float weight[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e / 2, col = col0 + local0 + (e & 1);
+        const float root_inv_col = root_inv_y[col];
+        const float logit = acc[c][e] * (factor[h] * root_inv_col);  // the forward's S
+        float w = 0.0f;
+        if (!edge || (rows[h] < n_x && col < n_y && !(terms.mask_diagonal && col == rows[h]))) {
+          if (terms.lse_x != nullptr) w += ptx::ex2_approx((logit - lse_row[h]) * kLog2e);
+          if (terms.lse_y != nullptr) w += ptx::ex2_approx((logit - terms.lse_y[col]) * kLog2e);
+          if (col == positive[h]) w -= terms.n_pos;
+        }
+        prob_cos += w * logit;  // scale_grad_kernel divides by scale
+        weight[e] = w * (root_inv_col * inv_sqrt_scale);
+      }
+      const int row_local = group * 16 + g;
+      *reinterpret_cast<uint32_t*>(gs + row_local * kGRow + local0) = pack_pair<__nv_bfloat16>(weight[0], weight[1]);
+      *reinterpret_cast<uint32_t*>(gs + (row_local + 8) * kGRow + local0) =
+          pack_pair<__nv_bfloat16>(weight[2], weight[3]);
+    }
+    __syncthreads();  // G is complete
+
+    // dX[16 rows of the group][the part's 128 features] += G' V.
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {  // G's 16-column blocks
+      uint32_t a[4];
+      ptx::ldmatrix<4>(a, gs + (group * 16 + (quad & 1) * 8 + r) * kGRow + q * 16 + (quad >> 1) * 8);
+#pragma unroll
+      for (int p = 0; p < kGradCols / 16; ++p) {
+        if (p < feature_pairs) {  // uniform over the warp
+          uint32_t b[4];
+          ptx::ldmatrix<4, true>(b, v + (q * 16 + (quad & 1) * 8 + r) * stride + feat0 + p * 16 + (quad >> 1) * 8);
+          const uint32_t b_lo[2] = {b[0], b[1]}, b_hi[2] = {b[2], b[3]};
+          ptx::mma_m16n8k16<__nv_bfloat16>(grad[2 * p], a, b_lo, grad[2 * p]);
+          ptx::mma_m16n8k16<__nv_bfloat16>(grad[2 * p + 1], a, b_hi, grad[2 * p + 1]);
+        }
+      }
+    }
+  }
+  ptx::cp_async_wait(0);  // a split with no tile still staged its rows
+
+  float* out = grad_part + (static_cast<int64_t>(blockIdx.y) * n_x_pad) * dim_pad;
+#pragma unroll
+  for (int n = 0; n < 16; ++n) {
+    const int feat = feat0 + n * 8 + 2 * t;
+    if (n / 2 < feature_pairs && feat < dim_pad) {  // dim_pad is a multiple of 16: both features exist
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float* dst = out + static_cast<int64_t>(rows[h]) * dim_pad + feat;
+        dst[0] = grad[n][2 * h];
+        dst[1] = grad[n][2 * h + 1];
+      }
+    }
+  }
+  if (prob_cos_part != nullptr) {  // uniform over the block
+    const float total = block_sum(prob_cos, reduce_scratch);
+    if (threadIdx.x == 0) prob_cos_part[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = total;
   }
 }
 
