@@ -88,4 +88,12 @@ for name in bench_infonce bench_clip; do
   cat /tmp/bench.log >>"$OUT/benchmarks.log"
   echo "$name (wmma kernels): exit $rc"; grep -vE "^(wrote|\s*$)" /tmp/bench.log | tail -6
 done
+# CLIP's backward before wide_grad_kernel (bf16 rows of 129-512 features in 128-feature chunks,
+# S recomputed per chunk): PYSSL_INFONCE_KERNELS=chunked, benchmarks.log only.
+echo "== bench_clip with PYSSL_INFONCE_KERNELS=chunked (the chunked backward) ==" >>"$OUT/benchmarks.log"
+PYSSL_INFONCE_KERNELS=chunked timeout 60 "$PY" "$REPO/benchmarks/bench_clip.py" --device cuda --min-time 0.5 \
+  --out /tmp/bench_clip_chunked.json >/tmp/bench.log 2>&1
+rc=$?
+cat /tmp/bench.log >>"$OUT/benchmarks.log"
+echo "bench_clip (chunked backward): exit $rc"; grep -vE "^(wrote|\s*$)" /tmp/bench.log | tail -6
 echo "total: $(($(date +%s) - start)) s"
