@@ -315,8 +315,11 @@ void launch_wide_grad(const Normalized& x, const Normalized& y, const Tensor& sc
   constexpr int threads = mma::kThreads * kFeatureGroups;
   const int64_t smem = mma::wide_grad_smem_bytes(x.op_ld);
   device::set_max_dynamic_shared_memory<kernel>(static_cast<int>(smem));
-  // Blocks resident per SM, by shared memory (227 KiB usable, 1 KiB reserved per block) and threads.
-  const int64_t per_sm = std::max<int64_t>(1, std::min<int64_t>(232448 / (smem + 1024), 2048 / threads));
+  // Blocks resident per SM on the H100/H200: 227 KiB of shared memory usable (1 KiB reserved per
+  // block) and 2048 threads.
+  constexpr int64_t kSharedPerSm = 227 * 1024, kReservedPerBlock = 1024, kThreadsPerSm = 2048;
+  const int64_t per_sm =
+      std::max<int64_t>(1, std::min<int64_t>(kSharedPerSm / (smem + kReservedPerBlock), kThreadsPerSm / threads));
   const std::pair<int64_t, int64_t> split =
       column_splits(col_tiles, row_tiles, per_sm * int64_t{sm_count()}, /*round_up=*/false);
   out.splits = split.first;

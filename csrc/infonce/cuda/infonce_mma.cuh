@@ -426,6 +426,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The backward's terms of a thread's two rows: root_inv (S = dot * factor_i * root_inv_j), the
+// row-side lse (+inf for rows past n_x or without the term) and the positive column.
+__device__ __forceinline__ void load_grad_row_terms(const int (&rows)[2], const float* __restrict__ root_inv_x,
+                                                    const GradTerms<float>& terms, float (&factor)[2],
+                                                    float (&lse_row)[2], int (&positive)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    factor[h] = root_inv_x[rows[h]];
+    lse_row[h] = terms.lse_x != nullptr && rows[h] < terms.n_x ? terms.lse_x[rows[h]] : INFINITY;
+    positive[h] = static_cast<int>(terms.pairs > 0 ? ntxent_positive(rows[h], terms.pairs) : rows[h]);
+  }
+}
+
 // Gradient sums, as grad_partial_mma_kernel: block (bx, by, bz) owns rows 64 bx .. +64 of x,
 // features kGradCols by .. +kGradCols and the column tiles of split bz; for each tile it forms
 // G = exp(S - lse_x[i]) + exp(S - lse_y[j]) - n_pos [j = p(i)] and adds G V_J (V = unit rows,
@@ -450,12 +463,7 @@ __global__ void __launch_bounds__(kThreads)
   const int n_x = static_cast<int>(terms.n_x), n_y = static_cast<int>(terms.n_y);
   float factor[2], lse_row[2];
   int positive[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    factor[h] = root_inv_x[rows[h]];
-    lse_row[h] = terms.lse_x != nullptr && rows[h] < n_x ? terms.lse_x[rows[h]] : INFINITY;
-    positive[h] = static_cast<int>(terms.pairs > 0 ? ntxent_positive(rows[h], terms.pairs) : rows[h]);
-  }
+  load_grad_row_terms(rows, root_inv_x, terms, factor, lse_row, positive);
   const int slices = static_cast<int>(ld / kStage);
   const int chunk_pairs = feat0 + kGradCols <= slices * kStage ? kGradCols / 16 : (slices * kStage - feat0) / 16;
 
@@ -626,12 +634,7 @@ __global__ void __launch_bounds__(kThreads * kFeatureGroups)
   const float inv_sqrt_scale = rsqrtf(*scale_ptr);  // NaN for a negative scale, as the loss is
   float factor[2], lse_row[2];
   int positive[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    factor[h] = root_inv_x[rows[h]];
-    lse_row[h] = terms.lse_x != nullptr && rows[h] < n_x ? terms.lse_x[rows[h]] : INFINITY;
-    positive[h] = static_cast<int>(terms.pairs > 0 ? ntxent_positive(rows[h], terms.pairs) : rows[h]);
-  }
+  load_grad_row_terms(rows, root_inv_x, terms, factor, lse_row, positive);
   const int feat0 = part * kGradCols;
   const int feature_pairs = feat0 + kGradCols <= ld ? kGradCols / 16 : (ld > feat0 ? (ld - feat0) / 16 : 0);
 
