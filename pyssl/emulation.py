@@ -60,11 +60,8 @@ def load() -> None:
         raise ImportError(f"{path} was built against torch {built} but torch {torch.__version__} is imported")
     _ops_module.register_library("pyssl_emu")
     # The MoCo backward needs no kernel of its own on either device (device-generic ATen code).
-    torch.library.impl("pyssl_emu::moco_backward", "CPU")(
-        lambda grad_loss, query, key, lse, expected_queue, temperature: torch.ops.pyssl.moco_backward(
-            grad_loss, query, key, lse, expected_queue, temperature
-        )
-    )
+    # Every argument is passed on: the dispatcher leaves out those equal to their defaults.
+    torch.library.impl("pyssl_emu::moco_backward", "CPU")(lambda *args: torch.ops.pyssl.moco_backward(*args))
     _loaded = True
 
 

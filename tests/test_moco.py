@@ -361,6 +361,18 @@ def test_moco_cuda_module_matches_cpu_module(backend):
         assert int(gpu.queue_ptr) == int(cpu.queue_ptr)
 
 
+def test_moco_cuda_backward_of_a_detached_key(backend):
+    # MoCo's key comes from the momentum encoder: autograd asks for the query's gradient only
+    # (output_mask [True, False]), which must reach the device's backward as it does the CPU's.
+    query, key, queue = leaf((9, 16)), leaf((9, 16)).detach(), unit_queue(50, 16)
+    expected = grads(pyssl.ops.moco(query, key, queue, 0.2), query)[0]
+    on_device = backend.to(query.detach()).requires_grad_()
+    with backend:
+        loss = pyssl.ops.moco(on_device, backend.to(key), backend.to(queue), 0.2)
+        (grad_query,) = grads(loss, on_device)
+    assert_close(grad_query.cpu(), expected, torch.float32, scale=5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("temperature", [0.2, 0.01, 0.001])
 def test_empty_queue_gives_zero_loss_and_gradient(dtype, temperature):
