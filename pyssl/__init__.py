@@ -3,9 +3,11 @@
 Fused C++/CUDA kernels (registered as ``torch.ops.pyssl.*``) behind drop-in loss modules.
 """
 
-# Loading the extension makes it pyssl._C, as any submodule.
-from pyssl._extension import cuda_kernels_built
+# Loading the extension makes it pyssl._C, as any submodule; without it, eager kernels stand in
+# (pyssl._fallback, with an ExtensionMissingWarning).
+from pyssl._extension import cuda_kernels_built, extension_loaded
 from pyssl._lazy import __getattr__ as __getattr__  # the training stack, on first use
+from pyssl._loader import ExtensionMissingWarning
 from pyssl._version import __version__
 
 # isort: split
@@ -13,4 +15,13 @@ from pyssl._version import __version__
 # fake kernels on its operators.
 from pyssl import augment, losses, momentum, ops
 
-__all__ = ["ops", "losses", "momentum", "augment", "cuda_kernels_built", "__version__"]
+__all__ = [
+    "ops",
+    "losses",
+    "momentum",
+    "augment",
+    "cuda_kernels_built",
+    "extension_loaded",
+    "ExtensionMissingWarning",
+    "__version__",
+]

@@ -13,6 +13,10 @@ _BUILD_HINT = (
 )
 
 
+class ExtensionMissingWarning(UserWarning):
+    """import pyssl found no usable compiled extension and runs on eager PyTorch kernels."""
+
+
 def _same_release(built: str, running: str) -> bool:
     def major_minor(v: str) -> tuple[str, ...]:
         return tuple(v.split("+")[0].split(".")[:2])

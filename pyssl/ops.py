@@ -475,23 +475,26 @@ def _augment_draw_crops_fake(uniforms, height, width, scale_min, scale_max, rati
 # ---- registration ------------------------------------------------------------------------------
 
 
+# Each op's fake (meta) kernel: its output shapes, after the checks the kernels make.
+FAKE_KERNELS = {
+    "ntxent_forward": _ntxent_forward_fake,
+    "ntxent_backward": _ntxent_backward_fake,
+    "infonce_forward": _infonce_forward_fake,
+    "infonce_backward": _infonce_backward_fake,
+    "moco_forward": _moco_forward_fake,
+    "moco_backward": _moco_backward_fake,
+    "ema_update_": _ema_update_fake,
+    "augment_fused": _augment_fused_fake,
+    "augment_draw_crops": _augment_draw_crops_fake,
+}
+
+
 def register_library(lib: str) -> None:
     """Fake kernels and autograd formulas for the ops of namespace ``lib`` (``pyssl``, and
     ``pyssl_emu`` for the emulated CUDA kernels of :mod:`pyssl.emulation`): each op's backward
     calls the backward op of the same namespace."""
     ops = getattr(torch.ops, lib)
-    fakes = {
-        "ntxent_forward": _ntxent_forward_fake,
-        "ntxent_backward": _ntxent_backward_fake,
-        "infonce_forward": _infonce_forward_fake,
-        "infonce_backward": _infonce_backward_fake,
-        "moco_forward": _moco_forward_fake,
-        "moco_backward": _moco_backward_fake,
-        "ema_update_": _ema_update_fake,
-        "augment_fused": _augment_fused_fake,
-        "augment_draw_crops": _augment_draw_crops_fake,
-    }
-    for name, fake in fakes.items():
+    for name, fake in FAKE_KERNELS.items():
         torch.library.register_fake(f"{lib}::{name}")(fake)
     torch.library.register_autograd(
         f"{lib}::ntxent_forward", _ntxent_backward(ops), setup_context=_ntxent_setup_context

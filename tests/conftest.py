@@ -12,6 +12,18 @@ import torch
 _SEED = int(os.environ.get("PYSSL_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
 
+def pytest_configure(config):
+    # The tests compare the kernels with the references: on the eager fallback (pyssl._fallback)
+    # they would compare the references with themselves.
+    import pyssl
+
+    if not pyssl.extension_loaded:
+        raise pytest.UsageError(
+            f"pyssl's tests need its compiled extension, which is not loaded "
+            f"({pyssl._extension.missing_reason}); build it with `make build`"
+        )
+
+
 def pytest_report_header(config):
     return f"pyssl test seed: {_SEED} (replay with PYSSL_TEST_SEED={_SEED})"
 

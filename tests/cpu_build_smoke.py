@@ -17,6 +17,7 @@ else:
     print(f"no CPU-only torch: checking the PYSSL_CUDA=OFF build against torch {torch.__version__}")
 # The installed build, not the source tree or an editable install of it.
 assert "site-packages" in pyssl.__file__, f"pyssl imported from {pyssl.__file__}"
+assert pyssl.extension_loaded, f"the CPU-only build did not load: {pyssl._extension.missing_reason}"
 assert not pyssl.cuda_kernels_built, "a CPU-only build must not get CUDA kernels"
 
 z0 = torch.randn(33, 16, dtype=torch.float64, requires_grad=True)

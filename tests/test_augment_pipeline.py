@@ -3,8 +3,6 @@ ops, parameter statistics, reproducibility, bad input, opcheck and the CUDA kern
 
 import dataclasses
 import math
-import os
-import sys
 
 import pytest
 import torch
@@ -13,9 +11,7 @@ from hypothesis import strategies as st
 
 import pyssl
 from pyssl.augment import AugmentParams, SimCLRAugment, byol_pair
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from augment_reference import compose  # noqa: E402
+from pyssl.augment.reference import compose
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

@@ -22,10 +22,19 @@ PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 LAYERS = {
     # The compiled extension and what everything above builds on. distributed: the process-group
     # helpers (all-gather with gradients, Shuffle-BN's permutations) that losses and methods share.
-    # reference: each op's eager formula, beside the op.
+    # reference: each op's eager formula, beside the op. _fallback: the ops' eager kernels where
+    # the compiled extension is missing.
     "base": (
         0,
-        ["pyssl._loader", "pyssl._extension", "pyssl.ops", "pyssl.reference", "pyssl.emulation", "pyssl.distributed"],
+        [
+            "pyssl._loader",
+            "pyssl._extension",
+            "pyssl._fallback",
+            "pyssl.ops",
+            "pyssl.reference",
+            "pyssl.emulation",
+            "pyssl.distributed",
+        ],
     ),
     "losses": (1, ["pyssl.losses"]),
     # The pretext tasks' transforms and colour space are augmentations: tensor to tensor.

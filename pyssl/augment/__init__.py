@@ -28,6 +28,10 @@ from pyssl.augment.pipeline import (
     byol_pair,
 )
 
+# isort: split
+# The fused op's reference composition (and its kernel where the extension is missing).
+from pyssl.augment import reference
+
 __all__ = [
     "AugmentParams",
     "IMAGENET_MEAN",
@@ -42,6 +46,7 @@ __all__ = [
     "gaussian_blur",
     "hflip",
     "normalize",
+    "reference",
     "resized_crop",
     "rgb_to_grayscale",
     "solarize",
