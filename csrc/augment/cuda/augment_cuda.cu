@@ -3,8 +3,9 @@
 //
 // Launch plan, N output images of out_h x out_w, grid.x = image (so N is unbounded) and a
 // grid-stride loop over pixels / tiles in grid.y:
-//   contrast_mean   only when some image has contrast jitter: recomputes each pixel up to the
-//                   contrast step and sums its luma (double) per image; 256 threads per block
+//   contrast_mean   for the images with contrast jitter: recomputes each pixel up to the
+//                   contrast step and sums its luma (double) per block; 256 threads per block
+//   contrast_total  one thread per image: its blocks' sums in a fixed order (deterministic)
 //   pass1           one thread per output pixel: crop + flip + jitter + gray, written once to a
 //                   float32 (N, C, out_h, out_w) buffer
 //   pass2           32 x 16 output tiles (256 threads): separable Gaussian blur in shared memory
@@ -87,7 +88,8 @@ __device__ __forceinline__ Box load_box(const Params& p, const Geometry& g, int6
   return b;
 }
 
-// Crop + flip: the bilinear sample of output pixel (y, x), every channel into v.
+// Crop + flip: the bilinear sample of output pixel (y, x), every channel into v. Vertical taps
+// first, then horizontal, the CPU kernel's order (crop_flip), so that both give the same bits.
 template <typename in_t>
 __device__ __forceinline__ void sample(const in_t* __restrict__ in, const Geometry& g, const Box& b,
                                        bool flip, int64_t y, int64_t x, float v[3]) {
@@ -100,9 +102,9 @@ __device__ __forceinline__ void sample(const in_t* __restrict__ in, const Geomet
   for (int c = 0; c < 3; ++c) {  // constant indices keep v in registers
     if (c >= g.channels) break;
     const in_t* plane = image + c * g.in_stride[1];
-    const float top = to_unit(plane[r0 + c0]) * tx.w0 + to_unit(plane[r0 + c1]) * tx.w1;
-    const float bottom = to_unit(plane[r1 + c0]) * tx.w0 + to_unit(plane[r1 + c1]) * tx.w1;
-    v[c] = top * ty.w0 + bottom * ty.w1;
+    const float left = to_unit(plane[r0 + c0]) * ty.w0 + to_unit(plane[r1 + c0]) * ty.w1;
+    const float right = to_unit(plane[r0 + c1]) * ty.w0 + to_unit(plane[r1 + c1]) * ty.w1;
+    v[c] = left * tx.w0 + right * tx.w1;
   }
 }
 
@@ -145,9 +147,11 @@ __device__ __forceinline__ float jitter(const Params& p, const Geometry& g, int6
   return 0.f;
 }
 
+// Block (n, y) writes the luma sum of its pixels to partial[n * gridDim.y + y]; no atomics, so
+// the image's sum (contrast_total_kernel) is the same on every run.
 template <typename in_t>
 __global__ void contrast_mean_kernel(const in_t* __restrict__ in, Params p, Geometry g,
-                                     double* __restrict__ sums) {
+                                     double* __restrict__ partial_sums) {
   const int64_t n = blockIdx.x;
   if (p.jitter_factors[4 * n + kContrast] == 1.f) return;  // uniform over the block
   const Box b = load_box(p, g, n);
@@ -167,7 +171,17 @@ __global__ void contrast_mean_kernel(const in_t* __restrict__ in, Params p, Geom
     if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
     __syncthreads();
   }
-  if (threadIdx.x == 0) atomicAdd(sums + n, partial[0]);
+  if (threadIdx.x == 0) partial_sums[n * gridDim.y + blockIdx.y] = partial[0];
+}
+
+// One thread per image: the sum of its blocks' partial sums, in block order.
+__global__ void contrast_total_kernel(const Params p, const double* __restrict__ partial_sums,
+                                      int64_t images, int64_t blocks, double* __restrict__ sums) {
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (n >= images || p.jitter_factors[4 * n + kContrast] == 1.f) return;
+  double total = 0;
+  for (int64_t b = 0; b < blocks; ++b) total += partial_sums[n * blocks + b];
+  sums[n] = total;
 }
 
 template <typename in_t>
@@ -318,18 +332,21 @@ Tensor augment_fused_cuda(const Tensor& images, const Tensor& source_index,
     g.out_stride[d] = out.stride(d);
   }
   Tensor tmp = at::empty({n, channels, out_h, out_w}, images.options().dtype(at::kFloat));
-  Tensor sums = at::empty({n}, images.options().dtype(at::kDouble));
-  PYSSL_CUDA_CHECK(cudaMemsetAsync(sums.mutable_data_ptr<double>(), 0, n * sizeof(double), stream));
-  p.contrast_sum = sums.const_data_ptr<double>();
-
   const int64_t pixels = out_h * out_w;
   const dim3 grid1(static_cast<unsigned>(n),
                    static_cast<unsigned>(std::min(ceil_div(pixels, kThreads), kMaxGridY)));
+  // Read only for images with contrast jitter, each written first by contrast_total_kernel.
+  Tensor sums = at::empty({n}, images.options().dtype(at::kDouble));
+  Tensor partial_sums = at::empty({n * static_cast<int64_t>(grid1.y)}, sums.options());
+  p.contrast_sum = sums.const_data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND3(
       at::kByte, at::kHalf, at::kBFloat16, images.scalar_type(), "pyssl_augment_pass1_cuda", [&] {
         const scalar_t* in = images.const_data_ptr<scalar_t>();
         device::launch<contrast_mean_kernel<scalar_t>>(grid1, kThreads, 0, stream,
-            in, p, g, sums.mutable_data_ptr<double>());
+            in, p, g, partial_sums.mutable_data_ptr<double>());
+        device::launch<contrast_total_kernel>(static_cast<unsigned>(ceil_div(n, kThreads)), kThreads, 0, stream,
+            p, partial_sums.const_data_ptr<double>(), n, static_cast<int64_t>(grid1.y),
+            sums.mutable_data_ptr<double>());
         device::launch<pass1_kernel<scalar_t>>(grid1, kThreads, 0, stream, in, p, g,
                                                tmp.mutable_data_ptr<float>());
       });
