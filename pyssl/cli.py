@@ -403,6 +403,20 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def _checkpoint_step(trainer) -> int | None:
+    """The step of the run's checkpoint: the trainer's record of it or, where a Ctrl-C came after
+    a first checkpoint's file was in place but before the trainer recorded it, the file's own
+    (the run dir held no checkpoint when training started: a resume or --overwrite)."""
+    from pyssl.train import CheckpointError, load_checkpoint
+
+    if trainer.checkpoint_step is not None or not os.path.isfile(trainer.ckpt_path):
+        return trainer.checkpoint_step
+    try:
+        return int(load_checkpoint(trainer.ckpt_path)["step"])
+    except (CheckpointError, KeyError):
+        return None
+
+
 def _train(args, is_main: bool) -> int:
     from pyssl import distributed
     from pyssl.config import remove_run_reports, write_run_config
@@ -427,7 +441,7 @@ def _train(args, is_main: bool) -> int:
     try:
         result = trainer.fit(resume=args.resume)
     except KeyboardInterrupt:
-        raise Interrupted(cfg.out_dir, trainer.step, trainer.total_steps, trainer.checkpoint_step) from None
+        raise Interrupted(cfg.out_dir, trainer.step, trainer.total_steps, _checkpoint_step(trainer)) from None
     if is_main:
         last = result.losses[-1] if result.losses else float("nan")
         knn = f", kNN accuracy {result.knn[-1][1] * 100:.2f}%" if result.knn else ""

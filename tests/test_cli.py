@@ -369,9 +369,9 @@ def test_ctrl_c_says_how_to_resume_and_resume_says_where_it_starts(tmp_path, cap
 
     import pyssl.train
 
-    def interrupt_at(step):
+    def interrupt_at(step, at="step"):
         def probe(instant, now):
-            if instant == "step" and now == step:
+            if instant == at and now == step:
                 raise KeyboardInterrupt
 
         return lambda: probe
@@ -395,6 +395,11 @@ def test_ctrl_c_says_how_to_resume_and_resume_says_where_it_starts(tmp_path, cap
     assert main(argv) == 130
     err = capsys.readouterr().err
     assert "pyssl: interrupted at step 1 of 4, before the first checkpoint: nothing to resume" in err
+    # Ctrl-C right after the first checkpoint's file is in place, before the trainer records it:
+    # there is a checkpoint to resume from (it used to say there was none and to --overwrite it).
+    monkeypatch.setattr(pyssl.train, "crash_probe_from_env", interrupt_at(2, "checkpoint-replaced"))
+    assert main(argv + ["--overwrite"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-2].endswith("holds the checkpoint of step 2. Resume with:")
     monkeypatch.setattr(pyssl.train, "crash_probe_from_env", interrupt_at(3))
     assert main(argv + ["--overwrite"]) == 130
     err = capsys.readouterr().err.strip().splitlines()
