@@ -4,6 +4,11 @@ float64 references (gathered losses, MoCo queue) and through ``pyssl train --npr
 import csv
 import math
 import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -356,6 +361,44 @@ def test_train_nproc_2_crash_and_exact_resume(tmp_path, monkeypatch, capfd):
     assert _losses(cut) == _losses(full)
     resumed = torch.load(cut / "checkpoint.pt", weights_only=True)
     assert resumed["parameter_digest_per_rank"] == digests
+
+
+def _interrupt_after_first_checkpoint(out, to_group: bool) -> tuple[int, list[str]]:
+    """Starts 12 epochs of TRAIN under --nproc in a session of its own, sends SIGINT once the
+    first checkpoint exists (to the process group, as a terminal's Ctrl-C, or to the launcher
+    alone) and returns (exit code, stderr lines)."""
+    argv = [sys.executable, "-m", "pyssl", *TRAIN, "--epochs", "12", "--out", str(out), "--checkpoint-every", "2"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT) if to_group else proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, err.strip().splitlines()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("to_group", [True, False], ids=["ctrl-c", "sigint-to-launcher"])
+def test_ctrl_c_under_nproc_says_how_to_resume(tmp_path, to_group):
+    # Before, the workers swallowed the KeyboardInterrupt and the launcher printed only
+    # "pyssl: interrupted"; a SIGINT to the launcher alone left the workers without it.
+    out = tmp_path / "run"
+    code, err = _interrupt_after_first_checkpoint(out, to_group)
+    assert code == 130, err
+    assert not [line for line in err if "Traceback" in line or "error" in line.lower()], err
+    assert err[-2].startswith("pyssl: interrupted at step") and "holds the checkpoint of step" in err[-2], err
+    resume = shlex.split(err[-1])
+    assert resume[0] == "pyssl" and resume[-1] == "--resume" and resume[1:-1] == [
+        *TRAIN, "--epochs", "12", "--out", str(out), "--checkpoint-every", "2"
+    ], err  # fmt: skip
+    if to_group:  # the command it prints finishes the run, each step logged once
+        assert main(resume[1:]) == 0
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 12 * (1258 // 128)
+        assert len(_losses(out)) == 12 * (1258 // 128)
 
 
 def test_batch_not_divisible_by_the_processes_is_one_line(tmp_path, capfd):
