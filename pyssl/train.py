@@ -12,6 +12,10 @@ TensorBoard events when tensorboard is installed, a tqdm progress bar when tqdm 
 A checkpoint is written only once the logs are on disk, and records their lengths; a resumed run
 cuts them back to those, so a run killed at any instant resumes with each step logged once.
 
+Data: an :class:`~pyssl.data.ImageDataset` held in memory (on the device or the host), or a
+:class:`~pyssl.data.StreamingImageDataset` whose files DataLoader workers decode as they are
+trained on; both give the same batches, so the step function and the exact resume are shared.
+
 Data parallel (inside an initialised ``torch.distributed`` group, see :mod:`pyssl.distributed`):
 each global batch of ``batch_size`` images is cut into one contiguous shard per rank; all ranks
 start from rank 0's parameters and buffers, draw their own augmentations (seed offset by rank),

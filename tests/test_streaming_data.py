@@ -273,3 +273,19 @@ def test_the_choice_between_memory_and_streaming():
     ):
         with pytest.raises(ConfigError, match=message):
             TrainConfig(**bad).validate()
+
+
+def test_the_command_line_streams_when_told(tmp_path, capsys):
+    from pyssl.cli import main
+
+    root = _class_folder(tmp_path / "data", per_class=(10, 10, 8))
+    tiny = ["--image-size", "8", "--backbone", "convnet-small", "--hidden-dim", "16", "--device", "cpu"]
+    argv = ["train", "--data", f"folder:{root}", "--epochs", "1", "--batch-size", "8", "--knn-every", "1", *tiny]
+    argv += ["--knn-k", "3", "--no-progress", "--no-tensorboard", "--data-workers", "1"]
+    assert main([*argv, "--stream", "--out", str(tmp_path / "streamed")]) == 0
+    err = capsys.readouterr().err
+    assert "(23 images, 8px, streamed from files)" in err and "kNN accuracy" in err
+    assert main([*argv, "--no-stream", "--out", str(tmp_path / "held")]) == 0
+    assert "(23 images, 8px)" in capsys.readouterr().err
+    logs = [list(csv.DictReader(open(tmp_path / run / "metrics.csv"))) for run in ("streamed", "held")]
+    assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]] and len(logs[0]) == 2
