@@ -263,7 +263,21 @@ def test_a_file_list_with_labels(tmp_path):
     )
 
 
+def test_statistics_of_a_large_stream_come_from_an_even_spread_of_its_images(tmp_path, monkeypatch):
+    import pyssl.data.streaming
+
+    _write_images(tmp_path, 21, seed=8)
+    data = StreamingImageDataset(sorted(str(p) for p in tmp_path.iterdir()), [-1] * 21, name="folder", size=8)
+    everything = data.in_memory()
+    assert data.mean_std() == everything.mean_std()
+    monkeypatch.setattr(pyssl.data.streaming, "STATS_SAMPLE", 5)
+    assert data.mean_std() == everything.subset(torch.tensor([0, 5, 10, 15, 20])).mean_std()
+
+
 def test_the_choice_between_memory_and_streaming():
+    from pyssl.data import memory_budget
+
+    assert 0 < memory_budget()
     assert choose_streaming(10, None, budget=9) and not choose_streaming(9, None, budget=9)
     assert choose_streaming(1, True, budget=9) and not choose_streaming(10**12, False, budget=9)
     for bad, message in (

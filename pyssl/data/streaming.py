@@ -303,6 +303,8 @@ class StreamingImageDataset(torch.utils.data.Dataset):
             image = None
             for step in range(tries):
                 source = (row + step) % len(self)
+                if source in self.bad_files:  # known (from before the workers forked): not opened again
+                    continue
                 image, reason = self._decode(source)
                 if image is not None:
                     break
