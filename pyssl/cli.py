@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         default=None,
         help="digits | colour_digits | captioned_digits | videos | cifar10:PATH | cifar100:PATH | "
-        "stl10:PATH | folder:PATH | captions:FILE.csv (image-text pairs, for clip) "
+        "stl10:PATH | folder:PATH | list:FILE.txt (image paths, each optionally TAB label) | "
+        "captions:FILE.csv (image-text pairs, for clip) "
         "(default: the method's, digits for most)",
     )
     t.add_argument(
@@ -232,6 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the data set is held: on the GPU (batches never leave it) or in host memory "
         "(each batch copied over; for data sets larger than the GPU). auto: on the GPU while "
         "it takes at most 40%% of its free memory",
+    )
+    t.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="folder:PATH and list:FILE: decode the image files as they are trained on, in DataLoader "
+        "workers, instead of all up front (default: when the decoded images would take more than "
+        "25%% of the available memory)",
+    )
+    t.add_argument(
+        "--data-workers",
+        type=_at_least(0),
+        default=None,
+        help="streamed data: decoding worker processes (default one a core, at most 8; 0: in the training process)",
     )
     t.add_argument(
         "--sync-bn",
@@ -333,6 +348,8 @@ FLAG_SETTINGS = {
     "knn_t": "knn_t",
     "init_backbone": "init_backbone",
     "data_on": "data_on",
+    "stream": "stream",
+    "data_workers": "data_workers",
 }
 
 
@@ -427,7 +444,7 @@ def _train(args, is_main: bool) -> int:
         ranks = f" x {trainer.world_size} processes" if trainer.world_size > 1 else ""
         print(
             f"pyssl train: {trainer.extra['method']} on {trainer.extra['data']} ({len(trainer.train_data)} images, "
-            f"{trainer.train_data.image_size}px), {_count(cfg.epochs, 'epoch')} x "
+            f"{trainer.train_data.image_size}px{', streamed from files' if trainer.streaming else ''}), {_count(cfg.epochs, 'epoch')} x "
             f"{_count(trainer.steps_per_epoch, 'step')} of {cfg.batch_size}, {cfg.optimizer} lr {cfg.lr:g}, "
             f"device {cfg.device}{ranks} -> {cfg.out_dir}",
             file=sys.stderr,

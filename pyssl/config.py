@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from pyssl.data import ImageDataset, data_defaults, load_data
+from pyssl.data import ImageDataset, data_defaults, open_data
 from pyssl.methods import MethodError, available_methods, build_method, method_class, method_preset
 from pyssl.train import CHECKPOINT_NAME, CheckpointError, ConfigError, TrainConfig, Trainer, load_checkpoint
 
@@ -51,7 +51,8 @@ class RunConfig:
 
     ``method_cfg`` is exactly what ``build_method(method, **method_cfg)`` receives (and what a
     checkpoint stores to rebuild the method); ``train`` is the trainer's configuration;
-    ``train_set``/``test_set`` the loaded data (not part of the configuration's text form).
+    ``train_set``/``test_set`` the loaded data (not part of the configuration's text form; a
+    :class:`~pyssl.data.StreamingImageDataset` where the data streams, see ``TrainConfig.stream``).
     """
 
     method: str
@@ -232,7 +233,13 @@ def resolve(
     if datasets is not None:
         train_set, test_set = datasets
     else:
-        train_set, test_set = load_data(data, image_size)
+        # Large image folders and file lists stream (pyssl.data.streaming); the rest as before.
+        stream = train_over.get("stream")
+        if stream not in (None, True, False):
+            raise ConfigError(f"stream must be True, False or None (choose by size), got {stream!r}")
+        train_set, test_set = open_data(
+            data, image_size, stream, train_over.get("max_bad_files", TrainConfig.max_bad_files)
+        )
     if kind == "videos" and spec.inputs != "videos":
         raise ConfigError(
             f"videos holds clips of several frames stacked as channels; {method} trains on "
@@ -319,7 +326,7 @@ def build_method_of(run: RunConfig):
 def build_trainer(run: RunConfig, *, callbacks=None, probe=None, logs=None) -> Trainer:
     """The trainer of a resolved run (its method built with the run's seed)."""
     if run.train_set is None:  # a RunConfig made by hand, or read back from JSON
-        run.train_set, run.test_set = load_data(run.data, run.image_size)
+        run.train_set, run.test_set = open_data(run.data, run.image_size, run.train.stream, run.train.max_bad_files)
     method = build_method_of(run)
     extra = {"data": run.data, "method": run.method, "image_size": run.image_size}
     if run.init_backbone:

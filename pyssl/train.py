@@ -12,6 +12,10 @@ TensorBoard events when tensorboard is installed, a tqdm progress bar when tqdm 
 A checkpoint is written only once the logs are on disk, and records their lengths; a resumed run
 cuts them back to those, so a run killed at any instant resumes with each step logged once.
 
+Data: an :class:`~pyssl.data.ImageDataset` held in memory (on the device or the host), or a
+:class:`~pyssl.data.StreamingImageDataset` whose files DataLoader workers decode as they are
+trained on; both give the same batches, so the step function and the exact resume are shared.
+
 Data parallel (inside an initialised ``torch.distributed`` group, see :mod:`pyssl.distributed`):
 each global batch of ``batch_size`` images is cut into one contiguous shard per rank; all ranks
 start from rank 0's parameters and buffers, draw their own augmentations (seed offset by rank),
@@ -35,7 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from pyssl import distributed
-from pyssl.data import ImageDataset, batches
+from pyssl.data import ImageDataset, StreamingImageDataset, batches
+from pyssl.data.streaming import MAX_BAD_FILES
 from pyssl.run_log import LOGS, CsvLog, CsvRunLog, ProgressRunLog, RunLog, RunLogs, StepRecord, TensorBoardRunLog
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -87,6 +92,13 @@ class TrainConfig:
     # Where the data set lives: "device" (batches never leave the GPU), "cpu" (host memory, each
     # batch copied over; for data sets larger than the GPU's memory) or "auto" (see data_device).
     data_on: str = "auto"
+    # Image files decoded as they are trained on (pyssl.data.streaming) rather than all up front:
+    # None streams a folder or list whose decoded size exceeds the memory budget; True/False force
+    # it. Read where the data is loaded (pyssl.config.resolve); the trainer streams whatever
+    # StreamingImageDataset it is given.
+    stream: bool | None = None
+    data_workers: int | None = None  # streaming: DataLoader worker processes (None: one a core, at most 8)
+    max_bad_files: float = MAX_BAD_FILES  # streaming: share of the files that may fail to decode (skipped, warned)
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -119,6 +131,14 @@ class TrainConfig:
             )
         if self.data_on not in ("auto", "device", "cpu"):
             raise ConfigError(f"data_on must be auto, device or cpu, got {self.data_on!r}")
+        if self.stream not in (None, True, False):
+            raise ConfigError(f"stream must be True, False or None (choose by size), got {self.stream!r}")
+        if self.data_workers is not None and (not isinstance(self.data_workers, int) or self.data_workers < 0):
+            raise ConfigError(
+                f"data_workers must be an integer >= 0 (0: decode in the training process), got {self.data_workers!r}"
+            )
+        if not (isinstance(self.max_bad_files, (int, float)) and 0 <= self.max_bad_files <= 1):
+            raise ConfigError(f"max_bad_files must be a share of the files in [0, 1], got {self.max_bad_files!r}")
         if self.sync_bn and dev.type != "cuda":
             raise ConfigError(f"sync_bn needs CUDA devices (SyncBatchNorm does not run on {dev.type})")
 
@@ -477,7 +497,9 @@ class _Pace:
 
 
 class Trainer:
-    """Trains ``method`` on ``train`` (an :class:`ImageDataset`; labels unused) per ``config``.
+    """Trains ``method`` on ``train`` (an :class:`ImageDataset`, or a
+    :class:`~pyssl.data.StreamingImageDataset` of files decoded as they are trained on; labels
+    unused) per ``config``.
 
     ``callbacks``: functions ``f(trainer, step, loss)`` called after every optimiser step
     (``step`` counts completed steps); raising :class:`StopTraining` ends the run abruptly.
@@ -509,10 +531,12 @@ class Trainer:
         self.method_spec = method_spec or getattr(method, "build_spec", None) or {}
         self.extra = extra or {}
         self.device = torch.device(config.device)
-        nbytes = sum(d.images.numel() for d in (train, test) if d is not None)
+        # A StreamingImageDataset stays where it is: files, decoded batch by batch (_epoch_batches).
+        self.streaming = isinstance(train, StreamingImageDataset)
+        nbytes = sum(d.images.numel() for d in (train, test) if isinstance(d, ImageDataset))
         self.data_device = data_device(config.data_on, self.device, nbytes)
-        self.train_data = train.to(self.data_device)
-        self.test_data = test.to(self.data_device) if test is not None else None
+        self.train_data = train if self.streaming else train.to(self.data_device)
+        self.test_data = test.to(self.data_device) if isinstance(test, ImageDataset) else test
         self.steps_per_epoch = len(train) // config.batch_size
         self.total_steps = self.steps_per_epoch * config.epochs
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
@@ -742,12 +766,31 @@ class Trainer:
             batch = (batch, self.train_data.texts[rows].to(self.device))
         return batch
 
+    def _epoch_batches(self, epoch: int, first: int):
+        """This rank's batches of epoch ``epoch`` from its batch ``first`` on, on the training
+        device: gathered from the data set in memory, or decoded from files by the streaming data
+        set's DataLoader workers. Either way the batches of ``batches(n, batch_size, epoch, seed)``."""
+        cfg = self.cfg
+        if self.streaming:
+            return self.train_data.epoch_batches(
+                cfg.batch_size,
+                epoch,
+                cfg.seed,
+                first,
+                self.rank,
+                self.world_size,
+                device=self.device,
+                workers=cfg.data_workers,
+                max_bad_files=cfg.max_bad_files,
+            )
+        return (self._batch(index) for index in batches(len(self.train_data), cfg.batch_size, epoch, cfg.seed)[first:])
+
     def _train_epoch(self, result: TrainResult) -> None:
         """The rest of the current epoch, step by step."""
         cfg, pace = self.cfg, self._pace
         epoch, first = divmod(self.step, self.steps_per_epoch)
-        for index in batches(len(self.train_data.images), cfg.batch_size, epoch, cfg.seed)[first:]:
-            loss, metrics = self._train_step(self._batch(index))
+        for batch in self._epoch_batches(epoch, first):
+            loss, metrics = self._train_step(batch)
             self.step += 1
             pace.pending.append((self.step, epoch, loss.detach(), self.optimizer.param_groups[0]["lr"]))
             pace.metrics = metrics
@@ -852,19 +895,30 @@ class Trainer:
         was = self.method.training
         self.method.eval()
         try:
-            tr = extract_features(self.method.backbone, self.train_data.images, self.method.normalize)
-            te = extract_features(self.method.backbone, self.test_data.images, self.method.normalize)
+            tr, tr_labels = self._features(self.train_data, extract_features)
+            te, te_labels = self._features(self.test_data, extract_features)
             pred = knn_predict(
                 tr,
-                self.train_data.labels,
+                tr_labels.to(tr.device),
                 te,
                 k=self.cfg.knn_k,
                 t=self.cfg.knn_t,
                 num_classes=self.train_data.num_classes,
             )
-            return (pred == self.test_data.labels.to(pred.device)).float().mean().item()
+            return (pred == te_labels.to(pred.device)).float().mean().item()
         finally:
             self.method.train(was)
+
+    def _features(self, data, extract_features) -> tuple[Tensor, Tensor]:
+        """(features, labels) of every image of ``data``; a streamed data set is decoded batch by
+        batch (its order, with any undecodable file replaced as in training)."""
+        if isinstance(data, ImageDataset):
+            return extract_features(self.method.backbone, data.images, self.method.normalize), data.labels
+        features, labels = [], []
+        for batch in data.sequential_batches(device=self.device, workers=self.cfg.data_workers):
+            features.append(extract_features(self.method.backbone, batch.images, self.method.normalize))
+            labels.append(batch.labels)
+        return torch.cat(features), torch.cat(labels)
 
 
 __all__ = [

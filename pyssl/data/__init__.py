@@ -4,6 +4,9 @@ The default, :func:`load_digits`, needs no download: scikit-learn's bundled hand
 Real data comes from local files: CIFAR-10/100 (the python pickle batches), STL-10 (the binary
 release) and any ImageFolder tree (``root/class_name/image.png``).  Whole data sets are moved to
 the training device once, so batches and augmentation never leave it.
+
+Image folders and file lists too large for that stream (:mod:`pyssl.data.streaming`,
+:func:`open_data`): decoded by DataLoader workers as they are trained on.
 """
 
 from pyssl.data.caption_files import CAPTION_COLUMNS, IMAGE_COLUMNS, MAX_CONTEXT_LENGTH, load_caption_file
@@ -13,6 +16,15 @@ from pyssl.data.files import IMAGE_EXTENSIONS, load_cifar, load_image_folder, lo
 from pyssl.data.registry import data_defaults, data_kinds, load_data, register_data
 from pyssl.data.sampling import batches
 from pyssl.data.specs import DATA_KINDS
+from pyssl.data.streaming import (
+    DataWarning,
+    EpochBatchSampler,
+    StreamingImageDataset,
+    choose_streaming,
+    memory_budget,
+    open_data,
+    read_file_list,
+)
 
 __all__ = [
     "ImageDataset",
@@ -32,4 +44,11 @@ __all__ = [
     "IMAGE_COLUMNS",
     "CAPTION_COLUMNS",
     "MAX_CONTEXT_LENGTH",
+    "StreamingImageDataset",
+    "EpochBatchSampler",
+    "DataWarning",
+    "open_data",
+    "read_file_list",
+    "choose_streaming",
+    "memory_budget",
 ]

@@ -162,10 +162,10 @@ def _read_images(paths: list[str], size: int, channels: int) -> Tensor:
     return torch.from_numpy(np.stack(arrays))
 
 
-def load_image_folder(path: str, size: int = 32, channels: int = 3) -> ImageDataset:
-    """Every image under ``path/<class>/...``, resized (shorter side, then centre crop) to
-    ``size`` x ``size``; classes are the sorted sub-directory names. A folder of images without
-    sub-directories is unlabelled (labels -1): self-supervised training needs no labels."""
+def list_image_folder(path: str) -> tuple[list[str], list[int], list[str]]:
+    """The image files of an ImageFolder tree, without decoding any: ``(files, labels, classes)``.
+    Classes are the sorted sub-directory names, each searched recursively, files in sorted order;
+    a folder without sub-directories holds unlabelled images (labels -1), its own files only."""
     if not os.path.isdir(path):
         raise DataError(f"folder: data path {path} does not exist or is not a directory")
     classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
@@ -175,7 +175,7 @@ def load_image_folder(path: str, size: int = 32, channels: int = 3) -> ImageData
             raise DataError(
                 f"folder: no images ({', '.join(IMAGE_EXTENSIONS)}) in {path}, and no class sub-directories"
             )
-        return ImageDataset(_read_images(files, size, channels), torch.full((len(files),), -1), [], "folder")
+        return files, [-1] * len(files), []
     files, labels = [], []
     for ci, cname in enumerate(classes):
         for dirpath, _, names in sorted(os.walk(os.path.join(path, cname))):
@@ -185,4 +185,21 @@ def load_image_folder(path: str, size: int = 32, channels: int = 3) -> ImageData
                     labels.append(ci)
     if not files:
         raise DataError(f"folder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
+    return files, labels, classes
+
+
+def load_image_folder(path: str, size: int = 32, channels: int = 3) -> ImageDataset:
+    """Every image under ``path/<class>/...`` (:func:`list_image_folder`), resized (shorter side,
+    then centre crop) to ``size`` x ``size``; classes are the sorted sub-directory names. A folder
+    of images without sub-directories is unlabelled (labels -1): self-supervised training needs no
+    labels."""
+    files, labels, classes = list_image_folder(path)
     return ImageDataset(_read_images(files, size, channels), torch.tensor(labels), classes, "folder")
+
+
+def holdout_split(num_items: int) -> tuple[Tensor, Tensor]:
+    """``(train_rows, test_rows)`` of a data set without its own test split: a fixed random 80/20
+    (the same rows on every run and machine; at least one test row)."""
+    perm = torch.randperm(num_items, generator=torch.Generator().manual_seed(0))
+    cut = max(1, num_items // 5)
+    return perm[cut:], perm[:cut]

@@ -75,7 +75,8 @@ def data_kinds() -> tuple[str, ...]:
 def load_data(spec: str, image_size: int | None = None) -> tuple[ImageDataset, ImageDataset]:
     """(train, test) for a spec: ``digits``, ``cifar10:PATH``, ``cifar100:PATH``, ``stl10:PATH``
     or ``folder:PATH`` (the folder's ``train``/``val`` (or ``test``) sub-folders if present, else
-    a fixed 80/20 split); ``captions:FILE.csv|tsv`` for image-text pairs (:func:`load_caption_file`).
+    a fixed 80/20 split), ``list:FILE.txt`` (image paths, optionally tab and label, one a line;
+    a fixed 80/20 split: :func:`~pyssl.data.streaming.read_file_list`); ``captions:FILE.csv|tsv`` for image-text pairs (:func:`load_caption_file`).
     STL-10 uses its labelled train/test splits (5,000 / 8,000 images)."""
     kind, _, path = spec.partition(":")
     kind = kind.lower()

@@ -11,8 +11,9 @@ from pyssl.data.caption_files import load_caption_file
 from pyssl.data.colour import load_colour_data
 from pyssl.data.dataset import ImageDataset, _resize_uint8
 from pyssl.data.digits import load_digits
-from pyssl.data.files import load_cifar, load_image_folder, load_stl10
+from pyssl.data.files import _read_images, holdout_split, load_cifar, load_image_folder, load_stl10
 from pyssl.data.registry import data_kinds, register_data
+from pyssl.data.streaming import read_file_list
 
 
 # The embedded digits are sized for a CPU; real data sets get the standard CIFAR protocol
@@ -152,9 +153,17 @@ def _folder(path: str, image_size: int | None):
         if os.path.isdir(os.path.join(path, tr)) and os.path.isdir(os.path.join(path, te)):
             return load_image_folder(os.path.join(path, tr), size), load_image_folder(os.path.join(path, te), size)
     full = load_image_folder(path, size)
-    perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(0))
-    cut = max(1, len(full) // 5)
-    return full.subset(perm[cut:]), full.subset(perm[:cut])
+    train_rows, test_rows = holdout_split(len(full))
+    return full.subset(train_rows), full.subset(test_rows)
+
+
+# A list file of image paths (and labels): pyssl.data.streaming.read_file_list; a fixed 80/20 split.
+@register_data("list", needs_path=True)
+def _file_list(path: str, image_size: int | None):
+    files, labels, classes = read_file_list(path)
+    full = ImageDataset(_read_images(files, image_size or 32, 3), torch.tensor(labels), classes, "list")
+    train_rows, test_rows = holdout_split(len(full))
+    return full.subset(train_rows), full.subset(test_rows)
 
 
 # Your own image-text pairs (load_caption_file); labels are optional, so no kNN.
