@@ -2,10 +2,12 @@
 # The GPU check, for a bare lent GPU machine (see DEVELOPERS.md): builds the extension against
 # the torch installed there, runs the CUDA tests and every benchmark on the GPU, and writes logs
 # and JSON under $OUT. Budget: under 8 minutes in all.
-#   device run:  bash benchmarks/gpu_check.sh
+#   device run:  bash benchmarks/gpu_check.sh   (the device tool sets $OUT)
+# Elsewhere $OUT defaults to runs/gpu_check (git-ignored): a run leaves the tree as it was, and its
+# results are committed by copying them to benchmarks/results/gpu/.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-OUT=${OUT:-$REPO/benchmarks/results/gpu}
+OUT=${OUT:-$REPO/runs/gpu_check}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 # The emulator is built too: its results on the same inputs are compared with the GPU's.
