@@ -71,16 +71,17 @@ def _loss_inputs(name, x0, x1, weight, scale):
     z0, z1 = x0 @ weight.T, x1 @ weight.T
     if name == "ntxent":
         return NTXentLoss(0.3, gather_distributed=True), (z0, z1)
-    if name == "infonce":
-        return InfoNCELoss(0.2, gather_distributed=True), (z0, z1)
-    return ClipLoss(gather_distributed=True), (z0, z1, scale)
+    local = name.endswith("_local")  # each rank scores its own rows only
+    if name.startswith("infonce"):
+        return InfoNCELoss(0.2, gather_distributed=True, local_loss=local), (z0, z1)
+    return ClipLoss(local_loss=local, gather_distributed=True), (z0, z1, scale)
 
 
 def _reference(name, x0, x1, weight, scale):
     z0, z1 = x0 @ weight.T, x1 @ weight.T
     if name == "ntxent":
         return ref_ntxent(z0, z1, 0.3)
-    if name == "infonce":
+    if name.startswith("infonce"):
         return ref_infonce(z0, z1, 1 / 0.2, symmetric=False)
     return ref_infonce(z0, z1, scale, symmetric=True)
 
@@ -98,7 +99,8 @@ def _key_shard(keys, rank):
 def _gathered_loss_worker(rank, name, inputs_path, out_dir):
     x0_all, x1_all, weight0, scale0 = torch.load(inputs_path)
     x0 = _shard(x0_all, rank, ROWS).clone().requires_grad_()
-    x1 = (_key_shard(x1_all, rank) if name == "infonce" else _shard(x1_all, rank, ROWS)).clone().requires_grad_()
+    x1 = (_key_shard(x1_all, rank) if name.startswith("infonce") else _shard(x1_all, rank, ROWS)).clone()
+    x1.requires_grad_()
     weight, scale = weight0.clone().requires_grad_(), scale0.clone().requires_grad_()
     loss_fn, loss_inputs = _loss_inputs(name, x0, x1, weight, scale)
     loss = loss_fn(*loss_inputs)
@@ -117,9 +119,9 @@ def _gathered_loss_worker(rank, name, inputs_path, out_dir):
     )
 
 
-@pytest.mark.parametrize("name", ["ntxent", "infonce", "clip"])
+@pytest.mark.parametrize("name", ["ntxent", "infonce", "clip", "infonce_local", "clip_local"])
 def test_gathered_loss_gives_the_single_process_gradient(name, tmp_path):
-    key_rows = WORLD * (ROWS + EXTRA_KEYS) if name == "infonce" else WORLD * ROWS
+    key_rows = WORLD * (ROWS + EXTRA_KEYS) if name.startswith("infonce") else WORLD * ROWS
     x0_all = torch.randn(WORLD * ROWS, IN_DIM, dtype=torch.float64)
     x1_all = torch.randn(key_rows, IN_DIM, dtype=torch.float64)
     weight0 = torch.randn(OUT_DIM, IN_DIM, dtype=torch.float64)
@@ -132,20 +134,62 @@ def test_gathered_loss_gives_the_single_process_gradient(name, tmp_path):
     expected = _reference(name, x0_ref, x1_ref, weight, scale)
     expected.backward()
     tol = dict(rtol=1e-9, atol=1e-11)
-    for rank in range(WORLD):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        # every rank computes the global-batch loss ...
-        torch.testing.assert_close(got["loss"], expected.detach(), **tol)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
+    if name.endswith("_local"):  # each rank's loss over its own rows: their mean is the global loss
+        torch.testing.assert_close(sum(r["loss"] for r in results) / WORLD, expected.detach(), **tol)
+        assert not torch.allclose(results[0]["loss"], results[1]["loss"])
+    for rank, got in enumerate(results):
+        # every rank computes the global-batch loss (or its own rows' share of it) ...
+        if not name.endswith("_local"):
+            torch.testing.assert_close(got["loss"], expected.detach(), **tol)
         # ... and the averaged parameter gradients are the single-process ones, which is what
         # makes a data-parallel step equal the single-process step over the whole batch
         torch.testing.assert_close(got["weight_grad"], weight.grad, **tol)
-        if name == "clip":
+        if name.startswith("clip"):
             torch.testing.assert_close(got["scale_grad"], scale.grad, **tol)
         # gather_with_grad's convention: a rank's input gradient is world_size times its share
         # of the global gradient (the trainer's averaging divides it back out)
         torch.testing.assert_close(got["x0_grad"], WORLD * _shard(x0_ref.grad, rank, ROWS), **tol)
-        x1_expected = _key_shard(x1_ref.grad, rank) if name == "infonce" else _shard(x1_ref.grad, rank, ROWS)
+        x1_expected = _key_shard(x1_ref.grad, rank) if name.startswith("infonce") else _shard(x1_ref.grad, rank, ROWS)
         torch.testing.assert_close(got["x1_grad"], WORLD * x1_expected, **tol)
+
+
+def _open_clip_worker(rank, options, inputs_path, out_dir):
+    # open_clip's ClipLoss and pyssl's with the same data-parallel arguments, on the same rows
+    import open_clip.loss as open_clip_loss
+
+    image_all, text_all, scale = torch.load(inputs_path)
+    results = {}
+    for name, loss_fn in (
+        ("ours", ClipLoss(**options, rank=rank, world_size=WORLD)),
+        ("theirs", open_clip_loss.ClipLoss(**options, rank=rank, world_size=WORLD)),
+    ):
+        image = _shard(image_all, rank, ROWS).clone().requires_grad_()
+        text = _shard(text_all, rank, ROWS).clone().requires_grad_()
+        # open_clip takes normalised features (its model normalises them); pyssl normalises itself
+        if name == "ours":
+            loss = loss_fn(image, text, scale)
+        else:
+            loss = loss_fn(
+                torch.nn.functional.normalize(image, dim=1), torch.nn.functional.normalize(text, dim=1), scale
+            )
+        loss.backward()
+        results[name] = (loss.detach(), image.grad, text.grad)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("local_loss", [False, True])
+@pytest.mark.parametrize("gather_with_grad", [False, True])
+def test_clip_loss_is_open_clips_on_several_ranks(local_loss, gather_with_grad, tmp_path):
+    pytest.importorskip("open_clip.loss")
+    image, text = (torch.randn(WORLD * ROWS, OUT_DIM, dtype=torch.float64) for _ in range(2))
+    torch.save((image, text, torch.tensor(7.0, dtype=torch.float64)), tmp_path / "inputs.pt")
+    options = {"local_loss": local_loss, "gather_with_grad": gather_with_grad}
+    run_workers(_open_clip_worker, options, str(tmp_path / "inputs.pt"), str(tmp_path))
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for ours, theirs in zip(got["ours"], got["theirs"], strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
 
 
 # ---- MoCo: one queue for all ranks -----------------------------------------------------------

@@ -190,6 +190,69 @@ def test_clip_matches_open_clip():
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("options", [{}, {"cache_labels": True}, {"local_loss": True, "gather_with_grad": True}])
+def test_clip_takes_open_clips_arguments(options):
+    # One process: open_clip's arguments are accepted and change nothing, as in open_clip; a
+    # logit_bias shifts every logit, which no softmax sees (its gradient is 0 in both).
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    image, text = leaf((24, 16), torch.float64), leaf((24, 16), torch.float64)
+    scale, bias = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (14.0, -3.0))
+    ours, theirs = ClipLoss(**options), open_clip_loss.ClipLoss(**options)
+    for _ in range(2):  # the second call takes open_clip's cached labels
+        image_n, text_n = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+        got = ours(image, text, scale, bias, output_dict=True)
+        want = theirs(image_n, text_n, scale, bias, output_dict=True)
+        assert set(got) == set(want) == {"contrastive_loss"}
+        torch.testing.assert_close(got["contrastive_loss"], want["contrastive_loss"], rtol=1e-12, atol=1e-12)
+        for g, w in zip(
+            grads_of(got["contrastive_loss"], image, text, scale, bias),
+            grads_of(want["contrastive_loss"], image, text, scale, bias),
+        ):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours(image, text, 14.0, 2.5), theirs(image_n, text_n, 14.0, 2.5), rtol=1e-12, atol=0)
+
+
+def test_clip_rejects_what_it_cannot_do():
+    with pytest.raises(ValueError, match="use_horovod"):
+        ClipLoss(use_horovod=True)
+    with pytest.raises(ValueError, match="rank must be an integer in"):
+        ClipLoss(rank=2, world_size=2)
+    with pytest.raises(RuntimeError, match="world_size=2 needs an initialised torch.distributed group"):
+        ClipLoss(world_size=2)(leaf((4, 3)), leaf((4, 3)), 10.0)
+    with pytest.raises(ValueError, match="logit_bias must hold one value"):
+        ClipLoss()(leaf((4, 3)), leaf((4, 3)), 10.0, torch.zeros(2))
+
+
+def test_ntxent_memory_bank_matches_lightly():
+    # lightly's NTXentLoss(T, memory_bank_size=(K, D)): each first view against its second view
+    # and a bank of earlier second views; the same positional arguments.
+    lightly_loss = pytest.importorskip("lightly.loss")
+    d, size, temperature = 16, 100, 0.2
+    theirs = lightly_loss.NTXentLoss(temperature, (size, d), False)
+    ours = NTXentLoss(temperature, (size, d), False)
+    ours.memory_bank.queue.copy_(theirs.memory_bank.bank)
+    for batch in (32, 32, 32, 32, 7):
+        z0, z1 = torch.randn(batch, d), torch.randn(batch, d)
+        a0, a1 = z0.clone().requires_grad_(), z1.clone().requires_grad_()
+        b0, b1 = z0.clone().requires_grad_(), z1.clone().requires_grad_()
+        expected, loss = theirs(a0, a1), ours(b0, b1)
+        torch.testing.assert_close(loss, expected, rtol=2e-5, atol=2e-6)
+        expected.backward()
+        loss.backward()
+        torch.testing.assert_close(b0.grad, a0.grad, rtol=2e-4, atol=2e-6)
+        torch.testing.assert_close(b1.grad, a1.grad, rtol=2e-4, atol=2e-6)
+        torch.testing.assert_close(ours.memory_bank.queue, theirs.memory_bank.bank, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():  # inputs without grad (evaluation): the bank stays as it is, in both
+        ours(torch.randn(5, d), torch.randn(5, d))
+    torch.testing.assert_close(ours.memory_bank.queue, theirs.memory_bank.bank, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("size", [5, (5,), (5, 0), (5, 4, 3), (-1, 4), (True, 4), "5"])
+def test_ntxent_memory_bank_size_errors_name_the_argument(size):
+    with pytest.raises(ValueError, match="memory_bank_size"):
+        NTXentLoss(0.5, size)
+
+
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_infonce_gradcheck(symmetric):
     query, key = leaf((5, 3), torch.float64), leaf((5 if symmetric else 7, 3), torch.float64)

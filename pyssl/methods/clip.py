@@ -148,7 +148,8 @@ class CLIP(Method):
         self.text_projection = nn.Linear(text_width, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)), requires_grad=learn_temperature)
         self.max_log_scale = math.log(max_logit_scale)
-        self.criterion = ClipLoss(gather_distributed=True)
+        # several ranks: each scores its own pairs against all ranks' (the same averaged gradient)
+        self.criterion = ClipLoss(local_loss=True, gather_distributed=True)
 
     def train(self, mode: bool = True) -> CLIP:
         super().train(mode)

@@ -64,7 +64,8 @@ class MoCoV3(MomentumMethod):
         self.prediction_head = ProjectionHead(out_dim, hidden_dim, out_dim, 2, batch_norm=True)
         self.build_teachers()
         self.temperature = temperature
-        self.criterion = InfoNCELoss(temperature, gather_distributed=True)
+        # several ranks: each scores its own queries against all keys (the same averaged gradient)
+        self.criterion = InfoNCELoss(temperature, gather_distributed=True, local_loss=True)
 
     def augment_defaults(self, image_size: int) -> dict:
         return simclr_augment_defaults(image_size, jitter=(0.4, 0.4, 0.2, 0.1))
