@@ -199,17 +199,18 @@ def all_loops(roots: list[Loop]):
 
 def cheapest_path(instructions: list[Instruction], loop: Loop, trips: dict[tuple[int, int], float]) -> Counter:
     """Cost of one iteration of `loop`, from its head to its backward branch, along the path
-    that does a tile's work (the most HMMA, then the most exponentials: no early exit, no
-    skipped step) with the fewest issue slots among those (an interior tile's: no masking, no
-    positive to store); nested loops count `trips` times each along their own such path."""
+    that does a tile's work (the most HMMA, then the most exponentials, then the most cp.async:
+    no early exit, no skipped step, and the next tile's prefetch, which only a split's last tile
+    skips) with the fewest issue slots among those (an interior tile's: no masking, no positive
+    to store); nested loops count `trips` times each along their own such path."""
     body = [i for i in instructions if loop.head <= i.address <= loop.tail]
     index = {i.address: n for n, i in enumerate(body)}
     child_at = {child.head: child for child in loop.children}
     best: list[Counter | None] = [None] * (len(body) + 1)
     best[0] = Counter()
 
-    def rank(cost: Counter):  # the tile's work first (MMAs, exponentials), then fewest issue slots
-        return (-cost["hmma"], -cost["mufu"], cost["issue"])
+    def rank(cost: Counter):  # the tile's work first (MMAs, exponentials, copies), then fewest issue slots
+        return (-cost["hmma"], -cost["mufu"], -cost["ldgsts"], cost["issue"])
 
     def relax(position: int, cost: Counter) -> None:
         if position <= len(body) and (best[position] is None or rank(cost) < rank(best[position])):

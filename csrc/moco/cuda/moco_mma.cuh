@@ -67,14 +67,16 @@ __device__ __forceinline__ void stage_rows(uint16_t* dst, const uint16_t* __rest
   // Unrolled, the copies (8 or 16 a thread) each keep an address live across the tile loop:
   // 208 registers at kDepth = 128 (2 blocks an SM, 167 rolled: 3) and spills at 256 (209
   // rolled); the rolled loop recomputes them from shifts.
+  const uint16_t* const block_src = src + row0 * dim;  // 32-bit offsets below: r * dim < 2^14
+  const int rows_left = limit - row0 < kTileCols ? static_cast<int>(limit - row0) : kTileCols;
 #pragma unroll(kDepth <= 64 ? kTileCols * kPiecesPerRow / kThreads : 1)
-  for (int i = 0; i < kTileCols * kPiecesPerRow / kThreads; ++i) {
-    const int piece = static_cast<int>(threadIdx.x) + i * kThreads;
-    const int r = piece / kPiecesPerRow, c = (piece % kPiecesPerRow) * 8;  // powers of two: shifts
+  for (unsigned i = 0; i < kTileCols * kPiecesPerRow / kThreads; ++i) {
+    const unsigned piece = threadIdx.x + i * kThreads;
+    const int r = static_cast<int>(piece / kPiecesPerRow), c = static_cast<int>(piece % kPiecesPerRow) * 8;  // shifts
     if (c < ld) {
       uint16_t* to = dst + r * kStride + c;
-      if (c < dim && row0 + r < limit) {
-        ptx::cp_async_16(to, src + (row0 + r) * dim + c);
+      if (c < dim && r < rows_left) {
+        ptx::cp_async_16(to, block_src + (r * dim + c));
       } else {
         uint64_t* zeros = reinterpret_cast<uint64_t*>(to);
         zeros[0] = 0u;
