@@ -491,10 +491,12 @@ def moco_workload(kernels: str, n: int = 256, keys: int = 65536, dim: int = 128)
     tile = 64
     col_tiles = ceil_div(keys, tile)
     if kernels == "mma":
-        row_blocks = ceil_div(n, 64)
-        splits, per_split = column_splits(col_tiles, row_blocks, 2 * SMS, True)
         bucket = 64 if dim <= 64 else (128 if dim <= 128 else 256)
-        flops = 2 * 64 * tile * ceil_div(dim, 16) * 16 * 2  # S and P K
+        groups = 2 if bucket <= 128 else 1  # 16-row groups per warp (moco_mma.cuh's row_groups)
+        block_rows = 64 * groups
+        row_blocks = ceil_div(n, block_rows)
+        splits, per_split = column_splits(col_tiles, row_blocks, 2 * SMS, True)
+        flops = 2 * block_rows * tile * ceil_div(dim, 16) * 16 * 2  # S and P K
         copies = tile * dim * 2 / 16 / 128  # the queue tile's 16-byte cp.async per thread
         sweep = Sweep(
             "sweep",
@@ -504,8 +506,8 @@ def moco_workload(kernels: str, n: int = 256, keys: int = 65536, dim: int = 128)
             128,
             flops / 4096,
             copies,
-            f", {bucket}>",
-            64 * tile,
+            f", {bucket}, {groups}>",
+            block_rows * tile,
         )
         prep = n * dim * 2 * 2 + n * 8
     else:

@@ -3,9 +3,10 @@
 fp16/bf16 query and queue of one dtype, rows of a multiple of 8 features up to 256, take the
 mma.sync sweep; everything else (and PYSSL_MOCO_KERNELS=simt) the SIMT sweep. Every test runs on
 each `backend` (conftest.py): a GPU, or the same kernel sources on the CPU emulator, which is slow,
-so the sizes stay small: N = 70 leaves a partial 64-row block, K = 150 a partial last tile and
-fewer tiles than one column split each wants (one tile per split); N = 300, K = 5000 gives splits
-of two tiles (the online softmax's rescale inside a split).
+so the sizes stay small: N = 70 leaves a partial row block (of 128 rows up to 128 features, 64
+above), K = 150 a partial last tile and fewer tiles than the column splits (one tile per split);
+N = 1000 or 300 against K = 5000 gives splits of several tiles (the online softmax's rescale
+inside a split).
 """
 
 import pytest
@@ -68,8 +69,9 @@ def _check_against_reference(outputs, grads, loss, ref, dtype, temperature):
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
 @pytest.mark.parametrize("d", [8, 64, 128, 136, 256], ids=lambda d: f"d{d}")
 def test_mma_sweep_matches_reference_and_cpu(backend, dtype, d):
-    # d = 8 and 136 leave half of the last 16-feature MMA step as zero padding; 64 and 128 fill
-    # their buckets (query fragments in registers); 136 and 256 read them from shared memory.
+    # d = 8 and 136 leave half of the last 16-feature MMA step as zero padding; 8 and 64 take
+    # 32-row warps with the query fragments in registers, 128 32-row warps reading them from
+    # shared memory, 136 and 256 16-row warps reading them from shared memory.
     n, k, temperature = 70, 150, 0.07
     query, key, queue = _inputs(n, k, d, dtype, seed=d)
     outputs, grads, loss = _forward(backend, query, key, queue, temperature)
@@ -80,11 +82,15 @@ def test_mma_sweep_matches_reference_and_cpu(backend, dtype, d):
     assert_close(outputs[2], cpu[2], dtype)
 
 
-@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
-def test_mma_sweep_splits_of_several_tiles(backend, dtype):
-    # 5 row blocks (the last of 44 rows) share 79 tiles in splits of 2, so each split's running max
-    # moves and rescales its sum and A; a queue of norm 3 at T = 0.02 gives logits up to 150.
-    n, k, d, temperature = 300, 5000, 64, 0.02
+@pytest.mark.parametrize(
+    "n,d,dtype", [(1000, 64, torch.bfloat16), (1000, 64, torch.float16), (300, 200, torch.bfloat16)], ids=str
+)
+def test_mma_sweep_splits_of_several_tiles(backend, n, d, dtype):
+    # K = 5000: 79 tiles. At d = 64, 8 row blocks of 128 (32-row warps; the last block 104 rows)
+    # aim at 2 x 132 / 8 = 33 splits: 27 of 3 tiles; at d = 200, 5 row blocks of 64 (16-row
+    # warps, the last 44 rows) aim at 53: 40 of 2. Each split's running max moves and rescales
+    # its sum and A; a queue of norm 3 at T = 0.02 gives logits up to 150.
+    k, temperature = 5000, 0.02
     query, key, queue = _inputs(n, k, d, dtype, queue_scale=3.0, seed=1)
     outputs, grads, loss = _forward(backend, query, key, queue, temperature)
     _check_against_reference(outputs, grads, loss, _reference(query, key, queue, temperature), dtype, temperature)

@@ -345,7 +345,8 @@ def test_real_infonce_object_has_hmma_in_mma_kernels(tmp_path):
 
 def test_real_moco_object_has_hmma_in_mma_sweep(tmp_path):
     # MoCo's tensor-core sweep (moco_mma.cuh): every instance (fp16/bf16 x the 64/128/256-feature
-    # buckets) is hot and a tensor-core kernel, holds HMMA and does not spill.
+    # buckets, 32-row warps up to 128 features) is hot and a tensor-core kernel, holds HMMA and
+    # does not spill.
     objects = sass_report.find_objects("build/**/CMakeFiles/_C.dir/**/moco_cuda.cu.o")
     if not objects:
         pytest.skip("no CUDA objects built (CPU-only build or not built yet)")
@@ -362,7 +363,9 @@ def test_real_moco_object_has_hmma_in_mma_sweep(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     kernels = [k for k in json.loads(out.read_text())["kernels"] if "moco_mma_sweep_kernel" in k["name"]]
     assert {k["name"].rsplit("::", 1)[-1] for k in kernels} == {
-        f"moco_mma_sweep_kernel<{op}, {depth}>" for op in ("__half", "__nv_bfloat16") for depth in (64, 128, 256)
+        f"moco_mma_sweep_kernel<{op}, {depth}>"
+        for op in ("__half", "__nv_bfloat16")
+        for depth in ("64, 2", "128, 2", "256, 1")
     }
     for kernel in kernels:
         assert kernel["hot"] and kernel["tensor_core"] and kernel["hmma"], kernel["name"]

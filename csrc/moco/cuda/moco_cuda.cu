@@ -20,7 +20,8 @@
 //
 // fp16/bf16 query and queue of one dtype, d a multiple of 8 up to 256 (rows 16-byte aligned
 // for cp.async) take the tensor cores instead of moco_sweep: moco_mma_sweep_kernel
-// (moco_mma.cuh), 64 query rows per block, the same partials for the same merge.
+// (moco_mma.cuh), 128 query rows per block up to 128 features (64 above), the same partials for
+// the same merge.
 // PYSSL_MOCO_KERNELS=simt keeps moco_sweep (to time old against new on a GPU).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -325,16 +326,17 @@ bool use_mma_sweep(const Tensor& query, const Tensor& queue) {
 }
 
 // Column splits of the tensor-core sweep: about kMmaBlocksPerSm blocks per SM in all (its
-// registers, ~170 per thread at d = 128, allow 2 or 3; more splits would only grow the partial
-// A that the merge reads: splits x rows x d floats), no split without a tile.
+// registers, 209-248 per thread, allow 2); more splits would only grow the partial A that the
+// merge reads (splits x rows x d floats: 17 MB at N = 256, d = 128). No split without a tile.
 constexpr int64_t kMmaBlocksPerSm = 2;
 
 template <typename op_t, int kDepth>
 void launch_mma_sweep(const Tensor& query, const Tensor& queue, const Tensor& row_factor, int64_t row_blocks,
                       int64_t splits, int64_t tiles_per_split, Tensor& part_max, Tensor& part_sum, Tensor& part_acc,
                       cudaStream_t stream) {
-  constexpr auto kernel = &mma::moco_mma_sweep_kernel<op_t, kDepth>;
-  constexpr int64_t smem = mma::sweep_smem_bytes<kDepth>();
+  constexpr int kGroups = mma::row_groups<kDepth>();
+  constexpr auto kernel = &mma::moco_mma_sweep_kernel<op_t, kDepth, kGroups>;
+  constexpr int64_t smem = mma::sweep_smem_bytes<kDepth, kGroups>();
   if constexpr (smem > 48 * 1024) device::set_max_dynamic_shared_memory<kernel>(static_cast<int>(smem));
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(splits));
   device::launch<kernel>(grid, mma::kThreads, static_cast<size_t>(smem), stream,
@@ -382,7 +384,7 @@ std::tuple<Tensor, Tensor, Tensor> moco_forward_cuda(const Tensor& query_in, con
   // Column splits: about 4 blocks per SM in all (the SIMT sweep; kMmaBlocksPerSm for the
   // tensor-core sweep), no split without a tile.
   const bool mma_sweep = keys > 0 && use_mma_sweep(query, queue);
-  const int64_t block_rows = mma_sweep ? mma::kBlockRows : kRows;
+  const int64_t block_rows = mma_sweep ? mma::sweep_block_rows(dim) : kRows;
   const int64_t row_blocks = (rows + block_rows - 1) / block_rows;
   const int64_t num_tiles = (keys + kCols - 1) / kCols;  // kCols = mma::kTileCols
   static_assert(kCols == mma::kTileCols, "both sweeps tile the queue alike");
