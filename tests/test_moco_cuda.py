@@ -140,3 +140,17 @@ def test_simt_fallback(backend, case, monkeypatch):
     _, ref_lse, ref_expected, _, _ = _reference(query, key, queue, temperature)
     assert_close(default[1], ref_lse, torch.float32, scale=1 / temperature)
     assert_close(default[2], ref_expected, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+def test_mma_sweep_nan_stays_in_its_row(backend, dtype):
+    # A NaN feature makes that row's lse and the loss NaN; the other rows' lse stay those of the
+    # same inputs without the NaN row (rows do not mix).
+    query, key, queue = _inputs(20, 90, 16, dtype, seed=4)
+    bad = query.clone()
+    bad[3, 5] = float("nan")
+    loss, lse, _ = [t.cpu() for t in backend.ops.moco_forward(backend.to(bad), backend.to(key), backend.to(queue), 0.2)]
+    clean = backend.ops.moco_forward(backend.to(query), backend.to(key), backend.to(queue), 0.2)[1].cpu()
+    assert torch.isnan(loss) and torch.isnan(lse[3])
+    others = torch.arange(20) != 3
+    assert torch.equal(lse[others], clean[others])
