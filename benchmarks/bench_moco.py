@@ -43,7 +43,8 @@ def _step(loss_fn, query, key):
 def pyssl_candidate(config, device):
     import pyssl
 
-    loss_fn = pyssl.losses.MoCoLoss(config["temperature"], config["k"], config["d"]).to(device)
+    queue_dtype = getattr(torch, config.get("queue_dtype", "float32"))
+    loss_fn = pyssl.losses.MoCoLoss(config["temperature"], config["k"], config["d"], queue_dtype=queue_dtype).to(device)
     return _step(loss_fn, *_inputs(config, device))
 
 
@@ -51,7 +52,8 @@ def eager_candidate(config, device):
     from pyssl import reference
 
     temperature, k = config["temperature"], config["k"]
-    queue = F.normalize(torch.randn(k, config["d"], device=device), dim=1)
+    queue_dtype = getattr(torch, config.get("queue_dtype", "float32"))
+    queue = F.normalize(torch.randn(k, config["d"], device=device), dim=1).to(queue_dtype)
     ptr = [0]
 
     def moco(query, key):
@@ -60,7 +62,7 @@ def eager_candidate(config, device):
         with torch.no_grad():
             kn = F.normalize(key, dim=1)
             count = min(kn.shape[0], k - ptr[0])
-            queue[ptr[0] : ptr[0] + count] = kn[:count]
+            queue[ptr[0] : ptr[0] + count] = kn[:count].to(queue.dtype)
             ptr[0] = (ptr[0] + count) % k
         return loss
 
@@ -84,4 +86,10 @@ if __name__ == "__main__":
     ]
     if on_cuda:
         configs.append({"n": 1024, "k": 65536, "d": 256, "temperature": 0.2, "dtype": "bfloat16"})
+        # bf16 query and queue: the tensor-core sweep (moco_mma.cuh; PYSSL_MOCO_KERNELS=simt for the
+        # SIMT sweep on the same sizes), MoCo's usual N, K and d.
+        for n, d in ((256, 128), (1024, 256)):
+            configs.append(
+                {"n": n, "k": 65536, "d": d, "temperature": 0.2, "dtype": "bfloat16", "queue_dtype": "bfloat16"}
+            )
     run_benchmark(__file__, CANDIDATES, configs)

@@ -35,7 +35,7 @@ if ! "$PY" -m pip install --no-build-isolation --no-deps -q "$REPO" -Cbuild-dir=
 fi
 echo "build: $(($(date +%s) - start)) s"
 # The SASS model's predictions for the kernels just built, beside the timings below.
-timeout 60 "$PY" "$REPO/benchmarks/sass_model.py" --objects "/tmp/pyssl-build/CMakeFiles/_C.dir/csrc/infonce/cuda/infonce_cuda.cu.o" \
+timeout 60 "$PY" "$REPO/benchmarks/sass_model.py" --objects "/tmp/pyssl-build/CMakeFiles/_C.dir/csrc/**/*.cu.o" \
   --out "$OUT/sass_model.json" >>"$OUT/check.log" 2>&1 || echo "sass_model: failed (see check.log)"
 
 # Run from outside the source tree so the installed package is the one imported.
@@ -98,4 +98,12 @@ PYSSL_INFONCE_KERNELS=chunked timeout 60 "$PY" "$REPO/benchmarks/bench_clip.py" 
 rc=$?
 cat /tmp/bench.log >>"$OUT/benchmarks.log"
 echo "bench_clip (chunked backward): exit $rc"; grep -vE "^(wrote|\s*$)" /tmp/bench.log | tail -6
+# MoCo's SIMT sweep (PYSSL_MOCO_KERNELS=simt) on bench_moco's sizes, against the tensor-core
+# sweep timed above (its bf16-queue configs): benchmarks.log only.
+echo "== bench_moco with PYSSL_MOCO_KERNELS=simt (the SIMT sweep) ==" >>"$OUT/benchmarks.log"
+PYSSL_MOCO_KERNELS=simt timeout 60 "$PY" "$REPO/benchmarks/bench_moco.py" --device cuda --min-time 0.5 \
+  --out /tmp/bench_moco_simt.json >/tmp/bench.log 2>&1
+rc=$?
+cat /tmp/bench.log >>"$OUT/benchmarks.log"
+echo "bench_moco (SIMT sweep): exit $rc"; grep -vE "^(wrote|\s*$)" /tmp/bench.log | tail -6
 echo "total: $(($(date +%s) - start)) s"

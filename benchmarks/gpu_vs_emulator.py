@@ -42,6 +42,8 @@ def _cases():
             yield "ntxent", dict(n=n, d=d, dtype=dtype, temperature=0.07)
             yield "clip", dict(n=n, d=d, dtype=dtype, scale=14.0)
         yield "moco", dict(n=97, k=4100, d=128, dtype=dtype, temperature=0.2)
+        if dtype in (torch.float16, torch.bfloat16):  # a queue of the query's dtype: the tensor-core sweep
+            yield "moco", dict(n=97, k=4100, d=128, dtype=dtype, temperature=0.2, queue_dtype=dtype)
         yield "ema", dict(dtype=dtype)
     for dtype in (torch.uint8, torch.float32):
         yield "augment", dict(dtype=dtype)
@@ -78,6 +80,7 @@ def _run(kind, cfg, ops, device):
     if kind == "moco":
         q, k = randn(cfg["n"], cfg["d"]), randn(cfg["n"], cfg["d"])
         queue = torch.nn.functional.normalize(randn(cfg["k"], cfg["d"]).float(), dim=1)
+        queue = queue.to(cfg.get("queue_dtype", torch.float32))
         loss, lse, expected = ops.moco_forward(q, k, queue, cfg["temperature"])
         return {"loss": loss, "lse": lse, "expected_queue": expected}
     if kind == "ema":

@@ -1,4 +1,4 @@
-"""A throughput model of the InfoNCE-family CUDA kernels on an H200, read from their SASS.
+"""A throughput model of the InfoNCE-family and MoCo CUDA kernels on an H200, read from their SASS.
 
 No GPU has run these kernels yet; until one does, this model judges them. For each modelled
 kernel it takes the compiled SASS (``cuobjdump -sass``), finds the tile loop (the outermost loop
@@ -24,6 +24,10 @@ tiles plus its L2 traffic bound and a launch; the small kernels around the sweep
 preparation, merges, the gradient's finalisation) are charged their DRAM bytes at 4.3 TB/s and
 a launch each. The floors are the issue's: the GEMM-equivalents of the work at the tensor
 cores' peak, and eager PyTorch's traffic over the materialised N x N matrix.
+
+MoCo's SIMT sweep (moco_sweep_kernel, the "simt" workload) has no HMMA to find its tile loop by
+and its chunk loops do not nest cleanly in the SASS, so its tile is counted from the source's
+loops instead (simt_moco_tile_cost), charged to the same resources.
 
 Usage::
 
@@ -195,17 +199,18 @@ def all_loops(roots: list[Loop]):
 
 def cheapest_path(instructions: list[Instruction], loop: Loop, trips: dict[tuple[int, int], float]) -> Counter:
     """Cost of one iteration of `loop`, from its head to its backward branch, along the path
-    that does a tile's work (the most HMMA, then the most exponentials: no early exit, no
-    skipped step) with the fewest issue slots among those (an interior tile's: no masking, no
-    positive to store); nested loops count `trips` times each along their own such path."""
+    that does a tile's work (the most HMMA, then the most exponentials, then the most cp.async:
+    no early exit, no skipped step, and the next tile's prefetch, which only a split's last tile
+    skips) with the fewest issue slots among those (an interior tile's: no masking, no positive
+    to store); nested loops count `trips` times each along their own such path."""
     body = [i for i in instructions if loop.head <= i.address <= loop.tail]
     index = {i.address: n for n, i in enumerate(body)}
     child_at = {child.head: child for child in loop.children}
     best: list[Counter | None] = [None] * (len(body) + 1)
     best[0] = Counter()
 
-    def rank(cost: Counter):  # the tile's work first (MMAs, exponentials), then fewest issue slots
-        return (-cost["hmma"], -cost["mufu"], cost["issue"])
+    def rank(cost: Counter):  # the tile's work first (MMAs, exponentials, copies), then fewest issue slots
+        return (-cost["hmma"], -cost["mufu"], -cost["ldgsts"], cost["issue"])
 
     def relax(position: int, cost: Counter) -> None:
         if position <= len(body) and (best[position] is None or rank(cost) < rank(best[position])):
@@ -293,6 +298,19 @@ class Sweep:
     copies_per_thread_tile: float  # 16-byte cp.async per thread per tile (nested copy loops)
     instance: str = ""  # how the template instance's name ends, e.g. ", true, 2>"
     logits_per_tile: int = 64 * 64  # a block's logits per tile
+
+
+@dataclass
+class CountedSweep:
+    """A launch whose tile cost is counted from the kernel's source, not walked in its SASS."""
+
+    label: str
+    kernel: str  # substring of the demangled name (for registers and occupancy)
+    blocks: int
+    tiles_per_block: int
+    threads: int
+    per_warp_tile: Counter
+    logits_per_tile: int
 
 
 @dataclass
@@ -436,6 +454,98 @@ def clip_workload(kernels: str, n: int = 32768, dim: int = 512) -> Workload:
     )
 
 
+# ---- MoCo: the queue sweep (moco_cuda.cu, moco_mma.cuh) ------------------------------------------
+
+
+def simt_moco_tile_cost(dim: int) -> Counter:
+    """One warp's share of a moco_sweep_kernel tile (16 rows x 64 queue columns, 8 warps), counted
+    from its loops with the compiler's best case: per thread 4 rows x d FFMA for the logits and as
+    many for A; the logits read u (4 rows, LDS.128 per 4 features) and the queue chunk (LDS.32
+    per feature), A reads P (4 rows, LDS.128 per 4 columns) and the queue chunk (LDS.32 per
+    column) per 64-feature chunk; the queue chunk is loaded twice (logits and A) and the query
+    chunk once per 64 features, each element an LDG.16 + STS.32 and ~8 integer instructions of
+    index arithmetic; the softmax step ~100 instructions."""
+    chunks = ceil_div(dim, 64)
+    ffma = 8 * dim
+    lds = {16: dim + 64 * chunks, 4: dim + 64 * chunks}  # width: LDS per thread
+    loaded = 2 * chunks * (64 * 64 // 256) + chunks * (16 * 64 // 256)  # elements per thread
+    alu = 8 * loaded + 100
+    instructions = ffma + sum(lds.values()) + 2 * loaded + alu
+    l1_bytes = sum(width * 32 * count for width, count in lds.items()) + loaded * (2 + 4) * 32
+    cost = Counter(
+        issue=0.25 * instructions,
+        instructions=instructions,
+        fp32=COST_PER_LANE["fp32"] * ffma,
+        alu=COST_PER_LANE["alu"] * alu,
+        l1=l1_bytes / L1_BYTES_PER_CLOCK,
+        mufu=COST_PER_LANE["mufu"] * 3,
+    )
+    cost["l2_bytes"] = 2 * chunks * 64 * 64 * 2 / 8  # the warp's share of the bf16 queue chunks
+    return cost
+
+
+def moco_workload(kernels: str, n: int = 256, keys: int = 65536, dim: int = 128) -> Workload:
+    """MoCo's queue loss, bf16 query and queue, forward (prep, sweep, merge, mean) and the
+    backward (ATen ops over N x d: it reads no queue). kernels: "mma" (moco_mma_sweep_kernel) or
+    "simt" (moco_sweep_kernel, PYSSL_MOCO_KERNELS=simt); the splits are the launcher's."""
+    tile = 64
+    col_tiles = ceil_div(keys, tile)
+    if kernels == "mma":
+        bucket = 64 if dim <= 64 else (128 if dim <= 128 else 256)
+        groups = 2 if bucket <= 128 else 1  # 16-row groups per warp (moco_mma.cuh's row_groups)
+        block_rows = 64 * groups
+        row_blocks = ceil_div(n, block_rows)
+        splits, per_split = column_splits(col_tiles, row_blocks, 2 * SMS, True)
+        flops = 2 * block_rows * tile * ceil_div(dim, 16) * 16 * 2  # S and P K
+        copies = tile * dim * 2 / 16 / 128  # the queue tile's 16-byte cp.async per thread
+        sweep = Sweep(
+            "sweep",
+            "moco::mma::moco_mma_sweep_kernel<__nv_bfloat16",
+            row_blocks * splits,
+            per_split,
+            128,
+            flops / 4096,
+            copies,
+            f", {bucket}, {groups}>",
+            block_rows * tile,
+        )
+        prep = n * dim * 2 * 2 + n * 8
+    else:
+        row_blocks = ceil_div(n, 16)
+        splits, per_split = column_splits(col_tiles, row_blocks, 4 * SMS, True)
+        sweep = CountedSweep(
+            "sweep (source-counted)",
+            "moco::moco_sweep_kernel<c10::BFloat16, float>",
+            row_blocks * splits,
+            per_split,
+            256,
+            simt_moco_tile_cost(dim),
+            16 * tile,
+        )
+        prep = n * dim * 2 * 2 + n * dim * 4 + n * 4  # scaled_u in float32
+    merge = splits * n * dim * 4 + splits * n * 8 + n * dim * 4 + n * 12
+    # grad_query / grad_key from lse and expected_queue: read q, k (bf16), A (fp32), write both.
+    backward = n * dim * (2 + 2 + 4 + 2 + 2)
+    launches = [
+        Stream("prep (norms, S_i0)", prep),
+        sweep,
+        Stream("merge + mean", merge),
+        Stream("backward (ATen, N x d)", backward),
+    ]
+    gemm = 2 * n * keys * dim / DENSE_BF16_FLOPS
+    # Eager (reference.moco in bf16): 13 passes over the N x K bf16 logits, as for NT-Xent, and the
+    # queue read by the forward and the backward's matmuls.
+    eager = (13 * n * keys * 2 + 2 * keys * dim * 2) / DRAM_BYTES_PER_S
+    return Workload(
+        f"moco N={n} K={keys} d={dim} bf16 fwd+bwd",
+        kernels,
+        launches,
+        2 * gemm,
+        eager,
+        "floor: 2 GEMM-equivalents (S and P K) at 790 TFLOP/s",
+    )
+
+
 def occupancy(registers: int, shared_bytes: int, threads: int) -> int:
     """Blocks resident per SM."""
     warps = ceil_div(threads, 32)
@@ -457,6 +567,35 @@ def predict(workload: Workload, functions: dict, kernels: list[dict]) -> dict:
             seconds = launch.dram_bytes / DRAM_BYTES_PER_S + LAUNCH_S
             rows.append({"launch": launch.label, "kind": "memory", "dram_bytes": launch.dram_bytes, "seconds": seconds})
             total += seconds
+            continue
+        if isinstance(launch, CountedSweep):
+            record = next((k for k in kernels if k["name"].endswith(launch.kernel)), None)
+            if record is None:
+                raise LookupError(f"no compiled kernel matches {launch.kernel!r}")
+            warps = launch.threads // 32
+            cost = launch.per_warp_tile
+            tile_clocks, bound = clocks(cost, warps)
+            compute_s = ceil_div(launch.blocks, SMS) * launch.tiles_per_block * tile_clocks / CLOCK_HZ
+            l2_s = launch.blocks * launch.tiles_per_block * cost["l2_bytes"] * warps / L2_BYTES_PER_S
+            seconds = max(compute_s, l2_s) + LAUNCH_S
+            total += seconds
+            rows.append(
+                {
+                    "launch": launch.label,
+                    "kind": "sweep",
+                    "kernel": record["name"],
+                    "blocks": launch.blocks,
+                    "tiles_per_block": launch.tiles_per_block,
+                    "registers": record["registers"],
+                    "blocks_per_sm": occupancy(record["registers"] or 0, record["shared_bytes"] or 0, launch.threads),
+                    "per_warp_tile": {k: round(v, 2) for k, v in sorted(cost.items())},
+                    "instructions_per_logit": round(cost["instructions"] * warps * 32 / launch.logits_per_tile, 2),
+                    "tile_clocks": round(tile_clocks, 1),
+                    "bound": bound if compute_s >= l2_s else "l2",
+                    "seconds": seconds,
+                    "notes": ["tile counted from the source's loops (no HMMA to find it by)"],
+                }
+            )
             continue
         record = next((k for k in kernels if launch.kernel in k["name"] and k["name"].endswith(launch.instance)), None)
         if record is None:
@@ -505,7 +644,7 @@ def predict(workload: Workload, functions: dict, kernels: list[dict]) -> dict:
 
 
 def load(objects_spec: str | None, cuobjdump: str | None):
-    objects = [p for p in sass_report.find_objects(objects_spec) if "infonce" in p.name]
+    objects = [p for p in sass_report.find_objects(objects_spec) if "infonce" in p.name or "moco" in p.name]
     tool, _ = sass_report.find_cuobjdump(cuobjdump)
     if not objects or tool is None:
         return None, None
@@ -549,12 +688,16 @@ def main(argv: list[str] | None = None) -> int:
     if functions is None:
         print("sass_model: no CUDA objects or no cuobjdump: nothing to model", file=sys.stderr)
         return 0
+    workloads = []
+    if any("infonce" in k["object"] for k in kernels):
+        workloads += [make(kind) for kind in ("mma", "wmma") for make in (ntxent_workload, clip_workload)]
+    if any("moco" in k["object"] for k in kernels):
+        workloads += [moco_workload(kind) for kind in ("mma", "simt")]
     predictions = []
-    for kernels_kind in ("mma", "wmma"):
-        for workload in (ntxent_workload(kernels_kind), clip_workload(kernels_kind)):
-            prediction = predict(workload, functions, kernels)
-            predictions.append(prediction)
-            print(format_prediction(prediction))
+    for workload in workloads:
+        prediction = predict(workload, functions, kernels)
+        predictions.append(prediction)
+        print(format_prediction(prediction))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         machine = {"sms": SMS, "clock_hz": CLOCK_HZ, "dense_bf16_flops": DENSE_BF16_FLOPS,

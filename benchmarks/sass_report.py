@@ -57,6 +57,7 @@ HOT_PATTERNS = (
     "grad_partial",
     "wide_grad",
     "moco_sweep",
+    "moco_mma_sweep",  # MoCo's tensor-core sweep (moco_mma.cuh)
     "ema_update_kernel",
     "pass1_kernel",
     "pass2_kernel",
@@ -66,6 +67,7 @@ TENSOR_CORE_PATTERNS = (
     "mma::lse_partial_kernel",  # the mma.sync kernels of infonce_mma.cuh
     "mma::grad_partial_kernel",
     "mma::wide_grad_kernel",
+    "moco::mma::moco_mma_sweep_kernel",
 )
 
 # Base opcodes (before the first '.') so LDSM is not counted as LDS nor HFMA2.MMA as HMMA.

@@ -222,4 +222,24 @@ __device__ __forceinline__ uint32_t pack2(T low, T high) {
   return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
 }
 
+// log2(e): the kernels' exponentials are ex2_approx(x * kLog2e).
+constexpr float kLog2e = 1.4426950408889634f;
+
+// A float rounded to the MMA operand type (fp16 or bf16), round to nearest even.
+template <typename op_t>
+__device__ __forceinline__ op_t to_op(float v) {
+  if constexpr (std::is_same_v<op_t, __half>) {
+    return __float2half_rn(v);
+  } else {
+    return __float2bfloat16_rn(v);
+  }
+}
+
+// Two floats rounded to op_t in one register: how an accumulator fragment's pair (C[g][2t],
+// C[g][2t + 1]) becomes a 16-bit A fragment register of the next MMA.
+template <typename op_t>
+__device__ __forceinline__ uint32_t pack_pair(float low, float high) {
+  return pack2(to_op<op_t>(low), to_op<op_t>(high));
+}
+
 }  // namespace pyssl::ptx

@@ -122,3 +122,37 @@ def test_real_kernels_are_modelled(tmp_path):
             if launch["kind"] == "sweep":
                 # The tile path holds the tile's MMAs (block flops / 4096 per warp share).
                 assert launch["per_warp_tile"]["hmma"] > 0 and launch["tile_clocks"] > 0
+
+
+def test_moco_workload_follows_the_launcher():
+    # N = 256, K = 65,536 (1,024 tiles): the tensor-core sweep's 2 row blocks of 128 aim at 2 blocks
+    # per SM (128 splits of 8 tiles), the SIMT sweep's 16 row blocks of 16 at 4 (32 splits of 32).
+    for kind, blocks, tiles in (("mma", 2 * 128, 8), ("simt", 16 * 32, 32)):
+        sweep = sass_model.moco_workload(kind).launches[1]
+        assert (sweep.blocks, sweep.tiles_per_block) == (blocks, tiles), kind
+    # The SIMT tile: 8 d FFMA per thread (logits and A), a warp-instruction each.
+    assert sass_model.simt_moco_tile_cost(128)["fp32"] == 8 * 128 * sass_model.COST_PER_LANE["fp32"]
+
+
+def test_real_moco_kernels_are_modelled(tmp_path):
+    objects = list((REPO_ROOT / "build").glob("**/CMakeFiles/_C.dir/**/moco_cuda.cu.o"))
+    if not objects:
+        pytest.skip("no CUDA objects built (CPU-only build or not built yet)")
+    out = tmp_path / "model.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--objects", str(objects[0]), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    if "nothing to model" in result.stderr:
+        pytest.skip("no cuobjdump")
+    predictions = {p["kernels"]: p for p in json.loads(out.read_text())["predictions"]}
+    assert set(predictions) == {"mma", "simt"}
+    assert all(p["workload"].startswith("moco N=256 K=65536 d=128") for p in predictions.values())
+    mma = next(launch for launch in predictions["mma"]["launches"] if launch["kind"] == "sweep")
+    # The tile path holds S's and P K's MMAs: 2 x 128 x 64 x 128 x 2 flops / 4096 / 4 warps.
+    assert mma["kernel"].endswith("moco_mma_sweep_kernel<__nv_bfloat16, 128, 2>")
+    assert mma["per_warp_tile"]["hmma"] == 256
+    assert predictions["simt"]["predicted_s"] > predictions["mma"]["predicted_s"] > predictions["mma"]["floor_s"]

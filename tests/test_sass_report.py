@@ -341,3 +341,32 @@ def test_real_infonce_object_has_hmma_in_mma_kernels(tmp_path):
     # build: shown here as a warning rather than failing the test suite.
     for violation in report["violations"]:
         warnings.warn(violation["message"], stacklevel=1)
+
+
+def test_real_moco_object_has_hmma_in_mma_sweep(tmp_path):
+    # MoCo's tensor-core sweep (moco_mma.cuh): every instance (fp16/bf16 x the 64/128/256-feature
+    # buckets, 32-row warps up to 128 features) is hot and a tensor-core kernel, holds HMMA and
+    # does not spill.
+    objects = sass_report.find_objects("build/**/CMakeFiles/_C.dir/**/moco_cuda.cu.o")
+    if not objects:
+        pytest.skip("no CUDA objects built (CPU-only build or not built yet)")
+    tool, _ = sass_report.find_cuobjdump(None)
+    if tool is None:
+        pytest.skip("no cuobjdump (no CUDA toolkit and no triton wheel)")
+    out = tmp_path / "sass.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--objects", str(objects[0]), "--check", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    kernels = [k for k in json.loads(out.read_text())["kernels"] if "moco_mma_sweep_kernel" in k["name"]]
+    assert {k["name"].rsplit("::", 1)[-1] for k in kernels} == {
+        f"moco_mma_sweep_kernel<{op}, {depth}>"
+        for op in ("__half", "__nv_bfloat16")
+        for depth in ("64, 2", "128, 2", "256, 1")
+    }
+    for kernel in kernels:
+        assert kernel["hot"] and kernel["tensor_core"] and kernel["hmma"], kernel["name"]
+        assert not sass_report.spills(kernel), kernel["name"]

@@ -40,23 +40,11 @@ constexpr int kStage = 32;             // features per pipeline stage; operands 
 constexpr int kRow = kStage + 8;       // shared row in 16-bit elements: 80 bytes, so the 8 rows
                                        // one ldmatrix reads start in 8 different bank groups
 constexpr int kGradRow = kGradCols + 8;  // 272-byte rows of the backward's V chunk (same reason)
-constexpr float kLog2e = 1.4426950408889634f;
+using ptx::kLog2e;
+using ptx::pack_pair;
+using ptx::to_op;
 
 constexpr float kGScale = 8192.0f;
-
-template <typename op_t>
-__device__ __forceinline__ op_t to_op(float v) {
-  if constexpr (std::is_same_v<op_t, __half>) {
-    return __float2half_rn(v);
-  } else {
-    return __float2bfloat16_rn(v);
-  }
-}
-
-template <typename op_t>
-__device__ __forceinline__ uint32_t pack_pair(float low, float high) {
-  return ptx::pack2(to_op<op_t>(low), to_op<op_t>(high));
-}
 
 // Rows kTile x kStage of `src` (row length ld, 16-bit elements) from (row0, k0) into `dst`:
 // 256 16-byte copies, 2 per thread.

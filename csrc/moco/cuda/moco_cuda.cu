@@ -17,6 +17,12 @@
 //   moco_mean    one block: the mean over rows, in a fixed order (deterministic)
 // Logits, max, sums and A stay in float32 (float64 for float64 input); fp16/bf16 queues and
 // queries are converted on load.
+//
+// fp16/bf16 query and queue of one dtype, d a multiple of 8 up to 256 (rows 16-byte aligned
+// for cp.async) take the tensor cores instead of moco_sweep: moco_mma_sweep_kernel
+// (moco_mma.cuh), 128 query rows per block up to 128 features (64 above), the same partials for
+// the same merge.
+// PYSSL_MOCO_KERNELS=simt keeps moco_sweep (to time old against new on a GPU).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -27,11 +33,15 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
 #include "moco/moco_check.h"
 #include "moco/moco_math.h"
+#include "moco/cuda/moco_mma.cuh"
 
 namespace pyssl::moco {
 namespace {
@@ -64,11 +74,14 @@ __device__ __forceinline__ T warp_max(T v) {
   return v;
 }
 
-// u_i = q_i / max(||q_i||, eps) / T and S_i0 = u_i . k_i / max(||k_i||, eps): one warp per row.
+// u_i = q_i / max(||q_i||, eps) / T (into scaled_u, the SIMT sweep's operand, unless null),
+// a_i = 1 / max(||q_i||, eps) / T (into row_factor, the tensor-core sweep's, unless null) and
+// S_i0 = u_i . k_i / max(||k_i||, eps): one warp per row.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     moco_prep_kernel(const scalar_t* __restrict__ query, const scalar_t* __restrict__ key, int64_t rows, int64_t dim,
-                     acc_t scale, acc_t* __restrict__ scaled_u, acc_t* __restrict__ positive) {
+                     acc_t scale, acc_t* __restrict__ scaled_u, acc_t* __restrict__ row_factor,
+                     acc_t* __restrict__ positive) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   if (row >= rows) return;
@@ -86,8 +99,13 @@ __global__ void __launch_bounds__(kThreads)
   qk = warp_sum(qk);
   const acc_t eps = static_cast<acc_t>(kNormEps);
   const acc_t q_norm = fmax(sqrt(qq), eps), k_norm = fmax(sqrt(kk), eps);
-  for (int64_t f = lane; f < dim; f += 32) scaled_u[row * dim + f] = static_cast<acc_t>(q[f]) / q_norm * scale;
-  if (lane == 0) positive[row] = qk / q_norm / k_norm * scale;
+  if (scaled_u != nullptr) {
+    for (int64_t f = lane; f < dim; f += 32) scaled_u[row * dim + f] = static_cast<acc_t>(q[f]) / q_norm * scale;
+  }
+  if (lane == 0) {
+    positive[row] = qk / q_norm / k_norm * scale;
+    if (row_factor != nullptr) row_factor[row] = scale / q_norm;
+  }
 }
 
 // Loads queue columns [col0, col0 + kCols) x features [f0, f0 + kChunk) into smem (zeros
@@ -292,6 +310,63 @@ bool sweep_acc_in_shared(int64_t dim) {
   return sweep_tile_smem_bytes<acc_t>() + sizeof(acc_t) * static_cast<size_t>(kRows * dim) <= 48 * 1024;
 }
 
+// Whether the tensor-core sweep serves these inputs: fp16/bf16 query and queue of one dtype (one
+// operand type per MMA), rows of a multiple of 8 features up to mma::kMaxDepth starting on 16-byte
+// boundaries (cp.async copies 16 bytes; a view's storage offset can break that), and
+// PYSSL_MOCO_KERNELS not "simt".
+bool use_mma_sweep(const Tensor& query, const Tensor& queue) {
+  const auto dtype = query.scalar_type();
+  if ((dtype != at::kHalf && dtype != at::kBFloat16) || queue.scalar_type() != dtype) return false;
+  const int64_t dim = query.size(1);
+  if (dim % 8 != 0 || dim > mma::kMaxDepth || query.size(0) > INT32_MAX) return false;
+  const auto aligned = [](const Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; };
+  if (!aligned(query) || !aligned(queue)) return false;
+  const char* env = std::getenv("PYSSL_MOCO_KERNELS");
+  return env == nullptr || std::string(env) != "simt";
+}
+
+// Column splits of the tensor-core sweep: about kMmaBlocksPerSm blocks per SM in all (its
+// registers, 209-248 per thread, allow 2); more splits would only grow the partial A that the
+// merge reads (splits x rows x d floats: 17 MB at N = 256, d = 128). No split without a tile.
+constexpr int64_t kMmaBlocksPerSm = 2;
+
+template <typename op_t, int kDepth>
+void launch_mma_sweep(const Tensor& query, const Tensor& queue, const Tensor& row_factor, int64_t row_blocks,
+                      int64_t splits, int64_t tiles_per_split, Tensor& part_max, Tensor& part_sum, Tensor& part_acc,
+                      cudaStream_t stream) {
+  constexpr int kGroups = mma::row_groups<kDepth>();
+  constexpr auto kernel = &mma::moco_mma_sweep_kernel<op_t, kDepth, kGroups>;
+  constexpr int64_t smem = mma::sweep_smem_bytes<kDepth, kGroups>();
+  if constexpr (smem > 48 * 1024) device::set_max_dynamic_shared_memory<kernel>(static_cast<int>(smem));
+  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(splits));
+  device::launch<kernel>(grid, mma::kThreads, static_cast<size_t>(smem), stream,
+                         static_cast<const uint16_t*>(query.const_data_ptr()),
+                         static_cast<const uint16_t*>(queue.const_data_ptr()), row_factor.const_data_ptr<float>(),
+                         static_cast<int>(query.size(0)), queue.size(0), static_cast<int>(query.size(1)),
+                         static_cast<int>(tiles_per_split), part_max.mutable_data_ptr<float>(),
+                         part_sum.mutable_data_ptr<float>(), part_acc.mutable_data_ptr<float>());
+}
+
+template <typename op_t>
+void dispatch_mma_sweep(const Tensor& query, const Tensor& queue, const Tensor& row_factor, int64_t row_blocks,
+                        int64_t splits, int64_t tiles_per_split, Tensor& part_max, Tensor& part_sum,
+                        Tensor& part_acc, cudaStream_t stream) {
+  switch (mma::depth_bucket(query.size(1))) {
+    case 64:
+      launch_mma_sweep<op_t, 64>(query, queue, row_factor, row_blocks, splits, tiles_per_split, part_max, part_sum,
+                                 part_acc, stream);
+      break;
+    case 128:
+      launch_mma_sweep<op_t, 128>(query, queue, row_factor, row_blocks, splits, tiles_per_split, part_max, part_sum,
+                                  part_acc, stream);
+      break;
+    default:
+      launch_mma_sweep<op_t, 256>(query, queue, row_factor, row_blocks, splits, tiles_per_split, part_max, part_sum,
+                                  part_acc, stream);
+      break;
+  }
+}
+
 std::tuple<Tensor, Tensor, Tensor> moco_forward_cuda(const Tensor& query_in, const Tensor& key_in,
                                                      const Tensor& queue_in, double temperature) {
   check_moco(query_in, key_in, queue_in, temperature);
@@ -306,17 +381,23 @@ std::tuple<Tensor, Tensor, Tensor> moco_forward_cuda(const Tensor& query_in, con
   PYSSL_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   PYSSL_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
 
-  // Column splits: about 4 blocks per SM in all, no split without a tile.
-  const int64_t row_blocks = (rows + kRows - 1) / kRows;
-  const int64_t num_tiles = (keys + kCols - 1) / kCols;
+  // Column splits: about 4 blocks per SM in all (the SIMT sweep; kMmaBlocksPerSm for the
+  // tensor-core sweep), no split without a tile.
+  const bool mma_sweep = keys > 0 && use_mma_sweep(query, queue);
+  const int64_t block_rows = mma_sweep ? mma::sweep_block_rows(dim) : kRows;
+  const int64_t row_blocks = (rows + block_rows - 1) / block_rows;
+  const int64_t num_tiles = (keys + kCols - 1) / kCols;  // kCols = mma::kTileCols
+  static_assert(kCols == mma::kTileCols, "both sweeps tile the queue alike");
   int64_t splits = 0, tiles_per_split = 0;
   if (num_tiles > 0) {
-    const int64_t wanted = std::max<int64_t>(1, (4 * static_cast<int64_t>(sms) + row_blocks - 1) / row_blocks);
+    const int64_t target = (mma_sweep ? kMmaBlocksPerSm : 4) * static_cast<int64_t>(sms);
+    const int64_t wanted = std::max<int64_t>(1, (target + row_blocks - 1) / row_blocks);
     tiles_per_split = (num_tiles + std::min(wanted, num_tiles) - 1) / std::min(wanted, num_tiles);
     splits = (num_tiles + tiles_per_split - 1) / tiles_per_split;
   }
 
-  Tensor scaled_u = at::empty({rows, dim}, acc_opts);
+  Tensor scaled_u = mma_sweep ? Tensor() : at::empty({rows, dim}, acc_opts);
+  Tensor row_factor = mma_sweep ? at::empty({rows}, acc_opts) : Tensor();
   Tensor positive = at::empty({rows}, acc_opts);
   Tensor part_max = at::empty({std::max<int64_t>(splits, 1), rows}, acc_opts);
   Tensor part_sum = at::empty({std::max<int64_t>(splits, 1), rows}, acc_opts);
@@ -332,9 +413,18 @@ std::tuple<Tensor, Tensor, Tensor> moco_forward_cuda(const Tensor& query_in, con
     const unsigned prep_blocks = static_cast<unsigned>((rows + kWarps - 1) / kWarps);
     device::launch<moco_prep_kernel<query_t, acc_t>>(prep_blocks, kThreads, 0, stream,
         query.const_data_ptr<query_t>(), key.const_data_ptr<query_t>(), rows, dim,
-        static_cast<acc_t>(1.0 / temperature), scaled_u.mutable_data_ptr<acc_t>(), positive.mutable_data_ptr<acc_t>());
+        static_cast<acc_t>(1.0 / temperature), mma_sweep ? nullptr : scaled_u.mutable_data_ptr<acc_t>(),
+        mma_sweep ? row_factor.mutable_data_ptr<acc_t>() : nullptr, positive.mutable_data_ptr<acc_t>());
 
-    if (splits > 0) {
+    if (mma_sweep) {
+      if constexpr (std::is_same_v<query_t, at::Half>) {
+        dispatch_mma_sweep<__half>(query, queue, row_factor, row_blocks, splits, tiles_per_split, part_max, part_sum,
+                                   part_acc, stream);
+      } else if constexpr (std::is_same_v<query_t, at::BFloat16>) {
+        dispatch_mma_sweep<__nv_bfloat16>(query, queue, row_factor, row_blocks, splits, tiles_per_split, part_max,
+                                          part_sum, part_acc, stream);
+      }
+    } else if (splits > 0) {
       const bool acc_in_shared = sweep_acc_in_shared<acc_t>(dim);
       const size_t smem = sweep_tile_smem_bytes<acc_t>() + (acc_in_shared ? sizeof(acc_t) * kRows * dim : 0);
       TORCH_CHECK(smem <= static_cast<size_t>(smem_optin), "pyssl.moco: the CUDA kernel needs ", smem,
