@@ -44,7 +44,7 @@ def test_registered_and_resolved_with_no_other_argument():
     method = build_trainer(run).method
     assert isinstance(method, DINO) and isinstance(method.projection_head, DINOProjectionHead)
     assert method.projection_head.out_dim == 2048 and method.n_local == 6 and method.local_size == 8
-    assert method.momentum == 0.996 and method.momentum_end == 1.0
+    assert method.momentum == 0.99 and method.momentum_end == 1.0
     assert [teacher for teacher, _ in type(method).spec.teachers] == ["backbone_momentum", "projection_head_momentum"]
     # the batch decides the epoch's length
     assert resolve("dino", device="cpu", batch_size=256).method_cfg["steps_per_epoch"] == 1258 // 256
@@ -86,8 +86,8 @@ def test_the_loss_is_the_dino_cross_entropy_of_the_outputs_and_moves_the_centre(
             m.projection_head(torch.cat([m.backbone(torch.cat([g, g])), m.backbone(torch.cat([loc, loc]))])).chunk(4)
         )
         teacher = list(m.projection_head_momentum(m.backbone_momentum(torch.cat([g, g]))).chunk(2))
-    # the first step: centre 0, no epoch known so the teacher temperature is teacher_temp (0.07)
-    expected = dino_loss_reference(teacher, student, torch.zeros(1, 64), 0.07, 0.1)
+    # the first step: centre 0, no epoch known so the teacher temperature is teacher_temp (0.04)
+    expected = dino_loss_reference(teacher, student, torch.zeros(1, 64), 0.04, 0.1)
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
     centre = 0.1 * torch.cat(teacher).mean(0)  # centre_momentum 0.9 from 0
     torch.testing.assert_close(m.criterion.center.reshape(-1), centre, rtol=1e-5, atol=1e-7)
@@ -95,7 +95,7 @@ def test_the_loss_is_the_dino_cross_entropy_of_the_outputs_and_moves_the_centre(
     log_k = torch.log(torch.tensor(64.0))
     for key in ("teacher_entropy", "student_entropy"):
         assert 0 <= out.metrics[key] <= log_k + 1e-5, key
-    q = torch.softmax(torch.cat(teacher) / 0.07, dim=-1)
+    q = torch.softmax(torch.cat(teacher) / 0.04, dim=-1)
     torch.testing.assert_close(out.metrics["teacher_entropy"], -(q * q.log()).sum(-1).mean(), rtol=1e-4, atol=1e-5)
 
 
@@ -122,7 +122,15 @@ def test_the_teacher_gets_no_gradient_and_follows_the_student_by_ema():
 
 def test_the_epoch_drives_the_teacher_temperature_and_the_frozen_prototypes():
     torch.manual_seed(0)
-    m = build_method("dino", **TINY, n_local=1, steps_per_epoch=3, warmup_teacher_temp_epochs=4, freeze_last_layer=2)
+    m = build_method(
+        "dino",
+        **TINY,
+        n_local=1,
+        steps_per_epoch=3,
+        teacher_temp=0.07,
+        warmup_teacher_temp_epochs=4,
+        freeze_last_layer=2,
+    )
     seen = []
     for step in (0, 3, 6, 11, 12):
         m.set_progress(step, 30)
@@ -185,7 +193,7 @@ def _run(out, **kw):
 def test_a_stopped_run_resumes_exactly(tmp_path):
     # 4 steps an epoch, 2 epochs: the warm-up and the frozen prototypes change at the epoch,
     # the centre is carried by the checkpoint
-    run = _run(tmp_path / "full", epochs=2, warmup_teacher_temp_epochs=2)
+    run = _run(tmp_path / "full", epochs=2, teacher_temp=0.07, warmup_teacher_temp_epochs=2)
     full = build_trainer(run).fit()
     assert full.steps == 8 and full.metrics["teacher_temp"] == pytest.approx(0.07)
 
@@ -193,7 +201,7 @@ def test_a_stopped_run_resumes_exactly(tmp_path):
         if step == 5:
             raise StopTraining
 
-    cut = dict(epochs=2, warmup_teacher_temp_epochs=2, checkpoint_every=2)
+    cut = dict(epochs=2, teacher_temp=0.07, warmup_teacher_temp_epochs=2, checkpoint_every=2)
     build_trainer(_run(tmp_path / "cut", **cut), callbacks=[stop_at_5]).fit()
     resumed = build_trainer(_run(tmp_path / "cut", **cut))
     assert resumed.fit(resume=True).losses == full.losses[4:]
