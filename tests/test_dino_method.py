@@ -5,6 +5,7 @@ beat the random-init encoder."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from pyssl.config import build_trainer, resolve
 from pyssl.losses import DINOLoss
 from pyssl.losses.dino import dino_loss_reference
 from pyssl.methods import DINO, MethodError, available_methods, build_method
+from pyssl.methods.dino import default_local_scale
 from pyssl.models import DINOProjectionHead
 from pyssl.train import ConfigError, StopTraining
 
@@ -45,6 +47,12 @@ def test_registered_and_resolved_with_no_other_argument():
     assert isinstance(method, DINO) and isinstance(method.projection_head, DINOProjectionHead)
     assert method.projection_head.out_dim == 2048 and method.n_local == 6 and method.local_size == 8
     assert method.momentum == 0.99 and method.momentum_end == 1.0
+    # the digits' crop scale and no flips reach the global crops; the local crops keep 8 x 8 px
+    first, second = method.augment.augments
+    assert first.scale == second.scale == (0.3, 1.0) and (first.p_solarize, second.p_solarize) == (0.0, 0.2)
+    assert method.local_augment.scale == (0.25, 0.5) and method.local_augment.size == (8, 8)
+    assert first.p_flip == second.p_flip == method.local_augment.p_flip == 0.0
+    assert default_local_scale(224) == (0.05, 0.4) and default_local_scale(32) == (0.0625, 0.4)
     assert [teacher for teacher, _ in type(method).spec.teachers] == ["backbone_momentum", "projection_head_momentum"]
     # the batch decides the epoch's length
     assert resolve("dino", device="cpu", batch_size=256).method_cfg["steps_per_epoch"] == 1258 // 256
@@ -209,11 +217,14 @@ def test_a_stopped_run_resumes_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_features_beat_the_random_init_encoder_on_the_digits(tmp_path):
+    # seed 0, the defaults: the loss falls from 7.64 (log K = 7.62) to 6.63, the teacher's entropy
+    # to 6.27; kNN 95.7 % and the 10 %-label probe 95.4 % against 91.8 / 86.3 % at random init
     run = resolve("dino", "digits", device="cpu", epochs=40, out=str(tmp_path), knn_every=0, progress=False)
     trainer = build_trainer(run)
     random_init = copy.deepcopy(trainer.method)
     result = trainer.fit()
     assert result.losses[-1] < result.losses[0] - 0.5
+    assert result.metrics["teacher_entropy"] < math.log(2048) - 0.5  # not the uniform collapse
     scores = trained_and_random(trainer, random_init)
     assert scores["trained"][1] > scores["random"][1] + 0.02, scores
     assert scores["trained"][0] > scores["random"][0], scores
