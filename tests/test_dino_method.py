@@ -228,3 +228,24 @@ def test_features_beat_the_random_init_encoder_on_the_digits(tmp_path):
     scores = trained_and_random(trainer, random_init)
     assert scores["trained"][1] > scores["random"][1] + 0.02, scores
     assert scores["trained"][0] > scores["random"][0], scores
+
+
+def test_the_head_gives_cosines_to_the_prototypes_and_can_freeze_them():
+    torch.manual_seed(0)
+    head = DINOProjectionHead(12, 24, 8, 40).double()
+    x = torch.randn(6, 12, dtype=torch.float64)
+    y = head(x)
+    h = torch.nn.functional.normalize(head.mlp(x), dim=-1)
+    w = torch.nn.functional.normalize(head.prototypes, dim=-1)
+    torch.testing.assert_close(y, h @ w.T)  # unit prototypes: cosines in [-1, 1]
+    assert y.shape == (6, 40) and y.abs().max() <= 1
+    assert not head.prototype_norm.requires_grad  # norm_last_layer: the lengths stay 1
+    head(x, freeze_prototypes=True).sum().backward()
+    assert head.prototypes.grad is None and all(p.grad is not None for p in head.mlp.parameters())
+    free = DINOProjectionHead(12, 24, 8, 40, norm_last_layer=False).double()
+    with torch.no_grad():
+        free.prototype_norm.mul_(3.0)
+    assert free.prototype_norm.requires_grad and free(x).abs().max() > 1  # learnt lengths scale the cosines
+    assert torch.autograd.gradcheck(free, (x[:2].clone().requires_grad_(),))
+    with pytest.raises(ValueError, match="bottleneck_dim must be a positive int"):
+        DINOProjectionHead(12, 24, 0, 40)
