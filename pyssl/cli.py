@@ -26,6 +26,7 @@ METHODS = {
     "simsiam": "SimSiam, BYOL without the teacher",
     "barlow_twins": "Barlow Twins, cross-correlation to the identity",
     "vicreg": "VICReg, variance-invariance-covariance",
+    "dino": "DINO, multi-crop self-distillation",
     "mae": "MAE, masked autoencoder on a ViT",
     "clip": "CLIP, image-text pairs",
     "rotnet": "rotation prediction",

@@ -1,12 +1,17 @@
 """DINOLoss: lightly's values, gradients and centre updates, a float64 reference and gradcheck,
-and no (views x batch x K) tensors."""
+and no (views x batch x K) tensors; the centre is the mean over all ranks."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from lightly.loss import DINOLoss as LightlyDINOLoss
 
+from pyssl import distributed
 from pyssl.losses import DINOLoss
 from pyssl.losses.dino import dino_loss_reference
 
@@ -87,3 +92,45 @@ def test_no_tensor_of_all_views_is_allocated():
 def test_bad_input_is_a_clear_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# ---- two ranks over Gloo ------------------------------------------------------------------------
+
+WORLD, ROWS = 2, 4
+
+
+def _entry(rank, port, inputs_path, out_dir):
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    distributed.init_from_env("cpu")
+    try:
+        loss, centres = DINOLoss(output_dim=16, center_momentum=0.7), []
+        for teacher, student in torch.load(inputs_path):
+            shard = slice(rank * ROWS, (rank + 1) * ROWS)
+            loss([t[shard] for t in teacher], [s[shard] for s in student])
+            centres.append(loss.center.clone())
+        torch.save(centres, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs Gloo")
+def test_the_centre_is_the_mean_over_all_ranks(tmp_path):
+    from pyssl.launch import free_port
+
+    # the ranks' shards differ (rank 1's are shifted), so a rank-local mean would differ too
+    steps = []
+    for step in range(3):
+        teacher = [v + torch.arange(WORLD).repeat_interleave(ROWS)[:, None] for v in _views(2, WORLD * ROWS, 16, step)]
+        steps.append((teacher, _views(4, WORLD * ROWS, 16, 100 + step)))
+    torch.save(steps, tmp_path / "inputs.pt")
+    mp.start_processes(_entry, args=(free_port(), str(tmp_path / "inputs.pt"), str(tmp_path)), nprocs=WORLD)
+    whole = DINOLoss(output_dim=16, center_momentum=0.7)
+    for step, (teacher, student) in enumerate(steps):
+        whole(teacher, student)  # one process, the whole batch
+        for rank in range(WORLD):
+            got = torch.load(tmp_path / f"rank{rank}.pt")[step]
+            torch.testing.assert_close(got, whole.center, rtol=1e-6, atol=1e-6)

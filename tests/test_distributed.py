@@ -467,10 +467,11 @@ def test_single_process_helpers_are_no_ops():
     assert torch.equal(p.grad, before)
 
 
-@pytest.mark.parametrize("name", ["mocov3", "byol", "barlow_twins"])
+@pytest.mark.parametrize("name", ["mocov3", "byol", "barlow_twins", "dino"])
 def test_the_new_methods_train_in_lockstep_on_two_processes(name, tmp_path):
     # MoCo v3 gathers its keys and Barlow Twins its cross-correlation over the ranks; BYOL needs
-    # nothing gathered. Each rank updates its own teacher: they stay one only if every step is.
+    # nothing gathered, DINO averages its centre. Each rank updates its own teacher: they stay one
+    # only if every step is.
     argv = ["train", "--nproc", str(WORLD), "--method", name, "--image-size", "8", "--backbone", "small"]
     argv += ["--hidden-dim", "16", "--epochs", "1", "--batch-size", "512", "--device", "cpu", "--knn-every", "0"]
     assert main([*argv, "--no-progress", "--no-tensorboard", "--out", str(tmp_path)]) == 0

@@ -90,7 +90,10 @@ class DINOLoss(nn.Module):
         self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
         self.teacher_temp_schedule = torch.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
 
-    def _teacher_temperature(self, teacher_temp: float | None, epoch: int | None) -> float:
+    def teacher_temperature(self, epoch: int | None = None, teacher_temp: float | None = None) -> float:
+        """The teacher temperature ``forward`` uses for these arguments: ``teacher_temp`` when
+        given, else the warm-up schedule's value at ``epoch``, else ``teacher_temp`` of the
+        constructor."""
         if teacher_temp is not None:
             return float(teacher_temp)
         if epoch is not None and epoch < self.warmup_teacher_temp_epochs:
@@ -122,7 +125,7 @@ class DINOLoss(nn.Module):
             raise ValueError(
                 f"DINOLoss requires at least two views in total, got {t_views} teacher and {s_views} student view(s)"
             )
-        temperature = self._teacher_temperature(teacher_temp, epoch)
+        temperature = self.teacher_temperature(epoch, teacher_temp)
         # float32 at least (float64 stays float64): half-precision softmaxes over K = 65,536 lose the tail
         acc = torch.promote_types(torch.promote_types(teacher_out[0].dtype, student_out[0].dtype), torch.float32)
         center = self.center.reshape(1, -1).to(acc)

@@ -17,6 +17,7 @@ from pyssl.methods.spec import MethodSpec
 from pyssl.methods.barlow_twins import BarlowTwins, VICReg
 from pyssl.methods.byol import BYOL
 from pyssl.methods.clip import CLIP  # image-text pairs
+from pyssl.methods.dino import DINO  # multi-crop, a momentum teacher
 from pyssl.methods.mae import MAE  # masked generation, on a ViT
 from pyssl.methods.moco import MoCo
 from pyssl.methods.mocov3 import MoCoV3
@@ -62,4 +63,5 @@ __all__ = [
     "VideoColorization",
     "CPC",
     "CLIP",
+    "DINO",
 ]

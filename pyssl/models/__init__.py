@@ -8,6 +8,7 @@ stride 1, no max-pool); above it the ImageNet stem (7x7 stride 2 + max-pool).  A
 
 from pyssl.models.backbones import BasicBlock, ConvNet, ResNet
 from pyssl.models.batchnorm import SplitBatchNorm
+from pyssl.models.dino_head import DINOProjectionHead
 from pyssl.models.errors import ModelError
 from pyssl.models.heads import PredictionHead, ProjectionHead, linear_head, mlp_head
 from pyssl.models.registry import BACKBONES, build_backbone, register_backbone
@@ -27,6 +28,7 @@ __all__ = [
     "PredictionHead",
     "linear_head",
     "mlp_head",
+    "DINOProjectionHead",
     "SplitBatchNorm",
     "ModelError",
     "TextTransformer",
