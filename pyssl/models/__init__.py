@@ -9,7 +9,7 @@ stride 1, no max-pool); above it the ImageNet stem (7x7 stride 2 + max-pool).  A
 from pyssl.models.backbones import BasicBlock, ConvNet, ResNet
 from pyssl.models.batchnorm import SplitBatchNorm
 from pyssl.models.errors import ModelError
-from pyssl.models.heads import PredictionHead, ProjectionHead, linear_head, mlp_head
+from pyssl.models.heads import PredictionHead, ProjectionHead, SwaVPrototypes, linear_head, mlp_head
 from pyssl.models.registry import BACKBONES, build_backbone, register_backbone
 from pyssl.models.staged import StagedEncoder
 from pyssl.models.text import TextTransformer
@@ -25,6 +25,7 @@ __all__ = [
     "StagedEncoder",
     "ProjectionHead",
     "PredictionHead",
+    "SwaVPrototypes",
     "linear_head",
     "mlp_head",
     "SplitBatchNorm",
