@@ -342,6 +342,15 @@ def _small_views(x):
     return F.interpolate(_identity_views(x), size=8, mode="bilinear", align_corners=False)
 
 
+@torch.no_grad()
+def step_projections(m, x, n_low):
+    """A step's normalised projections of the identity views: the backbone encodes each
+    resolution as a batch, the head all crops at once (its BatchNorm statistics over all)."""
+    f_high = m.backbone(torch.cat([_identity_views(x)] * 2))
+    f_low = m.backbone(torch.cat([_small_views(x)] * n_low))
+    return F.normalize(m.projection_head(torch.cat([f_high, f_low])), dim=1)
+
+
 def small_swav(**kw):
     base = dict(backbone="convnet-small", image_size=16, hidden_dim=32, out_dim=16, n_prototypes=20)
     return build_method("swav", **{**base, **kw})
@@ -372,12 +381,10 @@ def test_the_loss_is_swav_of_the_crops_normalised_projections_and_both_resolutio
     m = small_swav(n_low_res=3, augment=_identity_views, low_res_augment=_small_views)
     out = m.training_step(images())
     x = images()
-    with torch.no_grad():
-        z_high = m(torch.cat([_identity_views(x)] * 2))
-        z_low = m(torch.cat([_small_views(x)] * 3))
-    torch.testing.assert_close(z_high.norm(dim=1), torch.ones(16))
-    high = list(m.prototypes(z_high, 0).chunk(2))
-    low = list(m.prototypes(z_low, 0).chunk(3))
+    z = step_projections(m, x, 3)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(40))
+    high = list(m.prototypes(z[:16], 0).chunk(2))
+    low = list(m.prototypes(z[16:], 0).chunk(3))
     torch.testing.assert_close(out.loss, SwaVLoss()(high, low), rtol=1e-5, atol=1e-5)
     assert set(out.metrics) == {"loss", "prototypes_used"} and 0 < out.metrics["prototypes_used"] <= 1
     out.loss.backward()
@@ -423,9 +430,7 @@ def test_the_queue_holds_past_projections_and_joins_sinkhorn_once_full_and_start
         m.set_progress(step, 10)
         m.training_step(x)
         assert int(m.queue_filled) == min(12, 8 * (step + 1))
-        with torch.no_grad():
-            z = m(_identity_views(x))
-        torch.testing.assert_close(m.queue[0, :8], z, rtol=1e-5, atol=1e-6)  # newest first
+        torch.testing.assert_close(m.queue[:, :8], step_projections(m, x, 1)[:16].view(2, 8, -1))  # newest first
     # full after 2 steps, used from step 3 on; its scores are the current prototypes'
     assert [q is not None for q in seen] == [False, False, False, True, True]
     assert seen[4][0].shape == (12, 20) and not seen[4][0].requires_grad

@@ -38,8 +38,9 @@ def _views(augment, x: Tensor, n: int) -> list[Tensor]:
 class SwAV(Method):
     r"""SwAV.
 
-    Every crop goes through ``backbone`` -> ``projection_head`` (Linear-BN-ReLU-Linear, the
-    paper's 2,048 -> 128) -> L2 normalisation -> ``prototypes`` (:class:`pyssl.models.SwaVPrototypes`,
+    Every crop goes through ``backbone`` (one batch per resolution) -> ``projection_head``
+    (Linear-BN-ReLU-Linear, the paper's 2,048 -> 128; one batch of all crops, as the paper's
+    code) -> L2 normalisation -> ``prototypes`` (:class:`pyssl.models.SwaVPrototypes`,
     ``n_prototypes`` unit vectors), giving each crop's cosine scores against the prototypes. The
     codes of the ``n_high_res`` full-size crops come from Sinkhorn-Knopp over the batch (every
     prototype used equally, which is what keeps the clustering from collapsing), and every other
@@ -142,8 +143,10 @@ class SwAV(Method):
         self.register_load_state_dict_post_hook(_mirror_queue_filled)
 
     def augment_defaults(self, image_size: int) -> dict:
-        # SimCLR's colour distortion at strength 0.8, as the paper's
-        return simclr_augment_defaults(image_size, scale=_HIGH_RES_SCALE, jitter=(0.8, 0.8, 0.8, 0.2))
+        # BYOL's colour jitter, as Barlow Twins and VICReg here: with the paper's stronger (0.8,
+        # 0.8, 0.8, 0.2), short runs on the digits (128 prototypes, two crops) flattened the
+        # codes to uniform, the loss stuck at log K, where this jitter learned
+        return simclr_augment_defaults(image_size, scale=_HIGH_RES_SCALE, jitter=(0.4, 0.4, 0.2, 0.1))
 
     @classmethod
     def run_defaults_for(cls, train_set, batch_size: int) -> dict:
@@ -168,13 +171,15 @@ class SwAV(Method):
     def training_step(self, batch) -> StepOutput:
         x = images_of(batch)
         self.prototypes.normalize()
-        high = _views(self.augment, x, self.n_high_res)
-        z_high = self(torch.cat(high))
-        scores_high = self.prototypes(z_high, self.step).chunk(self.n_high_res)
-        scores_low = []
+        # The backbone sees each resolution as one batch, the projection head all crops at once
+        # (one set of BatchNorm statistics for all of them, as the paper's code).
+        features = [self.backbone(torch.cat(_views(self.augment, x, self.n_high_res)))]
         if self.n_low_res:
-            low = _views(self.low_res_augment, x, self.n_low_res)
-            scores_low = self.prototypes(self(torch.cat(low)), self.step).chunk(self.n_low_res)
+            features.append(self.backbone(torch.cat(_views(self.low_res_augment, x, self.n_low_res))))
+        z = F.normalize(self.projection_head(torch.cat(features)), dim=1)
+        scores = self.prototypes(z, self.step).chunk(self.n_high_res + self.n_low_res)
+        scores_high, scores_low = scores[: self.n_high_res], scores[self.n_high_res :]
+        z_high = z[: self.n_high_res * x.shape[0]]
         queue_outputs = None
         if self.queue_size:
             if self.queue_in_use():
