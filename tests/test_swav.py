@@ -362,6 +362,10 @@ def test_registered_and_built_through_the_config():
     assert run.method_cfg["backbone"] == "convnet-small" and run.method_cfg["hidden_dim"] == 512
     # the paper freezes the prototypes for the first epoch: one epoch of steps on the digits
     assert run.method_cfg["freeze_prototypes_steps"] == len(run.train_set) // run.train.batch_size
+    # 1,258 digits: one prototype per 4 images; 16 px: no low-resolution crops
+    assert run.method_cfg["n_prototypes"] == 314 and run.method_cfg["n_low_res"] == 0
+    assert build_trainer(run).method.low_res_augment is None
+    run = resolve("swav", device="cpu", epochs=1, n_low_res=4)  # the user's setting wins
     m = build_trainer(run).method
     assert isinstance(m, SwAV) and m.prototypes.n_steps_frozen_prototypes == m.freeze_prototypes_steps
     assert m.augment.size == (16, 16) and m.low_res_augment.size == (7, 7)  # 16 * 96 / 224

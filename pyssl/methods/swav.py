@@ -17,6 +17,8 @@ from pyssl.models import ProjectionHead, SwaVPrototypes
 _HIGH_RES_SCALE = (0.14, 1.0)
 _LOW_RES_SCALE = (0.05, 0.14)
 _LOW_RES_SIDE = 96 / 224
+# Images smaller than this get no low-resolution crops in a run (see SwAV.run_defaults_for).
+_SMALLEST_FOR_LOW_RES = 32
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
@@ -150,7 +152,17 @@ class SwAV(Method):
 
     @classmethod
     def run_defaults_for(cls, train_set, batch_size: int) -> dict:
-        return {"freeze_prototypes_steps": max(1, len(train_set) // batch_size)}  # the paper's first epoch
+        defaults = {
+            "freeze_prototypes_steps": max(1, len(train_set) // batch_size),  # the paper's first epoch
+            # the paper's 3,000 prototypes were for 1.28 million images; a small data set gets at
+            # most one per 4 images (the digits: 314)
+            "n_prototypes": max(10, min(3000, len(train_set) // 4)),
+        }
+        if min(train_set.images.shape[-2:]) < _SMALLEST_FOR_LOW_RES:
+            # 40 epochs on the 16 px digits: with 4 crops of 7 px, kNN 88.5 % (below the random-init
+            # encoder's 91.8 %) and the loss near log K; with none, 95.4 % (3,000 prototypes)
+            defaults["n_low_res"] = 0
+        return defaults
 
     def forward(self, x: Tensor) -> Tensor:
         """The normalised projections of ``x``."""
