@@ -133,6 +133,44 @@ def dino(
     return loss.sum() / (n_terms * t.shape[1])
 
 
+def sinkhorn(scores: Tensor, iterations: int = 3, epsilon: float = 0.05) -> Tensor:
+    """SwAV's Sinkhorn-Knopp codes of prototype scores ``(B, K)`` (one process), the paper's
+    way: ``Q = exp(scores / epsilon)`` normalised to total mass 1, then ``iterations`` times
+    every prototype's mass set to 1/K and every sample's to 1/B; returned times B, so that each
+    sample's row of codes sums to 1 (``pyssl.losses.swav.sinkhorn``)."""
+    q = torch.exp(scores / epsilon)
+    q = q / q.sum()
+    b, k = q.shape
+    for _ in range(iterations):
+        q = q / q.sum(0, keepdim=True) / k
+        q = q / q.sum(1, keepdim=True) / b
+    return q * b
+
+
+def swav(
+    high_resolution: list[Tensor],
+    low_resolution: list[Tensor],
+    queue: list[Tensor] | None = None,
+    temperature: float = 0.1,
+    iterations: int = 3,
+    epsilon: float = 0.05,
+) -> Tensor:
+    """``pyssl.losses.SwaVLoss`` (one process), pair by pair: the codes of each high-resolution
+    crop (from its scores, and the queue's when given) predicted by every other crop's softmax,
+    each cross-entropy averaged over the batch, the mean over the pairs of each code, then over
+    the codes."""
+    crops = [*high_resolution, *low_resolution]
+    total = 0
+    for i, scores in enumerate(high_resolution):
+        rows = scores.shape[0]
+        with torch.no_grad():
+            scores = scores if queue is None else torch.cat([scores, queue[i]])
+            q = sinkhorn(scores.detach(), iterations, epsilon)[:rows]
+        pairs = [-(q * F.log_softmax(z / temperature, dim=1)).sum(1).mean() for v, z in enumerate(crops) if v != i]
+        total = total + sum(pairs) / len(pairs)
+    return total / len(high_resolution)
+
+
 __all__ = [
     "ntxent",
     "ntxent_stats",
@@ -144,4 +182,6 @@ __all__ = [
     "barlow_twins",
     "vicreg",
     "dino",
+    "sinkhorn",
+    "swav",
 ]

@@ -15,6 +15,7 @@ from pyssl.losses.metric import (
 )
 from pyssl.losses.moco import MoCoLoss
 from pyssl.losses.noncontrastive import BarlowTwinsLoss, NegativeCosineSimilarity, VICRegLoss
+from pyssl.losses.swav import SwaVLoss
 
 __all__ = [
     "NTXentLoss",
@@ -31,4 +32,5 @@ __all__ = [
     "BarlowTwinsLoss",
     "VICRegLoss",
     "DINOLoss",
+    "SwaVLoss",
 ]

@@ -23,6 +23,7 @@ from pyssl.methods.moco import MoCo
 from pyssl.methods.mocov3 import MoCoV3
 from pyssl.methods.simclr import SimCLR
 from pyssl.methods.simsiam import SimSiam
+from pyssl.methods.swav import SwAV
 
 # isort: split
 # Self-prediction pretext tasks (pyssl.pretext holds their transforms, colour space and nets).
@@ -64,4 +65,5 @@ __all__ = [
     "CPC",
     "CLIP",
     "DINO",
+    "SwAV",
 ]

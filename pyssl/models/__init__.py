@@ -10,7 +10,7 @@ from pyssl.models.backbones import BasicBlock, ConvNet, ResNet
 from pyssl.models.batchnorm import SplitBatchNorm
 from pyssl.models.dino_head import DINOProjectionHead
 from pyssl.models.errors import ModelError
-from pyssl.models.heads import PredictionHead, ProjectionHead, linear_head, mlp_head
+from pyssl.models.heads import PredictionHead, ProjectionHead, SwaVPrototypes, linear_head, mlp_head
 from pyssl.models.registry import BACKBONES, build_backbone, register_backbone
 from pyssl.models.staged import StagedEncoder
 from pyssl.models.text import TextTransformer
@@ -26,6 +26,7 @@ __all__ = [
     "StagedEncoder",
     "ProjectionHead",
     "PredictionHead",
+    "SwaVPrototypes",
     "linear_head",
     "mlp_head",
     "DINOProjectionHead",

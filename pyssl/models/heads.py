@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from pyssl.models.errors import ModelError
 
@@ -53,3 +55,67 @@ class PredictionHead(ProjectionHead):
 
     def __init__(self, in_dim: int = 256, hidden_dim: int = 4096, out_dim: int = 256):
         super().__init__(in_dim, hidden_dim, out_dim, num_layers=2, batch_norm=True)
+
+
+class SwaVPrototypes(nn.Module):
+    r"""SwAV's prototypes: :math:`K` learnable vectors on the unit sphere, scoring normalised
+    projections by cosine similarity, :math:`s = z C^\top` for :math:`z` (B, d) of unit rows and
+    prototypes :math:`C` (K, d).
+
+    A bias-free linear layer per set of prototypes (the paper's; lightly's has a bias), its
+    weight rows put back on the sphere by :meth:`normalize`, which the method calls before each
+    step (the paper's "normalize the prototypes" at the start of every iteration). For the first
+    ``n_steps_frozen_prototypes`` steps the prototypes get no gradient (the paper freezes them
+    for the first epoch: a random start the encoder adapts to first), so the optimiser, which
+    skips parameters without a gradient, leaves them as they are, weight decay included.
+
+    Args:
+        input_dim: d, the projection's width.
+        n_prototypes: K, or a list of K's for several sets of prototypes (then ``forward``
+            returns one score matrix per set, as lightly's).
+        n_steps_frozen_prototypes: the steps without gradient (0: never frozen).
+
+    Shape:
+        - x: :math:`(B, d)`, rows normalised by the caller.
+        - output: :math:`(B, K)`, or a list of them for a list of K's.
+    """
+
+    def __init__(self, input_dim: int = 128, n_prototypes: int | list[int] = 3000, n_steps_frozen_prototypes: int = 0):
+        super().__init__()
+        counts = list(n_prototypes) if isinstance(n_prototypes, (list, tuple)) else [n_prototypes]
+        if not counts or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in counts):
+            raise ModelError(
+                f"SwaVPrototypes: n_prototypes must be a positive int or a list of them, got {n_prototypes!r}"
+            )
+        if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
+            raise ModelError(f"SwaVPrototypes: input_dim must be a positive int, got {input_dim!r}")
+        if (
+            isinstance(n_steps_frozen_prototypes, bool)
+            or not isinstance(n_steps_frozen_prototypes, int)
+            or n_steps_frozen_prototypes < 0
+        ):
+            raise ModelError(
+                f"SwaVPrototypes: n_steps_frozen_prototypes must be an int >= 0, got {n_steps_frozen_prototypes!r}"
+            )
+        self.n_prototypes = counts
+        self._single = not isinstance(n_prototypes, (list, tuple))
+        self.heads = nn.ModuleList([nn.Linear(input_dim, k, bias=False) for k in counts])
+        self.n_steps_frozen_prototypes = n_steps_frozen_prototypes
+
+    def forward(self, x: Tensor, step: int | None = None) -> Tensor | list[Tensor]:
+        """The scores of ``x``; ``step`` (the training step, from 0) decides whether the
+        prototypes are still frozen, and must be given when they ever are."""
+        if self.n_steps_frozen_prototypes > 0:
+            if step is None:
+                raise ValueError(
+                    "SwaVPrototypes: n_steps_frozen_prototypes > 0 needs the training step: forward(x, step)"
+                )
+            self.requires_grad_(step >= self.n_steps_frozen_prototypes)
+        scores = [head(x) for head in self.heads]
+        return scores[0] if self._single else scores
+
+    @torch.no_grad()
+    def normalize(self) -> None:
+        """Puts every prototype back on the unit sphere (in place)."""
+        for head in self.heads:
+            head.weight.copy_(F.normalize(head.weight, dim=1))
