@@ -27,6 +27,7 @@ METHODS = {
     "barlow_twins": "Barlow Twins, cross-correlation to the identity",
     "vicreg": "VICReg, variance-invariance-covariance",
     "dino": "DINO, multi-crop self-distillation",
+    "swav": "SwAV, online clustering with swapped predictions",
     "mae": "MAE, masked autoencoder on a ViT",
     "clip": "CLIP, image-text pairs",
     "rotnet": "rotation prediction",

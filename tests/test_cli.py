@@ -68,7 +68,7 @@ def _error_cases(tmp_path):
         (["train", "--resume", *TINY], "no checkpoint"),
         (
             ["train", "--method", "simclr", "--queue-size", "64", *TINY],
-            "not an option of simclr (it is one of moco, mocov2)",
+            "not an option of simclr (it is one of moco, mocov2, swav)",
         ),
         (["train", "--method", "simclr", "--data", "videos", *TINY], "simclr trains on images"),
         (

@@ -45,7 +45,7 @@ def test_a_name_both_the_method_and_the_trainer_know_goes_to_the_method():
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"queue_size": 64}, "queue_size is not an option of simclr (it is one of moco, mocov2)"),
+        ({"queue_size": 64}, "queue_size is not an option of simclr (it is one of moco, mocov2, swav)"),
         ({"lock_image": True}, "lock_image is not an option of simclr (it is one of clip)"),
         ({"no_such_thing": 1}, "unknown setting 'no_such_thing' for simclr: its options are"),
         ({"in_channels": 1}, "in_channels comes from the data"),
