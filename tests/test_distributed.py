@@ -53,6 +53,11 @@ def _entry(rank, fn, port, args):
         fn(rank, *args)
     finally:
         distributed.shutdown()
+    # as pyssl.launch's workers: past this point Gloo can abort the process at exit (SIGABRT,
+    # "terminate called without an active exception") though everything is done and saved
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_workers(fn, *args):
